@@ -1,0 +1,1 @@
+"""model_zoo: config-driven JAX/Flax models with one training loop."""

@@ -1,0 +1,90 @@
+"""Config keys shared by every experiment, and their validation.
+
+Each `configs/*.py` starts from `base_config()` and fills in `model`, `dataset`
+and `optimizer`. `validate()` checks ranges and names before anything is built;
+types are already enforced by `ml_collections` when a field is overridden.
+"""
+import ml_collections
+
+from model_zoo.errors import UserError
+
+
+def base_config() -> ml_collections.ConfigDict:
+  c = ml_collections.ConfigDict()
+  c.seed = 0
+  c.batch_size = 128                # global: split over all data-parallel devices
+  c.grad_accum_steps = 1            # micro-batches per optimizer step (batch_size / this each)
+  c.num_train_steps = 1000
+  c.log_every_steps = 100
+  c.eval_every_steps = 500
+  c.checkpoint_every_steps = 500
+  c.max_checkpoints_to_keep = 3
+  c.task = 'classification'
+
+  c.dataset = ml_collections.ConfigDict()
+  c.dataset.name = 'digits'
+  c.dataset.data_dir = ''           # TFDS data directory; '' = TFDS's default (~/tensorflow_datasets)
+  c.dataset.download = False        # let TFDS download a data set that is not on disk
+  c.dataset.train_split = 'train'
+  c.dataset.eval_split = 'test'
+  c.dataset.prefetch = 4            # batches prepared ahead by background threads
+
+  c.model = ml_collections.ConfigDict()
+  c.model.name = ''
+
+  c.optimizer = ml_collections.ConfigDict()
+  c.optimizer.name = 'adamw'
+  c.optimizer.learning_rate = 1e-3
+  c.optimizer.schedule = 'constant'  # constant | warmup_cosine | warmup_linear | rsqrt
+  c.optimizer.warmup_steps = 0
+  c.optimizer.end_learning_rate_factor = 0.0  # cosine/linear decay ends at lr * this
+  c.optimizer.weight_decay = 0.0     # skips biases and normalisation scales
+  c.optimizer.grad_clip_norm = 0.0   # 0 = no clipping
+  c.optimizer.momentum = 0.9         # momentum, nesterov, rmsprop
+  c.optimizer.b1 = 0.9               # adam, adamw, lion
+  c.optimizer.b2 = 0.999
+
+  # Devices: a mesh over all of them. -1 takes what the other axes leave.
+  c.mesh = ml_collections.ConfigDict()
+  c.mesh.data = -1
+  c.mesh.fsdp = 1
+  c.mesh.tensor = 1
+  return c
+
+
+def _check(ok: bool, message: str):
+  if not ok:
+    raise UserError(message)
+
+
+def validate(config: ml_collections.ConfigDict):
+  """Range checks on the shared keys; names are checked by their registries."""
+  for key in ('batch_size', 'num_train_steps', 'log_every_steps', 'eval_every_steps',
+              'checkpoint_every_steps', 'max_checkpoints_to_keep', 'grad_accum_steps'):
+    value = config[key]
+    _check(isinstance(value, int) and value > 0,
+           f'config.{key} must be a positive integer, got {value!r}')
+  _check(config.batch_size % config.grad_accum_steps == 0,
+         f'config.batch_size={config.batch_size} must be a multiple of '
+         f'config.grad_accum_steps={config.grad_accum_steps}')
+  opt = config.optimizer
+  _check(opt.learning_rate > 0, f'config.optimizer.learning_rate must be > 0, got {opt.learning_rate}')
+  _check(opt.weight_decay >= 0, f'config.optimizer.weight_decay must be >= 0, got {opt.weight_decay}')
+  _check(opt.grad_clip_norm >= 0, f'config.optimizer.grad_clip_norm must be >= 0, got {opt.grad_clip_norm}')
+  _check(0 <= opt.warmup_steps <= config.num_train_steps,
+         f'config.optimizer.warmup_steps must be in [0, num_train_steps={config.num_train_steps}], '
+         f'got {opt.warmup_steps}')
+  _check(0 <= opt.end_learning_rate_factor <= 1, 'config.optimizer.end_learning_rate_factor must be in [0, 1]')
+  for key in ('momentum', 'b1', 'b2'):
+    _check(0 <= opt[key] < 1, f'config.optimizer.{key} must be in [0, 1), got {opt[key]}')
+  _check(config.dataset.prefetch >= 0, 'config.dataset.prefetch must be >= 0')
+  if 'dropout_rate' in config.model:
+    _check(0 <= config.model.dropout_rate < 1,
+           f'config.model.dropout_rate must be in [0, 1), got {config.model.dropout_rate}')
+
+
+def lookup(registry: dict, name: str, what: str, key: str):
+  """registry[name], or a UserError that lists the known names."""
+  if name not in registry:
+    raise UserError(f'unknown {what} {name!r} in config.{key}; known: {", ".join(sorted(registry))}')
+  return registry[name]

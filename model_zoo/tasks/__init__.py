@@ -1,0 +1,10 @@
+"""Tasks by name: `config.task` -> a Task class."""
+from model_zoo.config import lookup
+from model_zoo.tasks.base import SupervisedTask, Task
+from model_zoo.tasks.classification import ClassificationTask
+
+TASKS = {'classification': ClassificationTask}
+
+
+def build(config, data) -> Task:
+  return lookup(TASKS, config.task, 'task', 'task')(config, data)

@@ -1,0 +1,112 @@
+"""The task interface: the only place where a model meets its loss.
+
+The loop calls exactly these methods, and knows nothing of models or losses:
+
+  init_state(rng, batch)          -> state            (traced once, to get shapes and shardings)
+  train_step(state, batch, rng)   -> state, metrics   (jitted; metrics are scalars)
+  eval_step(state, batch)         -> stats            (jitted; stats add up over batches)
+  eval_metrics(stats)             -> {name: float}
+  eval_artifacts(stats, workdir)  -> writes plots or files (optional)
+
+A task that trains one model with one optimizer subclasses `SupervisedTask` and
+writes `loss_fn`; one with several models or optimizers (a GAN) implements
+`init_state` and `train_step` itself, with any pytree as its state.
+"""
+import abc
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+import optax
+
+from model_zoo import models
+from model_zoo.data.sources import Dataset
+from model_zoo.training import optimizers
+from model_zoo.training.state import TrainState
+
+
+class Task(abc.ABC):
+
+  def __init__(self, config: ml_collections.ConfigDict, data: Dataset):
+    self.config = config
+    self.data = data
+
+  @abc.abstractmethod
+  def init_state(self, rng: jax.Array, batch: dict):
+    """A fresh train state; `batch` gives input shapes. Params may carry logical-axis boxes."""
+
+  @abc.abstractmethod
+  def train_step(self, state, batch: dict, rng: jax.Array):
+    """One optimizer update: -> (state, {name: scalar})."""
+
+  @abc.abstractmethod
+  def eval_step(self, state, batch: dict) -> dict:
+    """Sums over the batch (weighted by batch['mask']) that `eval_metrics` turns into metrics."""
+
+  @abc.abstractmethod
+  def eval_metrics(self, stats: dict) -> dict[str, float]:
+    """Scalar metrics from stats summed over the whole eval split."""
+
+  def eval_artifacts(self, stats: dict, outdir: str):
+    """Plots or files from the summed eval stats; none by default."""
+
+
+class SupervisedTask(Task):
+  """One model, one optimizer. Subclasses write `loss_fn`; gradient accumulation is here."""
+
+  def __init__(self, config, data):
+    super().__init__(config, data)
+    self.model = self.build_model()
+    # Built once: the state carries `tx` as static metadata, which must stay the same object.
+    self.tx = optimizers.build(config.optimizer, config.num_train_steps)
+
+  def build_model(self) -> nn.Module:
+    return models.build(self.config.model)
+
+  def model_inputs(self, batch: dict) -> tuple:
+    """Positional inputs of the model, taken from a batch."""
+    raise NotImplementedError
+
+  @abc.abstractmethod
+  def loss_fn(self, params, model_state, batch, rng):
+    """-> (scalar loss, (metrics, new model_state)) on a training batch."""
+
+  def init_state(self, rng, batch):
+    params_rng, dropout_rng = jax.random.split(rng)
+    variables = self.model.init({'params': params_rng, 'dropout': dropout_rng},
+                                *self.model_inputs(batch), train=False)
+    params = variables.pop('params')
+    return TrainState.create(params=params, tx=self.tx, model_state=dict(variables))
+
+  def apply(self, params, model_state, inputs, *, train: bool, rng=None):
+    """Model output, and the updated model_state when training mutates one (batch statistics)."""
+    variables = {'params': params, **model_state}
+    rngs = {'dropout': rng} if rng is not None else {}
+    if train and model_state:
+      return self.model.apply(variables, *inputs, train=True, rngs=rngs, mutable=list(model_state))
+    return self.model.apply(variables, *inputs, train=train, rngs=rngs), model_state
+
+  def train_step(self, state: TrainState, batch, rng):
+    grad_fn = jax.value_and_grad(self.loss_fn, has_aux=True)
+    steps = self.config.grad_accum_steps
+    if steps == 1:
+      (_, (metrics, model_state)), grads = grad_fn(state.params, state.model_state, batch, rng)
+    else:
+      # Micro-batch i takes rows i, i+steps, ...: each one stays spread over all devices.
+      micro = jax.tree.map(
+          lambda x: x.reshape(x.shape[0] // steps, steps, *x.shape[1:]).swapaxes(0, 1), batch)
+
+      def accumulate(carry, inputs):
+        grads_sum, model_state = carry
+        i, mb = inputs
+        (_, (m, model_state)), g = grad_fn(state.params, model_state, mb, jax.random.fold_in(rng, i))
+        return (jax.tree.map(jnp.add, grads_sum, g), model_state), m
+
+      zeros = jax.tree.map(jnp.zeros_like, state.params)
+      (grads, model_state), metrics = jax.lax.scan(
+          accumulate, (zeros, state.model_state), (jnp.arange(steps), micro))
+      grads = jax.tree.map(lambda g: g / steps, grads)
+      metrics = jax.tree.map(lambda m: m.mean(0), metrics)
+    metrics = {**metrics, 'grad_norm': optax.global_norm(grads)}
+    return state.apply_gradients(grads, model_state), metrics

@@ -1,0 +1,45 @@
+"""Classification: softmax cross-entropy; accuracy, macro precision/recall/F1, confusion matrix."""
+import os
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from model_zoo import models
+from model_zoo.evaluation import metrics as metrics_lib
+from model_zoo.evaluation import plots
+from model_zoo.tasks.base import SupervisedTask
+
+
+class ClassificationTask(SupervisedTask):
+  """Batches hold `image` (or any input) and integer `label`."""
+
+  def build_model(self):
+    return models.build(self.config.model, num_classes=self.data.num_classes)
+
+  def model_inputs(self, batch):
+    return (batch['image'],)
+
+  def loss_fn(self, params, model_state, batch, rng):
+    logits, model_state = self.apply(params, model_state, self.model_inputs(batch), train=True, rng=rng)
+    loss = optax.softmax_cross_entropy_with_integer_labels(logits, batch['label']).mean()
+    accuracy = jnp.mean(jnp.argmax(logits, -1) == batch['label'])
+    return loss, ({'loss': loss, 'accuracy': accuracy}, model_state)
+
+  def eval_step(self, state, batch):
+    logits, _ = self.apply(state.params, state.model_state, self.model_inputs(batch), train=False)
+    mask = batch['mask']
+    loss = optax.softmax_cross_entropy_with_integer_labels(logits, batch['label'])
+    num_classes = self.data.num_classes
+    true_BxC = jax.nn.one_hot(batch['label'], num_classes) * mask[:, None]
+    pred_BxC = jax.nn.one_hot(jnp.argmax(logits, -1), num_classes)
+    return {'loss_sum': jnp.sum(loss * mask), 'count': jnp.sum(mask),
+            'confusion': jnp.einsum('bt,bp->tp', true_BxC, pred_BxC)}
+
+  def eval_metrics(self, stats):
+    return {'loss': float(stats['loss_sum'] / stats['count']),
+            **metrics_lib.classification_metrics(stats['confusion'])}
+
+  def eval_artifacts(self, stats, outdir):
+    plots.confusion_matrix(stats['confusion'], self.data.class_names,
+                           os.path.join(outdir, 'confusion_matrix.png'))

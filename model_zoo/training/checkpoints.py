@@ -1,0 +1,83 @@
+"""Orbax checkpoints of the train state together with the input pipeline's position.
+
+Each step directory holds `state` (the train state, restorable onto any mesh) and
+`data` (the grain iterator state, one JSON file per process), committed atomically.
+"""
+import os
+
+import grain
+import jax
+import orbax.checkpoint as ocp
+
+from model_zoo.errors import UserError
+
+
+def _shapes(tree) -> dict[str, tuple]:
+  """{'a/b/c': shape} for a nested dict of arrays or array metadata."""
+  flat, _ = jax.tree_util.tree_flatten_with_path(tree)
+  return {'/'.join(str(getattr(k, 'key', getattr(k, 'name', k))) for k in path): tuple(leaf.shape)
+          for path, leaf in flat}
+
+
+class Checkpoints:
+
+  def __init__(self, directory: str, *, max_to_keep: int = 3):
+    self.directory = os.path.abspath(directory)
+    self.manager = ocp.CheckpointManager(
+        self.directory,
+        options=ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, enable_async_checkpointing=True,
+                                             create=False),
+        item_handlers={'state': ocp.StandardCheckpointHandler(),
+                       'data': grain.checkpoint.CheckpointHandler()})
+
+  def latest_step(self) -> int | None:
+    return self.manager.latest_step()
+
+  def all_steps(self) -> list[int]:
+    return list(self.manager.all_steps())
+
+  def save(self, step: int, state, data_iterator):
+    os.makedirs(self.directory, exist_ok=True)
+    self.manager.save(step, args=ocp.args.Composite(
+        state=ocp.args.StandardSave(state), data=grain.checkpoint.CheckpointSave(data_iterator)))
+
+  def restore(self, step: int, abstract_state, data_iterator=None):
+    """The state at `step`, placed as `abstract_state`'s shardings say; the iterator is moved too.
+
+    Raises UserError, touching nothing on disk, when the checkpoint was written for another model.
+    """
+    if step not in self.all_steps():
+      raise UserError(f'no checkpoint for step {step} in {self.directory}; '
+                      f'there are: {self.all_steps() or "none"}')
+    self._check_fits(step, abstract_state)
+    args = {'state': ocp.args.StandardRestore(abstract_state)}
+    if data_iterator is not None:
+      args['data'] = grain.checkpoint.CheckpointRestore(data_iterator)
+    try:
+      return self.manager.restore(step, args=ocp.args.Composite(**args))['state']
+    except (ValueError, KeyError, TypeError) as e:
+      raise UserError(f'the checkpoint at step {step} in {self.directory} does not fit the configured '
+                      f'model or optimizer ({str(e).splitlines()[0]}). Use the config it was trained '
+                      f'with, or a new --workdir') from e
+
+  def _check_fits(self, step, abstract_state):
+    saved = _shapes(self.manager.item_metadata(step)['state'].tree['params'])
+    wanted = _shapes(abstract_state.params if hasattr(abstract_state, 'params') else abstract_state['params'])
+    if saved == wanted:
+      return
+    missing = sorted(set(wanted) - set(saved))
+    extra = sorted(set(saved) - set(wanted))
+    differ = [f'{k}: checkpoint {saved[k]} vs model {wanted[k]}'
+              for k in sorted(set(saved) & set(wanted)) if saved[k] != wanted[k]]
+    problems = ([f'shape {differ[0]}'] if differ else []) + (
+        [f'parameter {missing[0]} not in checkpoint'] if missing else []) + (
+        [f'checkpoint has {extra[0]} that the model lacks'] if extra else [])
+    raise UserError(f'the checkpoint at step {step} in {self.directory} does not fit the configured '
+                    f'model ({"; ".join(problems)}). Use the config it was trained with, or a new '
+                    f'--workdir; nothing was changed')
+
+  def wait(self):
+    self.manager.wait_until_finished()
+
+  def close(self):
+    self.manager.close()

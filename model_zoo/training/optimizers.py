@@ -1,0 +1,59 @@
+"""Optimizers and learning-rate schedules from `config.optimizer`, through optax.
+
+The chain is: clip by global norm -> the optimizer (with decoupled weight decay
+for adamw and lion, L2 added to the gradient for the others) -> schedule. Weight
+decay never touches biases or normalisation scales (any parameter with ndim < 2).
+"""
+import jax
+import ml_collections
+import optax
+
+from model_zoo.config import lookup
+
+
+def schedule(cfg: ml_collections.ConfigDict, num_train_steps: int) -> optax.Schedule:
+  lr, warmup = cfg.learning_rate, cfg.warmup_steps
+  end = lr * cfg.end_learning_rate_factor
+
+  def warmup_then(decay: optax.Schedule) -> optax.Schedule:
+    if warmup == 0:
+      return decay
+    return optax.join_schedules([optax.linear_schedule(0.0, lr, warmup), decay], [warmup])
+
+  decay_steps = max(num_train_steps - warmup, 1)
+  schedules = {
+      'constant': lambda: optax.constant_schedule(lr),
+      'warmup_cosine': lambda: warmup_then(optax.cosine_decay_schedule(lr, decay_steps, alpha=end / lr)),
+      'warmup_linear': lambda: warmup_then(optax.linear_schedule(lr, end, decay_steps)),
+      # Vaswani et al. (2017): lr * min(step / warmup, sqrt(warmup / step)); peak lr at `warmup`.
+      'rsqrt': lambda: lambda step: lr * jax.numpy.minimum(
+          (step + 1) / max(warmup, 1), jax.lax.rsqrt((step + 1) / max(warmup, 1))),
+  }
+  return lookup(schedules, cfg.schedule, 'schedule', 'optimizer.schedule')()
+
+
+def decay_mask(params):
+  """True for the parameters weight decay applies to: matrices and kernels, not biases or scales."""
+  return jax.tree.map(lambda p: p.ndim >= 2, params)
+
+
+def build(cfg: ml_collections.ConfigDict, num_train_steps: int) -> optax.GradientTransformation:
+  lr = schedule(cfg, num_train_steps)
+  wd = cfg.weight_decay
+  optimizers = {
+      'sgd': lambda: optax.sgd(lr),
+      'momentum': lambda: optax.sgd(lr, momentum=cfg.momentum),
+      'nesterov': lambda: optax.sgd(lr, momentum=cfg.momentum, nesterov=True),
+      'adam': lambda: optax.adam(lr, b1=cfg.b1, b2=cfg.b2),
+      'adamw': lambda: optax.adamw(lr, b1=cfg.b1, b2=cfg.b2, weight_decay=wd, mask=decay_mask),
+      'rmsprop': lambda: optax.rmsprop(lr, momentum=cfg.momentum),
+      'adafactor': lambda: optax.adafactor(lr),
+      'lion': lambda: optax.lion(lr, b1=cfg.b1, b2=cfg.b2, weight_decay=wd, mask=decay_mask),
+  }
+  tx = lookup(optimizers, cfg.name, 'optimizer', 'optimizer.name')()
+  parts = []
+  if cfg.grad_clip_norm > 0:
+    parts.append(optax.clip_by_global_norm(cfg.grad_clip_norm))
+  if wd > 0 and cfg.name not in ('adamw', 'lion'):
+    parts.append(optax.add_decayed_weights(wd, mask=decay_mask))
+  return optax.chain(*parts, tx)

@@ -1,0 +1,88 @@
+"""The device mesh, and shardings from logical axis names.
+
+Modules name their parameter axes (`nn.with_logical_partitioning`); RULES maps
+those names onto mesh axes. Data parallel, FSDP and tensor parallel differ only
+in the mesh shape (`config.mesh`): the code path is the same.
+"""
+import flax.linen as nn
+import jax
+import ml_collections
+import numpy as np
+import optax
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from model_zoo.errors import UserError
+from model_zoo.training.state import TrainState
+
+AXES = ('data', 'fsdp', 'tensor')
+BATCH = ('data', 'fsdp')  # the mesh axes a batch is split over
+RULES = (
+    ('batch', BATCH),
+    ('embed', 'fsdp'),
+    ('mlp', 'tensor'),
+    ('heads', 'tensor'),
+    ('kv', None),
+    ('vocab', 'tensor'),
+    ('length', None),
+)
+
+
+def make_mesh(mesh_config: ml_collections.ConfigDict, devices=None) -> Mesh:
+  devices = jax.devices() if devices is None else devices
+  shape = [mesh_config[a] for a in AXES]
+  known = int(np.prod([s for s in shape if s != -1]))
+  if shape.count(-1) > 1 or any(s == 0 or s < -1 for s in shape):
+    raise UserError(f'config.mesh must hold positive sizes and at most one -1, got {dict(zip(AXES, shape))}')
+  if -1 in shape:
+    if len(devices) % known:
+      raise UserError(f'config.mesh {dict(zip(AXES, shape))} does not divide {len(devices)} devices')
+    shape[shape.index(-1)] = len(devices) // known
+  if int(np.prod(shape)) != len(devices):
+    raise UserError(f'config.mesh {dict(zip(AXES, shape))} needs {int(np.prod(shape))} devices; '
+                    f'there are {len(devices)}')
+  return Mesh(np.asarray(devices).reshape(shape), AXES)
+
+
+def check_batch(batch_size: int, grad_accum_steps: int, mesh: Mesh):
+  """The global batch (and each micro-batch) must split evenly over data-parallel devices."""
+  n = mesh.shape['data'] * mesh.shape['fsdp']
+  micro = batch_size // grad_accum_steps
+  if micro % n or batch_size % jax.process_count():
+    raise UserError(
+        f'config.batch_size={batch_size} (micro-batch {micro} with grad_accum_steps={grad_accum_steps}) '
+        f'does not divide over {n} data-parallel devices in {jax.process_count()} process(es); '
+        f'use a multiple of {n * grad_accum_steps}')
+
+
+def batch_sharding(mesh: Mesh) -> NamedSharding:
+  return NamedSharding(mesh, P(BATCH))
+
+
+def to_global(local_batch, mesh: Mesh):
+  """This process's numpy batch -> global jax.Arrays split over the batch axes."""
+  sharding = batch_sharding(mesh)
+  return jax.tree.map(lambda x: jax.make_array_from_process_local_data(sharding, x), local_batch)
+
+
+def state_shardings(abstract_state, mesh: Mesh):
+  """Shardings for a train state (or a pytree of them) whose params may hold logical-axis boxes.
+
+  Parameters take the mesh axes their logical names map to; optimizer-state leaves
+  shaped like their parameter (Adam's moments) follow it; everything else is replicated.
+  The result is shaped like `nn.unbox(abstract_state)`.
+  """
+  def train_state_specs(state: TrainState):
+    specs = nn.get_partition_spec(state)
+    params = nn.unbox(state.params)
+    opt_specs = optax.tree_map_params(
+        state.tx, lambda leaf, p, spec: spec if leaf.shape == p.shape else P(),
+        nn.unbox(state.opt_state), params, specs.params,
+        transform_non_params=lambda _: P(), is_leaf=lambda x: isinstance(x, P))
+    return specs.replace(opt_state=opt_specs)
+
+  def specs(x):
+    return train_state_specs(x) if isinstance(x, TrainState) else nn.get_partition_spec(x)
+
+  tree = jax.tree.map(specs, abstract_state,
+                      is_leaf=lambda x: isinstance(x, (TrainState, nn.LogicallyPartitioned)))
+  return nn.logical_to_mesh_sharding(tree, mesh, RULES)

@@ -1,0 +1,65 @@
+"""Where metrics go: metrics.jsonl, TensorBoard event files, and the console."""
+import json
+import os
+import time
+
+import jax
+
+
+class MetricWriter:
+  """Appends `{"step", "split", **metrics}` lines to <workdir>/metrics.jsonl (process 0 only).
+
+  On resume from `start_step`, lines written after that step by an interrupted run
+  are dropped, so the file ends up as if the run had never stopped.
+  """
+
+  def __init__(self, workdir: str, start_step: int):
+    self.enabled = jax.process_index() == 0
+    if not self.enabled:
+      return
+    path = os.path.join(workdir, 'metrics.jsonl')
+    kept = []
+    if os.path.exists(path):
+      with open(path) as f:
+        kept = [line for line in f if line.strip() and json.loads(line)['step'] <= start_step]
+    self.file = open(path, 'w')
+    self.file.writelines(kept)
+    self.file.flush()
+    from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
+    self.tb = SummaryWriter(os.path.join(workdir, 'tensorboard'))
+
+  def write(self, step: int, split: str, metrics: dict[str, float]):
+    if not self.enabled:
+      return
+    metrics = {k: float(v) for k, v in metrics.items()}
+    self.file.write(json.dumps({'step': step, 'split': split, **metrics}) + '\n')
+    self.file.flush()
+    for k, v in metrics.items():
+      self.tb.add_scalar(f'{split}/{k}', v, step)
+    self.tb.flush()
+
+  def close(self):
+    if self.enabled:
+      self.file.close()
+      self.tb.close()
+
+
+class Progress:
+  """Console lines at log steps: step, metrics, steps/s over the last interval, ETA."""
+
+  def __init__(self, start_step: int, total_steps: int):
+    self.total = total_steps
+    self.last_step, self.last_time = start_step, time.time()
+
+  def rate(self, step: int) -> float:
+    now = time.time()
+    rate = (step - self.last_step) / max(now - self.last_time, 1e-9)
+    self.last_step, self.last_time = step, now
+    return rate
+
+  def report(self, step: int, metrics: dict[str, float], rate: float):
+    eta = int((self.total - step) / max(rate, 1e-9))
+    shown = '  '.join(f'{k} {v:.4g}' for k, v in metrics.items() if k != 'steps_per_sec')
+    width = len(str(self.total))
+    print(f'step {step:>{width}}/{self.total}  {shown}  {rate:.1f} steps/s  '
+          f'ETA {eta // 3600}:{eta // 60 % 60:02d}:{eta % 60:02d}', flush=True)

@@ -1,8 +1,11 @@
 """What train.py and eval.py share: flags, one-line errors, multi-host start-up."""
+import difflib
+import importlib.util
 import os
 import sys
 import traceback
 
+import ml_collections
 from absl import app, flags, logging
 from ml_collections import config_flags
 
@@ -23,19 +26,50 @@ def _fail(message: str, code: int):
   sys.exit(code)
 
 
+def _load_config(path_and_arg: str):
+  """The config a `--config=file.py[:arg]` names, loaded the way config_flags will load it."""
+  path, _, arg = path_and_arg.partition(':')
+  if not os.path.isfile(path):
+    raise UserError(f'config file {path!r} not found; the configs are in configs/, e.g. --config=configs/mlp.py')
+  spec = importlib.util.spec_from_file_location('_model_zoo_config', path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config(arg) if arg else module.get_config()
+
+
+def _check_override_keys(argv):
+  """Every `--config.a.b=...` must name a field of the config: a typo is an error, with a suggestion."""
+  config_args = [a.split('=', 1)[1] for a in argv if a.startswith('--config=')]
+  if not config_args:
+    raise UserError('--config is required, e.g. --config=configs/mlp.py')
+  config = _load_config(config_args[-1])
+  known = {k for k, _ in _flatten(config)}
+  for a in argv:
+    if a.startswith(('--config.', '--noconfig.')):
+      key = a.split('=', 1)[0].split('config.', 1)[1]
+      if key not in known:
+        close = difflib.get_close_matches(key, sorted(known), n=1)
+        hint = f'; did you mean {close[0]!r}?' if close else '; see the config file for the keys'
+        raise UserError(f'unknown config key {key!r} in {a.split("=", 1)[0]}{hint}')
+
+
+def _flatten(config, prefix=''):
+  for k, v in config.items():
+    yield prefix + k, v
+    if isinstance(v, ml_collections.ConfigDict):
+      yield from _flatten(v, prefix + k + '.')
+
+
 def _parse_flags(argv):
   """absl's parser, with config mistakes (unknown key, wrong type, bad file) as one line."""
   try:
-    rest = flags.FLAGS(argv)
-    if flags.FLAGS['config'].value is None:
-      raise flags.Error('--config is required, e.g. --config=configs/mlp.py')
-    flags.FLAGS.config  # loads the file: a missing or broken config file fails here
-  except Exception as e:  # pylint: disable=broad-except
+    if not any(a in ('--help', '--helpshort', '--helpfull') for a in argv):
+      _check_override_keys(argv)
+    return flags.FLAGS(argv)
+  except (UserError, flags.Error) as e:
     if '--verbose' in argv:
       traceback.print_exc()
-    message = str(e).replace('\\n', ' ').replace('\n', ' ').strip('\'"')
-    _fail(f'{message} (see --helpshort)', 2)
-  return rest
+    _fail(str(e).replace('\n', ' '), 2)
 
 
 def workdir() -> str:
@@ -50,7 +84,7 @@ def run(main):
 
   def absl_main(argv):
     if not VERBOSE.value:
-      logging.set_verbosity(logging.WARNING)  # Orbax logs every save at INFO
+      logging.set_verbosity(logging.ERROR)  # Orbax logs every save; TFDS warns on absent data
     if len(argv) > 1:
       _fail(f'unexpected arguments: {" ".join(argv[1:])}', 2)
     if COORDINATOR.value:

@@ -2,6 +2,9 @@
 
 The other fields of `config.model` are passed to the class as keyword arguments.
 """
+import collections.abc
+import typing
+
 import ml_collections
 
 from model_zoo.config import lookup
@@ -16,7 +19,27 @@ def build(model_config: ml_collections.ConfigDict, **kwargs):
   """The module named by `model_config.name`, built from its other fields plus `kwargs`."""
   cls = lookup(MODELS, model_config.name, 'model', 'model.name')
   fields = {k: v for k, v in model_config.items() if k != 'name'}
+  hints = typing.get_type_hints(cls)
+  for key, value in fields.items():
+    if key in hints and not _matches(value, hints[key]):
+      raise UserError(f'config.model.{key}={value!r} is not a valid {_describe(hints[key])} '
+                      f'for model {model_config.name!r}')
   try:
     return cls(**fields, **kwargs)
   except TypeError as e:
     raise UserError(f'config.model does not fit model {model_config.name!r}: {e}') from e
+
+
+def _matches(value, hint) -> bool:
+  if hint is int:
+    return isinstance(value, int) and not isinstance(value, bool)
+  if hint is float:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+  if typing.get_origin(hint) is collections.abc.Sequence:
+    (item,) = typing.get_args(hint)
+    return isinstance(value, (tuple, list)) and all(_matches(v, item) for v in value)
+  return True
+
+
+def _describe(hint) -> str:
+  return {int: 'integer', float: 'number'}.get(hint) or str(hint).replace('typing.', '')

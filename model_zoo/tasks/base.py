@@ -108,5 +108,5 @@ class SupervisedTask(Task):
           accumulate, (zeros, state.model_state), (jnp.arange(steps), micro))
       grads = jax.tree.map(lambda g: g / steps, grads)
       metrics = jax.tree.map(lambda m: m.mean(0), metrics)
-    metrics = {**metrics, 'grad_norm': optax.global_norm(grads)}
+    metrics = {**metrics, 'grad_norm': optax.tree.norm(grads)}
     return state.apply_gradients(grads, model_state), metrics

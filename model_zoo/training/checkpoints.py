@@ -1,7 +1,8 @@
 """Orbax checkpoints of the train state together with the input pipeline's position.
 
-Each step directory holds `state` (the train state, restorable onto any mesh) and
-`data` (the grain iterator state, one JSON file per process), committed atomically.
+Each step directory holds `state` (the train state, restorable onto any mesh), `data`
+(the grain iterator state, one JSON file per process) and `log` (the per-step metrics
+not yet averaged into a metrics.jsonl line), committed atomically.
 """
 import os
 
@@ -28,7 +29,8 @@ class Checkpoints:
         options=ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, enable_async_checkpointing=True,
                                              create=False),
         item_handlers={'state': ocp.StandardCheckpointHandler(),
-                       'data': grain.checkpoint.CheckpointHandler()})
+                       'data': grain.checkpoint.CheckpointHandler(),
+                       'log': ocp.JsonCheckpointHandler()})
 
   def latest_step(self) -> int | None:
     return self.manager.latest_step()
@@ -36,13 +38,18 @@ class Checkpoints:
   def all_steps(self) -> list[int]:
     return list(self.manager.all_steps())
 
-  def save(self, step: int, state, data_iterator):
+  def save(self, step: int, state, data_iterator, log: list[dict]):
     os.makedirs(self.directory, exist_ok=True)
+    log = [{k: float(v) for k, v in m.items()} for m in jax.device_get(log)]
     self.manager.save(step, args=ocp.args.Composite(
-        state=ocp.args.StandardSave(state), data=grain.checkpoint.CheckpointSave(data_iterator)))
+        state=ocp.args.StandardSave(state), data=grain.checkpoint.CheckpointSave(data_iterator),
+        log=ocp.args.JsonSave(log)))
 
   def restore(self, step: int, abstract_state, data_iterator=None):
-    """The state at `step`, placed as `abstract_state`'s shardings say; the iterator is moved too.
+    """The state at `step`, placed as `abstract_state`'s shardings say.
+
+    With `data_iterator` (training), the iterator is moved to where it was and the
+    return value is `(state, log)`; without it (evaluation), just the state.
 
     Raises UserError, touching nothing on disk, when the checkpoint was written for another model.
     """
@@ -52,9 +59,10 @@ class Checkpoints:
     self._check_fits(step, abstract_state)
     args = {'state': ocp.args.StandardRestore(abstract_state)}
     if data_iterator is not None:
-      args['data'] = grain.checkpoint.CheckpointRestore(data_iterator)
+      args.update(data=grain.checkpoint.CheckpointRestore(data_iterator), log=ocp.args.JsonRestore())
     try:
-      return self.manager.restore(step, args=ocp.args.Composite(**args))['state']
+      restored = self.manager.restore(step, args=ocp.args.Composite(**args))
+      return restored['state'] if data_iterator is None else (restored['state'], restored['log'])
     except (ValueError, KeyError, TypeError) as e:
       raise UserError(f'the checkpoint at step {step} in {self.directory} does not fit the configured '
                       f'model or optimizer ({str(e).splitlines()[0]}). Use the config it was trained '

@@ -103,9 +103,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str):
   ckpt = exp.checkpoints(workdir)
   start = ckpt.latest_step()
   if start is None:
-    start, state = 0, exp.init_state()
+    start, state, pending = 0, exp.init_state(), []
   else:
-    state = ckpt.restore(start, exp.abstract_state, train_iter)
+    state, pending = ckpt.restore(start, exp.abstract_state, train_iter)
     print(f'resumed from the checkpoint at step {start} in {ckpt.directory}', flush=True)
 
   # Only now, with the config checked against data and checkpoint, is the workdir written.
@@ -122,17 +122,17 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str):
       out_shardings=(exp.state_shardings, None), donate_argnums=0)
 
   total = config.num_train_steps
-  progress, pending = Progress(start, total), []
+  progress = Progress(start, total)
   stop = _StopRequest()
   try:
     for step in range(start + 1, total + 1):
       state, metrics = train_step(state, sharding.to_global(next(train_iter), exp.mesh))
       pending.append(metrics)
       stopping = stop(step)
-      if step % config.log_every_steps == 0 or step == total or stopping:
+      if step % config.log_every_steps == 0 or step == total:
         rate = progress.rate(step)
-        means = {k: float(np.mean(v)) for k, v in jax.device_get(
-            jax.tree.map(lambda *xs: np.stack(xs), *pending)).items()}
+        host = jax.device_get(pending)  # float64 means: a resumed run (floats from JSON) agrees exactly
+        means = {k: float(np.mean([np.float64(m[k]) for m in host])) for k in host[0]}
         pending = []
         writer.write(step, 'train', {**means, 'steps_per_sec': rate})
         progress.report(step, means, rate)
@@ -142,7 +142,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str):
         print(f'eval at step {step}: ' + '  '.join(f'{k} {v:.4g}' for k, v in eval_metrics.items()),
               flush=True)
       if step % config.checkpoint_every_steps == 0 or step == total or stopping:
-        ckpt.save(step, state, train_iter)
+        ckpt.save(step, state, train_iter, pending)
       if stopping:
         print(f'stopped by signal at step {step}; checkpoint saved; run the same command to resume',
               flush=True)

@@ -1,0 +1,13 @@
+"""Test set-up: 8 fake CPU devices (so every in-process test runs sharded), a shared
+compilation cache, and strict rank promotion. All of it must happen before jax is imported."""
+import os
+import sys
+import tempfile
+
+os.environ['XLA_FLAGS'] = (os.environ.get('XLA_FLAGS', '') + ' --xla_force_host_platform_device_count=8').strip()
+os.environ.setdefault('JAX_COMPILATION_CACHE_DIR', os.path.join(tempfile.gettempdir(), 'model_zoo_jax_cache'))
+os.environ.setdefault('JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS', '0')
+os.environ['JAX_NUMPY_RANK_PROMOTION'] = 'raise'
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)

@@ -1,0 +1,51 @@
+"""Shared by the tests: tiny configs and running the real command-line entry points."""
+import json
+import os
+import subprocess
+import sys
+
+from conftest import ROOT
+
+# A small MLP run on digits that still learns: a few seconds on 2 CPU cores.
+TINY = ['--config.batch_size=32', '--config.model.hidden_sizes=(32,)', '--config.num_train_steps=60',
+        '--config.log_every_steps=10', '--config.eval_every_steps=30', '--config.checkpoint_every_steps=20',
+        '--config.optimizer.warmup_steps=5']
+
+
+def tiny_config(name='mlp', **overrides):
+  """configs/<name>.py made tiny, with `overrides` as dotted keys ('optimizer.name': 'sgd')."""
+  import importlib.util  # pylint: disable=g-import-not-at-top
+  spec = importlib.util.spec_from_file_location(f'cfg_{name}', os.path.join(ROOT, 'configs', f'{name}.py'))
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  config = module.get_config()
+  defaults = {'batch_size': 32, 'num_train_steps': 30, 'log_every_steps': 10, 'eval_every_steps': 30,
+              'checkpoint_every_steps': 30, 'optimizer.warmup_steps': 5,
+              'optimizer.learning_rate': 1e-2}
+  if name == 'mlp':
+    defaults['model.hidden_sizes'] = (32,)
+  if name == 'cnn':
+    defaults.update({'model.features': (8, 16), 'model.dense_size': 32})
+  for key, value in {**defaults, **overrides}.items():
+    *path, leaf = key.split('.')
+    node = config
+    for p in path:
+      node = node[p]
+    node[leaf] = value
+  return config
+
+
+def run_cli(script, *args, devices=1, timeout=300, check=False):
+  """Runs train.py or eval.py in a fresh process, as a user would."""
+  env = dict(os.environ)
+  env['XLA_FLAGS'] = f'--xla_force_host_platform_device_count={devices}'
+  proc = subprocess.run([sys.executable, os.path.join(ROOT, script), *args], cwd=ROOT, env=env,
+                        capture_output=True, text=True, timeout=timeout)
+  if check and proc.returncode != 0:
+    raise AssertionError(f'{script} {args} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}')
+  return proc
+
+
+def read_metrics(workdir, drop=('steps_per_sec',)):
+  with open(os.path.join(workdir, 'metrics.jsonl')) as f:
+    return [{k: v for k, v in json.loads(line).items() if k not in drop} for line in f]

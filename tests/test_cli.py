@@ -1,0 +1,163 @@
+"""train.py and eval.py as a user runs them: bad input, 1 vs 8 devices, kill and resume."""
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+
+from conftest import ROOT
+from helpers import TINY, read_metrics, run_cli
+
+MLP = '--config=configs/mlp.py'
+
+
+def _snapshot(directory):
+  """Every file under `directory` with its size and modification time."""
+  out = {}
+  for root, _, files in os.walk(directory):
+    for f in files:
+      st = os.stat(os.path.join(root, f))
+      out[os.path.relpath(os.path.join(root, f), directory)] = (st.st_size, st.st_mtime_ns)
+  return out
+
+
+@pytest.fixture(scope='module')
+def trained(tmp_path_factory):
+  workdir = str(tmp_path_factory.mktemp('trained'))
+  run_cli('train.py', MLP, f'--workdir={workdir}', *TINY, check=True)
+  return workdir
+
+
+@pytest.mark.parametrize('args, message, code', [
+    (['--config.optimizer.learning_rat=0.1'], "unknown config key 'optimizer.learning_rat'.*did you mean 'optimizer.learning_rate'", 2),
+    (['--config.batch_size=abc'], 'batch_size=abc', 2),
+    (['--config.batch_size=0'], 'batch_size must be a positive integer', 1),
+    (['--config.model.hidden_sizes=(64,x)'], 'hidden_sizes', 1),
+    (['--config.dataset.name=mnits'], "unknown data set 'mnits'", 1),
+    (['--config.model.name=mpl'], "unknown model 'mpl'.*known: cnn, mlp", 1),
+    (['--config.optimizer.name=adamm'], "unknown optimizer 'adamm'", 1),
+    (['--config.dataset.name=cifar10', '--config.dataset.data_dir=/nonexistent/tfds'],
+     "'cifar10'.*not available offline.*download=True", 1),
+    (['--config.batch_size=36'], 'batch_size=36 .*does not divide over 8 data-parallel devices', 1),
+])
+def test_bad_input_is_one_clear_line(tmp_path, args, message, code):
+  workdir = str(tmp_path / 'run')
+  proc = run_cli('train.py', MLP, f'--workdir={workdir}', *args, devices=8)
+  assert proc.returncode == code, proc.stderr
+  lines = proc.stderr.strip().splitlines()
+  assert len(lines) == 1 and lines[0].startswith('error: '), proc.stderr
+  import re
+  assert re.search(message, lines[0]), lines[0]
+  assert 'Traceback' not in proc.stdout + proc.stderr
+  assert not os.path.exists(workdir)
+
+
+def test_verbose_shows_the_traceback(tmp_path):
+  proc = run_cli('train.py', MLP, f'--workdir={tmp_path}', '--config.model.name=mpl', '--verbose')
+  assert proc.returncode == 1 and 'Traceback' in proc.stderr
+
+
+def test_missing_config_file():
+  proc = run_cli('train.py', '--config=configs/nope.py')
+  assert proc.returncode == 2 and proc.stderr.strip() == (
+      "error: config file 'configs/nope.py' not found; the configs are in configs/, e.g. --config=configs/mlp.py")
+
+
+def test_checkpoint_that_does_not_fit_leaves_the_workdir_alone(trained):
+  before = _snapshot(trained)
+  for script in ('train.py', 'eval.py'):
+    tiny = [a for a in TINY if 'hidden_sizes' not in a]  # a repeated tuple flag would append
+    proc = run_cli(script, MLP, f'--workdir={trained}', *tiny, '--config.model.hidden_sizes=(48,)',
+                   '--config.num_train_steps=80')
+    assert proc.returncode == 1, proc.stderr
+    assert proc.stderr.strip().startswith('error: the checkpoint at step 60') and 'does not fit' in proc.stderr
+    assert 'Dense_0/bias: checkpoint (32,) vs model (48,)' in proc.stderr
+  assert _snapshot(trained) == before
+
+
+def test_eval_without_checkpoint_and_with_unknown_step(tmp_path, trained):
+  proc = run_cli('eval.py', MLP, f'--workdir={tmp_path}', *TINY)
+  assert proc.returncode == 1 and 'no checkpoint in' in proc.stderr
+  proc = run_cli('eval.py', MLP, f'--workdir={trained}', *TINY, '--step=7')
+  assert proc.returncode == 1 and 'no checkpoint for step 7' in proc.stderr and '[20, 40, 60]' in proc.stderr
+
+
+def test_one_device_and_eight_devices_train_the_same(tmp_path):
+  runs = {}
+  for devices in (1, 8):
+    workdir = str(tmp_path / f'd{devices}')
+    proc = run_cli('train.py', MLP, f'--workdir={workdir}', *TINY, devices=devices, check=True)
+    runs[devices] = read_metrics(workdir)
+  assert len(runs[1]) == len(runs[8]) == 8
+  for a, b in zip(runs[1], runs[8]):
+    assert a.keys() == b.keys() and (a['step'], a['split']) == (b['step'], b['split'])
+    for k in a:
+      if k not in ('step', 'split'):
+        np.testing.assert_allclose(a[k], b[k], rtol=2e-5, atol=1e-6, err_msg=f'{k} at step {a["step"]}')
+
+
+# Long enough to be interrupted part way: ~1,000 tiny steps, a checkpoint every 100.
+LONG = ['--config.batch_size=16', '--config.model.hidden_sizes=(32,)', '--config.num_train_steps=1000',
+        '--config.log_every_steps=50', '--config.eval_every_steps=250', '--config.checkpoint_every_steps=100',
+        '--config.max_checkpoints_to_keep=20']
+
+
+@pytest.fixture(scope='module')
+def uninterrupted(tmp_path_factory):
+  workdir = str(tmp_path_factory.mktemp('uninterrupted'))
+  run_cli('train.py', MLP, f'--workdir={workdir}', *LONG, check=True)
+  return workdir
+
+
+def _final_state(workdir):
+  return ocp.StandardCheckpointer().restore(os.path.join(workdir, 'checkpoints', '1000', 'state'))
+
+
+def _start_and_wait_for_checkpoint(workdir, step):
+  env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=1')
+  proc = subprocess.Popen([sys.executable, 'train.py', MLP, f'--workdir={workdir}', *LONG], cwd=ROOT,
+                          env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+  deadline = time.time() + 240
+  while not os.path.isdir(os.path.join(workdir, 'checkpoints', str(step))):
+    assert proc.poll() is None, proc.communicate()
+    assert time.time() < deadline
+    time.sleep(0.005)
+  return proc
+
+
+def _assert_same_run(workdir, reference):
+  a, b = _final_state(workdir), _final_state(reference)
+  flat_a, flat_b = ocp.tree.to_flat_dict(a), ocp.tree.to_flat_dict(b)
+  assert flat_a.keys() == flat_b.keys()
+  for k in flat_a:
+    np.testing.assert_array_equal(flat_a[k], flat_b[k], err_msg=str(k))
+  assert read_metrics(workdir) == read_metrics(reference)
+
+
+def test_sigkill_then_resume_equals_an_uninterrupted_run(tmp_path, uninterrupted):
+  workdir = str(tmp_path)
+  proc = _start_and_wait_for_checkpoint(workdir, 200)
+  proc.send_signal(signal.SIGKILL)
+  proc.wait()
+  assert not os.path.isdir(os.path.join(workdir, 'checkpoints', '1000')), 'the run ended before the kill'
+  proc = run_cli('train.py', MLP, f'--workdir={workdir}', *LONG, check=True)
+  assert 'resumed from the checkpoint at step' in proc.stdout
+  _assert_same_run(workdir, uninterrupted)
+
+
+def test_sigterm_saves_the_current_step_and_resumes_exactly(tmp_path, uninterrupted):
+  workdir = str(tmp_path)
+  proc = _start_and_wait_for_checkpoint(workdir, 200)
+  proc.send_signal(signal.SIGTERM)
+  out, err = proc.communicate(timeout=120)
+  assert proc.returncode == 0, err
+  stopped = int(out.split('stopped by signal at step ')[1].split(';')[0])
+  assert 200 <= stopped < 1000
+  assert os.path.isdir(os.path.join(workdir, 'checkpoints', str(stopped)))
+  proc = run_cli('train.py', MLP, f'--workdir={workdir}', *LONG, check=True)
+  assert f'resumed from the checkpoint at step {stopped}' in proc.stdout
+  _assert_same_run(workdir, uninterrupted)

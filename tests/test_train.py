@@ -1,0 +1,86 @@
+"""The loop end to end, in process on 8 fake devices: workdir contents, learning, eval, accumulation."""
+import json
+import os
+
+import jax
+import numpy as np
+import optax
+import pytest
+import tensorflow_datasets as tfds
+
+from helpers import tiny_config
+from model_zoo.data import sources
+from model_zoo.evaluation import evaluate
+from model_zoo.training import loop
+
+
+@pytest.mark.parametrize('name', ['mlp', 'cnn'])
+def test_train_then_eval_writes_the_workdir(tmp_path, name):
+  workdir = str(tmp_path)
+  config = tiny_config(name, num_train_steps=40, eval_every_steps=20, checkpoint_every_steps=20)
+  loop.train_and_evaluate(config, workdir)
+
+  assert json.load(open(os.path.join(workdir, 'config.json'))) == json.loads(config.to_json_best_effort())
+  lines = [json.loads(line) for line in open(os.path.join(workdir, 'metrics.jsonl'))]
+  train = [r for r in lines if r['split'] == 'train']
+  evals = [r for r in lines if r['split'] == 'eval']
+  assert [r['step'] for r in train] == [10, 20, 30, 40] and [r['step'] for r in evals] == [20, 40]
+  assert train[-1]['loss'] < 0.7 * train[0]['loss']
+  assert {'loss', 'accuracy', 'grad_norm', 'steps_per_sec'} <= set(train[0])
+  assert {'loss', 'accuracy', 'precision_macro', 'recall_macro', 'f1_macro'} <= set(evals[0])
+  assert any(f.startswith('events.out.tfevents') for f in os.listdir(os.path.join(workdir, 'tensorboard')))
+  assert sorted(os.listdir(os.path.join(workdir, 'checkpoints'))) == ['20', '40']
+
+  metrics = evaluate.evaluate(config, workdir)
+  saved = json.load(open(os.path.join(workdir, 'eval.json')))
+  assert saved == {'step': 40, **metrics}
+  assert all(isinstance(v, (int, float)) for v in saved.values())
+  assert saved['accuracy'] == pytest.approx(evals[-1]['accuracy'])
+  for png in ('training_curves.png', 'confusion_matrix.png'):
+    with open(os.path.join(workdir, png), 'rb') as f:
+      assert f.read(8) == b'\x89PNG\r\n\x1a\n'
+
+
+def test_eval_counts_each_example_once(tmp_path):
+  """Eval metrics over padded, sharded batches equal a plain forward pass over the whole split."""
+  config = tiny_config('mlp', num_train_steps=20, batch_size=48)  # 355 test examples: last batch padded
+  loop.train_and_evaluate(config, str(tmp_path))
+  data = sources.load(config.dataset, 'test')
+  exp = loop.build_experiment(config, data)
+  state = exp.checkpoints(str(tmp_path)).restore(20, exp.abstract_state)
+  metrics, stats = loop.make_eval_fn(exp)(state, data)
+  images, labels = data.source.arrays['image'], data.source.arrays['label']
+  logits = exp.task.model.apply({'params': jax.device_get(state.params)}, images, train=False)
+  assert stats['count'] == len(labels) == 355
+  assert metrics['accuracy'] == pytest.approx(np.mean(np.argmax(logits, -1) == labels))
+  assert metrics['loss'] == pytest.approx(
+      float(optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()), rel=1e-5)
+
+
+def test_gradient_accumulation_matches_one_big_batch():
+  results = []
+  for steps in (1, 4):
+    config = tiny_config('mlp', grad_accum_steps=steps, **{'model.dropout_rate': 0.0,
+                                                           'optimizer.name': 'sgd',
+                                                           'optimizer.learning_rate': 0.5,
+                                                           'optimizer.schedule': 'constant'})
+    data = sources.load(config.dataset, 'train')
+    exp = loop.build_experiment(config, data)
+    state = exp.init_state()
+    batch = {'image': data.source.arrays['image'][:32], 'label': data.source.arrays['label'][:32]}
+    new_state, metrics = jax.jit(exp.task.train_step)(state, batch, jax.random.key(0))
+    results.append((jax.device_get(new_state.params), float(metrics['loss'])))
+  (p1, loss1), (p4, loss4) = results
+  assert loss1 == pytest.approx(loss4, rel=1e-5)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), p1, p4)
+  assert not np.allclose(p1['Dense_0']['kernel'], jax.device_get(state.params)['Dense_0']['kernel'])
+
+
+def test_tfds_dataset_through_the_loop(tmp_path):
+  config = tiny_config('cnn', num_train_steps=10, eval_every_steps=10, checkpoint_every_steps=10,
+                       **{'dataset.name': 'mnist'})
+  with tfds.testing.mock_data(num_examples=64):
+    loop.train_and_evaluate(config, str(tmp_path))
+  lines = [json.loads(line) for line in open(tmp_path / 'metrics.jsonl')]
+  assert lines[-1]['split'] == 'eval' and lines[-1]['step'] == 10
+  assert np.isfinite(lines[-1]['loss'])

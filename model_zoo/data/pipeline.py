@@ -1,9 +1,9 @@
 """Deterministic, per-process sharded, resumable input pipelines on grain.
 
-Training: one global stream, `shuffle(seed)` reshuffled every epoch, then process
-`p` of `n` takes elements p, p+n, p+2n, ... and batches `batch_size / n` of them.
-Global batch `b` is therefore the same set of examples however many processes
-there are. The iterator's `get_state()` is saved in every checkpoint.
+Training: one global stream, `shuffle(seed)` reshuffled every epoch, cut into
+global batches; process `p` of `n` reads rows [p*B/n, (p+1)*B/n) of each. The
+global batch, in order, is therefore the same however many processes there are.
+The iterator's `get_state()` is saved in every checkpoint.
 
 Evaluation: the split once, in order, padded to whole batches; `mask` is 0 on
 padding so metrics count every real example exactly once.
@@ -13,6 +13,22 @@ import jax
 import numpy as np
 
 from model_zoo.data.sources import Dataset
+
+
+class _ProcessShard(grain.MapDataset):
+  """This process's contiguous part of each global batch of `parent`."""
+
+  def __init__(self, parent: grain.MapDataset, batch_size: int, process_index: int, process_count: int):
+    super().__init__(parent)
+    self._global, self._local = batch_size, batch_size // process_count
+    self._offset = process_index * self._local
+    self._len = len(parent) // batch_size * self._local
+
+  def __len__(self):
+    return self._len
+
+  def __getitem__(self, j):
+    return self._parent[j // self._local * self._global + self._offset + j % self._local]
 
 
 def _read_options(prefetch: int) -> grain.ReadOptions:
@@ -30,7 +46,7 @@ def train_iterator(data: Dataset, *, batch_size: int, seed: int, prefetch: int =
   """An endless iterator over this process's part of each global training batch."""
   process_index, process_count = _process(process_index, process_count)
   ds = grain.MapDataset.source(data.source).shuffle(seed=seed).repeat(None)
-  ds = ds[process_index::process_count].map(data.preprocess)
+  ds = _ProcessShard(ds, batch_size, process_index, process_count).map(data.preprocess)
   ds = ds.batch(batch_size // process_count, drop_remainder=True)
   return iter(ds.to_iter_dataset(_read_options(prefetch)))
 
@@ -46,6 +62,6 @@ def eval_batches(data: Dataset, *, batch_size: int, prefetch: int = 4,
     ex = data.preprocess(data.source[min(i, n - 1)])
     return {**ex, 'mask': np.float32(i < n)}
 
-  ds = grain.MapDataset.range(padded)[process_index::process_count].map(example)
+  ds = _ProcessShard(grain.MapDataset.range(padded), batch_size, process_index, process_count).map(example)
   ds = ds.batch(batch_size // process_count, drop_remainder=True)
   return iter(ds.to_iter_dataset(_read_options(prefetch)))

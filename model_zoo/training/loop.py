@@ -17,6 +17,7 @@ from jax.experimental import multihost_utils
 
 from model_zoo import config as config_lib
 from model_zoo import tasks
+from model_zoo.errors import UserError
 from model_zoo.data import pipeline, sources
 from model_zoo.training import sharding
 from model_zoo.training.checkpoints import Checkpoints
@@ -72,10 +73,14 @@ def make_eval_fn(exp: Experiment):
 
 
 class _StopRequest:
-  """SIGTERM/SIGINT ask the loop to save a checkpoint at the current step and return."""
+  """SIGTERM/SIGINT ask the loop to save a checkpoint at the current step and return.
 
-  def __init__(self):
+  With several processes, all must stop at the same step: they agree at log steps.
+  """
+
+  def __init__(self, sync_every: int):
     self.signal = None
+    self.sync_every = sync_every
     self.previous = {s: signal.signal(s, self._handle) for s in (signal.SIGTERM, signal.SIGINT)}
 
   def _handle(self, signum, frame):
@@ -83,10 +88,11 @@ class _StopRequest:
     self.signal = signum
 
   def __call__(self, step: int) -> bool:
-    if jax.process_count() > 1:  # every process must stop at the same step
-      return multihost_utils.reached_preemption_sync_point(step) or bool(
-          multihost_utils.process_allgather(np.int32(self.signal is not None)).any())
-    return self.signal is not None
+    if jax.process_count() == 1:
+      return self.signal is not None
+    if step % self.sync_every:
+      return False
+    return bool(multihost_utils.process_allgather(np.int32(self.signal is not None)).any())
 
   def restore(self):
     for s, handler in self.previous.items():
@@ -123,7 +129,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str):
 
   total = config.num_train_steps
   progress = Progress(start, total)
-  stop = _StopRequest()
+  stop = _StopRequest(sync_every=config.log_every_steps)
   try:
     for step in range(start + 1, total + 1):
       state, metrics = train_step(state, sharding.to_global(next(train_iter), exp.mesh))
@@ -134,6 +140,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str):
         host = jax.device_get(pending)  # float64 means: a resumed run (floats from JSON) agrees exactly
         means = {k: float(np.mean([np.float64(m[k]) for m in host])) for k in host[0]}
         pending = []
+        if not np.isfinite(means.get('loss', 0.0)):
+          raise UserError(f'training diverged: loss {means["loss"]} at step {step}. The last good checkpoint '
+                          f'is kept; try a lower optimizer.learning_rate or optimizer.grad_clip_norm')
         writer.write(step, 'train', {**means, 'steps_per_sec': rate})
         progress.report(step, means, rate)
       if step % config.eval_every_steps == 0 or step == total:

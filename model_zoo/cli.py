@@ -34,7 +34,10 @@ def _load_config(path_and_arg: str):
   spec = importlib.util.spec_from_file_location('_model_zoo_config', path)
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
-  return module.get_config(arg) if arg else module.get_config()
+  try:
+    return module.get_config(arg) if arg else module.get_config()
+  except (ValueError, TypeError, KeyError) as e:
+    raise UserError(f'{path_and_arg}: {e}') from e
 
 
 def _check_override_keys(argv):

@@ -5,7 +5,7 @@ The TFDS names are read with `tfds.data_source` (ArrayRecord files, numpy out, n
 TensorFlow at read time); they must be on disk, or `config.dataset.download=True`.
 """
 import dataclasses
-from typing import Callable, Sequence
+from typing import Any, Callable, Sequence
 
 import ml_collections
 import numpy as np
@@ -16,11 +16,16 @@ from model_zoo.errors import UserError
 
 @dataclasses.dataclass(frozen=True)
 class Dataset:
-  """One split: `source[i]` is a raw example; `preprocess` turns it into model input."""
+  """One split: `source[i]` is a raw example; `preprocess` turns it into model input.
+
+  Classification data sets set `num_classes` and `class_names`; text data sets set
+  `tokenizer` (see model_zoo.data.text).
+  """
   source: Sequence[dict]
   preprocess: Callable[[dict], dict]
-  num_classes: int
-  class_names: tuple[str, ...]
+  num_classes: int = 0
+  class_names: tuple[str, ...] = ()
+  tokenizer: Any = None
 
 
 class ArraySource:
@@ -37,12 +42,13 @@ class ArraySource:
     return {k: v[i] for k, v in self.arrays.items()}
 
 
-def _digits(config: ml_collections.ConfigDict, split: str) -> Dataset:
+def _digits(config: ml_collections.ConfigDict, split: str, workdir: str | None) -> Dataset:
   """The 1,797 8x8 handwritten digits of the UCI set, bundled with scikit-learn.
 
   Fixed split, independent of the seed and of library versions: within each
   class, every fifth example (in the bundled order) is test, the rest train.
   """
+  del workdir
   from sklearn.datasets import load_digits  # pylint: disable=g-import-not-at-top
   images, labels = load_digits(return_X_y=True)
   rank = np.zeros(len(labels), np.int64)
@@ -60,7 +66,8 @@ def _digits(config: ml_collections.ConfigDict, split: str) -> Dataset:
 
 
 def _tfds_image_classification(name: str):
-  def load(config: ml_collections.ConfigDict, split: str) -> Dataset:
+  def load(config: ml_collections.ConfigDict, split: str, workdir: str | None) -> Dataset:
+    del workdir
     import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
     data_dir = config.data_dir or None
     try:
@@ -94,6 +101,10 @@ DATASETS = {
 }
 
 
-def load(dataset_config: ml_collections.ConfigDict, split: str) -> Dataset:
+def load(dataset_config: ml_collections.ConfigDict, split: str, workdir: str | None = None) -> Dataset:
+  """The split of the data set `dataset_config.name` names.
+
+  `workdir` is where a data set keeps what it derives for one run (a trained tokenizer).
+  """
   loader = lookup(DATASETS, dataset_config.name, 'data set', 'dataset.name')
-  return loader(dataset_config, split)
+  return loader(dataset_config, split, workdir)

@@ -4,6 +4,7 @@ import os
 
 import jax
 
+from model_zoo import config as config_lib
 from model_zoo.data import sources
 from model_zoo.errors import UserError
 from model_zoo.evaluation import plots
@@ -11,7 +12,8 @@ from model_zoo.training import loop
 
 
 def evaluate(config, workdir: str, step: int | None = None) -> dict[str, float]:
-  data = sources.load(config.dataset, config.dataset.eval_split)
+  config_lib.validate(config)
+  data = sources.load(config.dataset, config.dataset.eval_split, workdir)
   exp = loop.build_experiment(config, data)
   ckpt = exp.checkpoints(workdir)
   try:

@@ -10,9 +10,10 @@ import ml_collections
 from model_zoo.config import lookup
 from model_zoo.errors import UserError
 from model_zoo.models.cnn import CNN
+from model_zoo.models.gpt import GPT
 from model_zoo.models.mlp import MLP
 
-MODELS = {'mlp': MLP, 'cnn': CNN}
+MODELS = {'mlp': MLP, 'cnn': CNN, 'gpt': GPT}
 
 
 def build(model_config: ml_collections.ConfigDict, **kwargs):

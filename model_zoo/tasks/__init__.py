@@ -2,8 +2,9 @@
 from model_zoo.config import lookup
 from model_zoo.tasks.base import SupervisedTask, Task
 from model_zoo.tasks.classification import ClassificationTask
+from model_zoo.tasks.language_modeling import LanguageModelingTask
 
-TASKS = {'classification': ClassificationTask}
+TASKS = {'classification': ClassificationTask, 'language_modeling': LanguageModelingTask}
 
 
 def build(config, data) -> Task:

@@ -7,6 +7,7 @@ The loop calls exactly these methods, and knows nothing of models or losses:
   eval_step(state, batch)         -> stats            (jitted; stats add up over batches)
   eval_metrics(stats)             -> {name: float}
   eval_artifacts(stats, workdir)  -> writes plots or files (optional)
+  throughput(state, steps_per_sec) -> {name: float} such as tokens/s and MFU (optional)
 
 A task that trains one model with one optimizer subclasses `SupervisedTask` and
 writes `loss_fn`; one with several models or optimizers (a GAN) implements
@@ -50,6 +51,11 @@ class Task(abc.ABC):
 
   def eval_artifacts(self, stats: dict, outdir: str):
     """Plots or files from the summed eval stats; none by default."""
+
+  def throughput(self, state, steps_per_sec: float) -> dict[str, float]:
+    """Speed figures beyond steps/s, logged with the training metrics; none by default."""
+    del state, steps_per_sec
+    return {}
 
 
 class SupervisedTask(Task):

@@ -101,8 +101,9 @@ class _StopRequest:
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str):
   """Trains `config` in `workdir`, resuming from its latest checkpoint if there is one."""
-  train_data = sources.load(config.dataset, config.dataset.train_split)
-  eval_data = sources.load(config.dataset, config.dataset.eval_split)
+  config_lib.validate(config)
+  train_data = sources.load(config.dataset, config.dataset.train_split, workdir)
+  eval_data = sources.load(config.dataset, config.dataset.eval_split, workdir)
   exp = build_experiment(config, train_data)
   train_iter = pipeline.train_iterator(train_data, batch_size=config.batch_size, seed=config.seed,
                                        prefetch=config.dataset.prefetch)
@@ -143,8 +144,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str):
         if not np.isfinite(means.get('loss', 0.0)):
           raise UserError(f'training diverged: loss {means["loss"]} at step {step}. The last good checkpoint '
                           f'is kept; try a lower optimizer.learning_rate or optimizer.grad_clip_norm')
-        writer.write(step, 'train', {**means, 'steps_per_sec': rate})
-        progress.report(step, means, rate)
+        speed = {'steps_per_sec': rate, **exp.task.throughput(state, rate)}
+        writer.write(step, 'train', {**means, **speed})
+        progress.report(step, means, speed)
       if step % config.eval_every_steps == 0 or step == total:
         eval_metrics, _ = evaluate(state, eval_data)
         writer.write(step, 'eval', eval_metrics)

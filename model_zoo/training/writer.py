@@ -57,9 +57,11 @@ class Progress:
     self.last_step, self.last_time = step, now
     return rate
 
-  def report(self, step: int, metrics: dict[str, float], rate: float):
+  def report(self, step: int, metrics: dict[str, float], speed: dict[str, float]):
+    rate = speed['steps_per_sec']
     eta = int((self.total - step) / max(rate, 1e-9))
-    shown = '  '.join(f'{k} {v:.4g}' for k, v in metrics.items() if k != 'steps_per_sec')
+    shown = '  '.join(f'{k} {v:.4g}' for k, v in metrics.items())
+    extra = ''.join(f'  {k} {v:.3g}' for k, v in speed.items() if k != 'steps_per_sec')
     width = len(str(self.total))
-    print(f'step {step:>{width}}/{self.total}  {shown}  {rate:.1f} steps/s  '
+    print(f'step {step:>{width}}/{self.total}  {shown}  {rate:.1f} steps/s{extra}  '
           f'ETA {eta // 3600}:{eta // 60 % 60:02d}:{eta % 60:02d}', flush=True)

@@ -1,0 +1,64 @@
+"""GPT decoder language model. Presets by size: tiny (CPU default), small, 124m, 350m, 1b.
+
+  python train.py --config=configs/gpt.py --workdir=runs/gpt                 # offline: CPython docs corpus
+  python eval.py  --config=configs/gpt.py --workdir=runs/gpt --mode=sample --prompt="The with statement"
+  python train.py --config=configs/gpt.py:size=124m --workdir=runs/gpt2 --config.dataset.name=lm1b
+"""
+from model_zoo.config import base_config
+
+# num_layers, d_model, num_heads, d_ff, seq_len, batch_size, vocab_size
+PRESETS = {
+    'tiny': (4, 256, 4, 1024, 128, 32, 2048),
+    'small': (6, 512, 8, 2048, 256, 32, 4096),
+    '124m': (12, 768, 12, 3072, 1024, 256, 32768),    # GPT-2 small shapes
+    '350m': (24, 1024, 16, 4096, 1024, 256, 32768),   # GPT-2 medium shapes
+    '1b': (24, 2048, 16, 8192, 1024, 256, 32768),     # GPT-3 XL shapes (1.3B)
+}
+
+
+def get_config(arg: str = ''):
+  options = dict(kv.split('=', 1) for kv in arg.split(',') if kv)
+  size = options.pop('size', 'tiny')
+  if options or size not in PRESETS:
+    raise ValueError(f'configs/gpt.py takes size=one of {", ".join(PRESETS)}; got {arg!r}')
+  num_layers, d_model, num_heads, d_ff, seq_len, batch_size, vocab_size = PRESETS[size]
+  config = base_config()
+  config.task = 'language_modeling'
+  config.dataset.name = 'pydoc'
+  config.dataset.train_split = 'train'
+  config.dataset.eval_split = 'validation'
+  config.dataset.tokenizer = 'sentencepiece'   # bytes | sentencepiece (trained on the train split)
+  config.dataset.vocab_size = vocab_size
+  config.dataset.seq_len = seq_len
+
+  config.model.name = 'gpt'
+  config.model.num_layers = num_layers
+  config.model.d_model = d_model
+  config.model.num_heads = num_heads
+  config.model.num_kv_heads = 0                 # 0: one per query head; fewer: grouped-query attention
+  config.model.d_ff = d_ff
+  config.model.max_len = seq_len
+  config.model.positional = 'learned'           # learned | sinusoidal | rotary
+  config.model.activation = 'gelu'              # gelu | relu | swiglu
+  config.model.pre_ln = True
+  config.model.tie_embeddings = True
+  config.model.dropout_rate = 0.1 if size == 'tiny' else 0.0
+  config.model.dtype = 'float32' if size in ('tiny', 'small') else 'bfloat16'
+  config.model.remat = size in ('350m', '1b')
+  config.model.attention_impl = ''              # '' (JAX chooses) | xla | cudnn
+
+  config.batch_size = batch_size
+  config.num_train_steps = 2000 if size == 'tiny' else 100_000
+  config.log_every_steps = 100
+  config.eval_every_steps = 500 if size == 'tiny' else 5000
+  config.checkpoint_every_steps = 500 if size == 'tiny' else 5000
+  config.optimizer.name = 'adamw'
+  config.optimizer.learning_rate = 3e-3 if size == 'tiny' else 6e-4
+  config.optimizer.schedule = 'warmup_cosine'
+  config.optimizer.warmup_steps = 100 if size == 'tiny' else 2000
+  config.optimizer.end_learning_rate_factor = 0.1
+  config.optimizer.weight_decay = 0.1
+  config.optimizer.b2 = 0.95
+  config.optimizer.grad_clip_norm = 1.0
+  config.lock()
+  return config

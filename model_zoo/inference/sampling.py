@@ -1,0 +1,68 @@
+"""Autoregressive generation with a key/value cache, in one jitted loop.
+
+The prompt fills the cache in one call (prefill); then each step feeds back one token. Prompts
+of different lengths are left-padded (segment id 0 marks padding, positions count real tokens),
+so all rows decode in lockstep. Sampling: greedy (temperature 0), temperature, top-k, top-p
+(nucleus: the smallest set of tokens whose probability adds up to at least p).
+"""
+import functools
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from model_zoo.models.gpt import init_cache
+
+
+def sample_logits(logits_BxV, rng, *, temperature: float, top_k: int = 0, top_p: float = 1.0):
+  """One token per row. temperature 0 -> argmax; top_k 0 and top_p 1 -> no truncation."""
+  if temperature == 0.0:
+    return jnp.argmax(logits_BxV, -1).astype(jnp.int32)
+  logits_BxV = logits_BxV / temperature
+  neg = jnp.finfo(logits_BxV.dtype).min
+  if top_k > 0:
+    kth_Bx1 = jax.lax.top_k(logits_BxV, top_k)[0][:, -1:]
+    logits_BxV = jnp.where(logits_BxV < kth_Bx1, neg, logits_BxV)
+  if top_p < 1.0:
+    sorted_BxV = jnp.sort(logits_BxV, -1)[:, ::-1]
+    cum_BxV = jnp.cumsum(jax.nn.softmax(sorted_BxV, -1), -1)
+    # Keep a token if the mass before it is < p: the top token always stays.
+    keep_BxV = (cum_BxV - jax.nn.softmax(sorted_BxV, -1)) < top_p
+    threshold_Bx1 = jnp.min(jnp.where(keep_BxV, sorted_BxV, jnp.inf), -1, keepdims=True)
+    logits_BxV = jnp.where(logits_BxV < threshold_Bx1, neg, logits_BxV)
+  return jax.random.categorical(rng, logits_BxV).astype(jnp.int32)
+
+
+@functools.partial(jax.jit, static_argnames=('model', 'max_new_tokens', 'temperature', 'top_k', 'top_p',
+                                             'eos_id', 'pad_id'))
+def generate(model: nn.Module, params, prompt_BxP, rng, *, max_new_tokens: int, temperature: float = 1.0,
+             top_k: int = 0, top_p: float = 1.0, eos_id: int | None = None, pad_id: int = 0):
+  """-> new tokens [B, max_new_tokens]; after a row's `eos_id` the rest of it is `pad_id`."""
+  b, p = prompt_BxP.shape
+  decoder = model.clone(decode=True)
+  valid_BxP = prompt_BxP != pad_id
+  positions_BxP = jnp.maximum(jnp.cumsum(valid_BxP, -1) - 1, 0)
+  cache = init_cache(model, b, p + max_new_tokens)
+  logits_BxPxV, variables = decoder.apply(
+      {'params': params, 'cache': cache}, prompt_BxP, train=False, positions_BxT=positions_BxP,
+      segment_ids_BxT=valid_BxP.astype(jnp.int32), mutable=['cache'])
+  sample = functools.partial(sample_logits, temperature=temperature, top_k=top_k, top_p=top_p)
+
+  def cond(carry):
+    i, _, _, _, done_B, _ = carry
+    return (i < max_new_tokens) & ~jnp.all(done_B)
+
+  def body(carry):
+    i, cache, logits_BxV, out_BxN, done_B, next_pos_B = carry
+    token_B = jnp.where(done_B, pad_id, sample(logits_BxV, jax.random.fold_in(rng, i)))
+    out_BxN = out_BxN.at[:, i].set(token_B)
+    if eos_id is not None:
+      done_B = done_B | (token_B == eos_id)
+    logits_Bx1xV, variables = decoder.apply(
+        {'params': params, 'cache': cache}, token_B[:, None], train=False, positions_BxT=next_pos_B[:, None],
+        mutable=['cache'])
+    return i + 1, variables['cache'], logits_Bx1xV[:, 0], out_BxN, done_B, next_pos_B + 1
+
+  carry = (jnp.int32(0), variables['cache'], logits_BxPxV[:, -1], jnp.full((b, max_new_tokens), pad_id, jnp.int32),
+           jnp.zeros((b,), bool), positions_BxP[:, -1] + 1)
+  return jax.lax.while_loop(cond, body, carry)[3]

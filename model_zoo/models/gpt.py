@@ -1,0 +1,74 @@
+"""GPT: a decoder-only Transformer language model (Radford et al., 2018/2019).
+
+  h_0 = W_e[tokens] (+ W_p[positions]);  h_l = block_l(h_{l-1}) with causal self-attention;
+  p(x_{t+1} | x_<=t) = softmax(LN(h_L) W_e^T)       (tied output embedding; untied is an option)
+
+Blocks are the shared pre-LN `TransformerBlock` (GPT-2's layout). Packed rows are handled with
+segment ids (attention stays inside a document) and per-document positions.
+"""
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from model_zoo.models import layers
+
+
+class GPT(nn.Module):
+  vocab_size: int
+  num_layers: int = 2
+  d_model: int = 128
+  num_heads: int = 4
+  num_kv_heads: int = 0             # 0: as many as query heads; fewer: grouped-query attention
+  d_ff: int = 512
+  max_len: int = 256
+  positional: str = 'learned'        # learned | sinusoidal | rotary
+  activation: str = 'gelu'           # gelu | relu | swiglu
+  pre_ln: bool = True
+  tie_embeddings: bool = True
+  dropout_rate: float = 0.0
+  dtype: str = 'float32'             # compute dtype; parameters stay float32
+  remat: bool = False
+  attention_impl: str = ''           # '' (JAX picks) | 'xla' | 'cudnn'
+  decode: bool = False
+
+  @nn.compact
+  def __call__(self, tokens_BxT, *, train: bool, positions_BxT=None, segment_ids_BxT=None):
+    dtype = jnp.dtype(self.dtype)
+    if positions_BxT is None:
+      positions_BxT = jnp.broadcast_to(jnp.arange(tokens_BxT.shape[1]), tokens_BxT.shape)
+    embed = layers.Embed(self.vocab_size, self.d_model, dtype, name='embed')
+    x_BxTxD = embed(tokens_BxT)
+    if self.positional == 'learned':
+      pos = self.param('pos_embedding', nn.with_logical_partitioning(
+          nn.initializers.normal(stddev=0.02), (None, 'embed')), (self.max_len, self.d_model))
+      x_BxTxD = x_BxTxD + jnp.take(pos, positions_BxT, axis=0).astype(dtype)
+    elif self.positional == 'sinusoidal':
+      x_BxTxD = x_BxTxD + layers.sinusoidal_positions(positions_BxT, self.d_model).astype(dtype)
+    x_BxTxD = nn.Dropout(self.dropout_rate, deterministic=not train)(x_BxTxD)
+
+    mask = None if segment_ids_BxT is None or self.decode else layers.segment_mask(segment_ids_BxT)
+    block_cls = nn.remat(layers.TransformerBlock, static_argnums=()) if self.remat else layers.TransformerBlock
+    for i in range(self.num_layers):
+      x_BxTxD = block_cls(
+          num_heads=self.num_heads, head_dim=self.d_model // self.num_heads, d_ff=self.d_ff,
+          num_kv_heads=self.num_kv_heads or None, causal=True, pre_ln=self.pre_ln, activation=self.activation,
+          rotary=self.positional == 'rotary', dropout_rate=self.dropout_rate, dtype=dtype,
+          attention_impl=self.attention_impl or None, decode=self.decode, name=f'block_{i}')(
+              x_BxTxD, train=train, mask_Bx1xTxS=mask, positions_BxT=positions_BxT,
+              segment_ids_BxT=segment_ids_BxT)
+    if self.pre_ln:
+      x_BxTxD = layers.layer_norm(dtype, 'final_norm')(x_BxTxD)
+    if self.tie_embeddings:
+      logits_BxTxV = embed.attend(x_BxTxD)
+    else:
+      logits_BxTxV = layers.dense(self.vocab_size, ('vocab',), use_bias=False, dtype=dtype, name='unembed',
+                                  kernel_axes=('embed', 'vocab'))(x_BxTxD)
+    return logits_BxTxV.astype(jnp.float32)
+
+
+def init_cache(model: GPT, batch_size: int, max_len: int):
+  """An empty key/value cache for `model.clone(decode=True)`, for sequences up to `max_len`."""
+  decoder = model.clone(decode=True)
+  tokens = jnp.zeros((batch_size, max_len), jnp.int32)
+  shapes = jax.eval_shape(lambda: decoder.init(jax.random.key(0), tokens, train=False))['cache']
+  return jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)

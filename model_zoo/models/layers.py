@@ -1,0 +1,224 @@
+"""Shared Transformer parts, written once for GPT, the translation Transformer, BERT and ViT.
+
+Vaswani et al. (2017), "Attention Is All You Need":
+  Attention(Q, K, V) = softmax(Q K^T / sqrt(d_k)) V                                       (eq. 1)
+  MultiHead(x) = Concat(head_1..head_h) W^O,  head_i = Attention(x W_i^Q, x W_i^K, x W_i^V)
+  FFN(x) = max(0, x W_1 + b_1) W_2 + b_2                                                 (eq. 2)
+  PE(pos, 2i) = sin(pos / 10000^(2i/d)),  PE(pos, 2i+1) = cos(pos / 10000^(2i/d))
+Grouped-query attention (Ainslie et al., 2023): `num_kv_heads` key/value heads shared by groups
+of query heads. Rotary positions (Su et al., 2021, RoFormer): q and k rotated by position-dependent
+angles, so q.k depends on relative position. SwiGLU (Shazeer, 2020): (Swish(x W) * x V) W_2.
+Pre-LN (Xiong et al., 2020): x + F(LN(x)); post-LN (the original): LN(x + F(x)).
+
+Parameters carry logical axis names (embed, mlp, heads, kv, vocab): the mesh layout is a rule
+table in model_zoo.training.sharding. Shape suffixes: B batch, T query length, S key length,
+D d_model, N query heads, K key/value heads, H head dim, F d_ff, V vocab.
+"""
+from typing import Any, Callable
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+Dtype = Any
+
+
+def dense(features, axes: tuple, *, in_axes: int | tuple = -1, use_bias: bool, dtype: Dtype, name: str,
+          kernel_axes: tuple):
+  """A DenseGeneral whose kernel (and bias) carry logical axis names."""
+  return nn.DenseGeneral(
+      features, axis=in_axes, use_bias=use_bias, dtype=dtype, name=name,
+      kernel_init=nn.with_logical_partitioning(nn.initializers.xavier_uniform(), kernel_axes),
+      bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(), axes))
+
+
+def layer_norm(dtype: Dtype, name: str | None = None):
+  """LayerNorm computed in float32 whatever the compute dtype, output cast to `dtype`."""
+  return nn.LayerNorm(
+      dtype=dtype, name=name, epsilon=1e-5,
+      scale_init=nn.with_logical_partitioning(nn.initializers.ones_init(), ('embed',)),
+      bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(), ('embed',)))
+
+
+def sinusoidal_positions(positions_BxT: jax.Array, d_model: int) -> jax.Array:
+  """The fixed sinusoidal encoding of Vaswani et al., at arbitrary (e.g. packed) positions."""
+  inv_freq = 1.0 / (10000.0 ** (np.arange(0, d_model, 2) / d_model))
+  angles_BxTxD2 = jnp.einsum('bt,f->btf', positions_BxT.astype(jnp.float32), inv_freq.astype(np.float32))
+  out = jnp.zeros(positions_BxT.shape + (d_model,), jnp.float32)
+  return out.at[..., 0::2].set(jnp.sin(angles_BxTxD2)).at[..., 1::2].set(jnp.cos(angles_BxTxD2))
+
+
+def apply_rotary(x_BxTxNxH: jax.Array, positions_BxT: jax.Array, base: float = 10000.0) -> jax.Array:
+  """RoFormer's rotation: pairs (x_i, x_{i+H/2}) rotated by angle pos * base^(-2i/H)."""
+  h = x_BxTxNxH.shape[-1]
+  inv_freq = 1.0 / (base ** (np.arange(0, h, 2) / h))
+  angles_BxTx1xH2 = jnp.einsum('bt,f->btf', positions_BxT.astype(jnp.float32),
+                               inv_freq.astype(np.float32))[:, :, None, :]
+  sin, cos = jnp.sin(angles_BxTx1xH2), jnp.cos(angles_BxTx1xH2)
+  x1, x2 = jnp.split(x_BxTxNxH.astype(jnp.float32), 2, axis=-1)
+  return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1).astype(x_BxTxNxH.dtype)
+
+
+def segment_mask(q_segment_ids_BxT, kv_segment_ids_BxS=None):
+  """Boolean mask [B, 1, T, S], True where a query may attend to a key.
+
+  Segment ids number the documents packed into a row; 0 marks padding. A query attends only
+  to keys of its own segment, which covers padding masks (one segment) and packing (several).
+  """
+  kv_BxS = q_segment_ids_BxT if kv_segment_ids_BxS is None else kv_segment_ids_BxS
+  mask_BxTxS = (q_segment_ids_BxT[:, :, None] == kv_BxS[:, None, :]) & (kv_BxS[:, None, :] != 0)
+  return mask_BxTxS[:, None]
+
+
+class MultiHeadAttention(nn.Module):
+  """Multi-head (or grouped-query) dot-product attention, self or cross, with an optional KV cache.
+
+  The kernel is `jax.nn.dot_product_attention`; `implementation` picks XLA ('xla'), the fused
+  cuDNN kernel on GPU ('cudnn') or lets JAX choose (None). In `decode` mode the keys and values
+  of earlier calls are kept in the 'cache' collection (see `init_cache`), so a sequence is
+  processed a token (or a prompt) at a time at the cost of one new row each step.
+  """
+  num_heads: int
+  head_dim: int
+  num_kv_heads: int | None = None
+  rotary: bool = False
+  dtype: Dtype = jnp.float32
+  implementation: str | None = None
+  decode: bool = False
+
+  @nn.compact
+  def __call__(self, x_BxTxD, kv_BxSxD=None, *, mask_Bx1xTxS=None, causal: bool = False,
+               positions_BxT=None, kv_positions_BxS=None, segment_ids_BxT=None):
+    n, h = self.num_heads, self.head_dim
+    k_heads = self.num_kv_heads or n
+    d = x_BxTxD.shape[-1]
+    self_attention = kv_BxSxD is None
+    kv_BxSxD = x_BxTxD if self_attention else kv_BxSxD
+    proj = lambda heads, name: dense((heads, h), ('heads', 'kv'), use_bias=False, dtype=self.dtype,
+                                     name=name, kernel_axes=('embed', 'heads', 'kv'))
+    q_BxTxNxH = proj(n, 'query')(x_BxTxD)
+    k_BxSxKxH = proj(k_heads, 'key')(kv_BxSxD)
+    v_BxSxKxH = proj(k_heads, 'value')(kv_BxSxD)
+    if self.rotary:
+      q_BxTxNxH = apply_rotary(q_BxTxNxH, positions_BxT)
+      k_BxSxKxH = apply_rotary(k_BxSxKxH, positions_BxT if self_attention else kv_positions_BxS)
+
+    if self.decode and self_attention:
+      k_BxSxKxH, v_BxSxKxH, mask_Bx1xTxS = self._update_cache(
+          k_BxSxKxH, v_BxSxKxH, positions_BxT, segment_ids_BxT)
+      causal = False  # the cache mask already holds causality
+    if causal and mask_Bx1xTxS is None and x_BxTxD.shape[1] == kv_BxSxD.shape[1]:
+      out_BxTxNxH = jax.nn.dot_product_attention(
+          q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, is_causal=True, implementation=self.implementation)
+    else:
+      if causal:
+        t, s = q_BxTxNxH.shape[1], k_BxSxKxH.shape[1]
+        tri = jnp.tril(jnp.ones((t, s), bool))[None, None]
+        mask_Bx1xTxS = tri if mask_Bx1xTxS is None else mask_Bx1xTxS & tri
+      out_BxTxNxH = jax.nn.dot_product_attention(
+          q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, mask=mask_Bx1xTxS, implementation=self.implementation)
+    return dense(d, ('embed',), in_axes=(-2, -1), use_bias=False, dtype=self.dtype, name='out',
+                 kernel_axes=('heads', 'kv', 'embed'))(out_BxTxNxH)
+
+  def _update_cache(self, k_BxTxKxH, v_BxTxKxH, positions_BxT, segment_ids_BxT):
+    """Writes this call's T keys/values at the cache index; returns the whole cache and its mask."""
+    cached_k = self.variable('cache', 'cached_key', jnp.zeros, k_BxTxKxH.shape, k_BxTxKxH.dtype)
+    cached_v = self.variable('cache', 'cached_value', jnp.zeros, v_BxTxKxH.shape, v_BxTxKxH.dtype)
+    # Positions + 1 of the cached keys; 0 marks an empty slot or padding, so a zero cache is empty.
+    cached_pos = self.variable('cache', 'positions_plus_1', jnp.zeros, k_BxTxKxH.shape[:2], jnp.int32)
+    index = self.variable('cache', 'index', lambda: jnp.zeros((), jnp.int32))
+    if self.is_initializing():  # init only creates the cache, at full length
+      return k_BxTxKxH, v_BxTxKxH, None
+    t = k_BxTxKxH.shape[1]
+    valid_BxT = jnp.ones(positions_BxT.shape, bool) if segment_ids_BxT is None else segment_ids_BxT != 0
+    i = index.value
+    cached_k.value = jax.lax.dynamic_update_slice_in_dim(cached_k.value, k_BxTxKxH, i, axis=1)
+    cached_v.value = jax.lax.dynamic_update_slice_in_dim(cached_v.value, v_BxTxKxH, i, axis=1)
+    cached_pos.value = jax.lax.dynamic_update_slice_in_dim(
+        cached_pos.value, jnp.where(valid_BxT, positions_BxT + 1, 0).astype(jnp.int32), i, axis=1)
+    index.value = i + t
+    kp_Bx1xS = cached_pos.value[:, None, :]
+    mask_BxTxS = (kp_Bx1xS > 0) & (kp_Bx1xS <= positions_BxT[:, :, None] + 1)
+    return cached_k.value, cached_v.value, mask_BxTxS[:, None]
+
+
+class MLP(nn.Module):
+  """Position-wise feed-forward block: GELU (GPT, BERT, ViT), ReLU (the original) or SwiGLU."""
+  d_ff: int
+  activation: str = 'gelu'
+  dropout_rate: float = 0.0
+  use_bias: bool = True
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x_BxTxD, *, train: bool):
+    d = x_BxTxD.shape[-1]
+    wi = lambda name: dense(self.d_ff, ('mlp',), use_bias=self.use_bias, dtype=self.dtype, name=name,
+                            kernel_axes=('embed', 'mlp'))
+    if self.activation == 'swiglu':
+      h_BxTxF = nn.silu(wi('wi_gate')(x_BxTxD)) * wi('wi')(x_BxTxD)
+    else:
+      act: Callable = {'gelu': nn.gelu, 'relu': nn.relu}[self.activation]
+      h_BxTxF = act(wi('wi')(x_BxTxD))
+    h_BxTxF = nn.Dropout(self.dropout_rate, deterministic=not train)(h_BxTxF)
+    return dense(d, ('embed',), use_bias=self.use_bias, dtype=self.dtype, name='wo',
+                 kernel_axes=('mlp', 'embed'))(h_BxTxF)
+
+
+class TransformerBlock(nn.Module):
+  """Self-attention, optional cross-attention (encoder-decoder), then the MLP; pre- or post-LN."""
+  num_heads: int
+  head_dim: int
+  d_ff: int
+  num_kv_heads: int | None = None
+  causal: bool = False
+  cross_attention: bool = False
+  pre_ln: bool = True
+  activation: str = 'gelu'
+  rotary: bool = False
+  dropout_rate: float = 0.0
+  use_bias: bool = True
+  dtype: Dtype = jnp.float32
+  attention_impl: str | None = None
+  decode: bool = False
+
+  @nn.compact
+  def __call__(self, x_BxTxD, *, train: bool, mask_Bx1xTxS=None, positions_BxT=None, segment_ids_BxT=None,
+               encoded_BxSxD=None, cross_mask_Bx1xTxS=None):
+    drop = lambda y: nn.Dropout(self.dropout_rate, deterministic=not train)(y)
+    attn = lambda name, **kw: MultiHeadAttention(
+        self.num_heads, self.head_dim, self.num_kv_heads, rotary=self.rotary and name == 'self_attention',
+        dtype=self.dtype, implementation=self.attention_impl, decode=self.decode, name=name, **kw)
+
+    def sublayer(x, name, f):
+      if self.pre_ln:
+        return x + drop(f(layer_norm(self.dtype, f'{name}_norm')(x)))
+      return layer_norm(self.dtype, f'{name}_norm')(x + drop(f(x)))
+
+    x = sublayer(x_BxTxD, 'self_attention', lambda y: attn('self_attention')(
+        y, mask_Bx1xTxS=mask_Bx1xTxS, causal=self.causal, positions_BxT=positions_BxT,
+        segment_ids_BxT=segment_ids_BxT))
+    if self.cross_attention:
+      x = sublayer(x, 'cross_attention', lambda y: attn('cross_attention')(
+          y, encoded_BxSxD, mask_Bx1xTxS=cross_mask_Bx1xTxS))
+    return sublayer(x, 'mlp', lambda y: MLP(self.d_ff, self.activation, self.dropout_rate, self.use_bias,
+                                            self.dtype, name='mlp')(y, train=train))
+
+
+class Embed(nn.Module):
+  """Token embedding; `attend` reuses the table as the output projection (tied embeddings)."""
+  vocab_size: int
+  d_model: int
+  dtype: Dtype = jnp.float32
+
+  def setup(self):
+    self.embedding = self.param(
+        'embedding', nn.with_logical_partitioning(nn.initializers.normal(stddev=0.02), ('vocab', 'embed')),
+        (self.vocab_size, self.d_model), jnp.float32)
+
+  def __call__(self, tokens_BxT):
+    return jnp.take(jnp.asarray(self.embedding, self.dtype), tokens_BxT, axis=0)
+
+  def attend(self, x_BxTxD):
+    return jnp.einsum('btd,vd->btv', x_BxTxD, jnp.asarray(self.embedding, self.dtype))

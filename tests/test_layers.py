@@ -1,0 +1,177 @@
+"""The shared Transformer parts against independent references (naive attention, the papers' formulas)."""
+import itertools
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from model_zoo.models import layers
+from model_zoo.models.gpt import GPT, init_cache
+
+
+def naive_attention(q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, allowed_BxTxS):
+  """softmax(Q K^T / sqrt(d)) V per head, in float64 numpy, with each query group sharing a kv head."""
+  q, k, v = (np.asarray(a, np.float64) for a in (q_BxTxNxH, k_BxSxKxH, v_BxSxKxH))
+  b, t, n, h = q.shape
+  group = n // k.shape[2]
+  out = np.zeros_like(q)
+  for bi, ni, ti in itertools.product(range(b), range(n), range(t)):
+    keys = np.flatnonzero(allowed_BxTxS[bi, ti])
+    if not len(keys):
+      continue
+    scores = k[bi, keys, ni // group] @ q[bi, ti, ni] / np.sqrt(h)
+    p = np.exp(scores - scores.max())
+    out[bi, ti, ni] = (p / p.sum()) @ v[bi, keys, ni // group]
+  return out
+
+
+def _attention_module_parts(module, params, x):
+  """q, k, v and the output projection of a MultiHeadAttention, taken from its parameters."""
+  p = jax.tree.map(np.asarray, params)
+  q = np.einsum('btd,dnh->btnh', x, p['query']['kernel'])
+  k = np.einsum('btd,dnh->btnh', x, p['key']['kernel'])
+  v = np.einsum('btd,dnh->btnh', x, p['value']['kernel'])
+  return q, k, v, p['out']['kernel']
+
+
+SEGMENTS = np.array([[1, 1, 1, 2, 2, 3, 0, 0], [1, 1, 1, 1, 1, 1, 1, 0]])
+
+
+@pytest.mark.parametrize('mask_kind', ['none', 'causal', 'padding', 'packed', 'packed_causal'])
+@pytest.mark.parametrize('num_kv_heads', [4, 2, 1])
+def test_attention_matches_naive_softmax(mask_kind, num_kv_heads):
+  b, t, d = 2, 8, 16
+  x = jax.random.normal(jax.random.key(0), (b, t, d))
+  module = layers.MultiHeadAttention(num_heads=4, head_dim=8, num_kv_heads=num_kv_heads)
+  causal = mask_kind.endswith('causal')
+  segments = {'padding': (SEGMENTS > 0).astype(int), 'packed': SEGMENTS, 'packed_causal': SEGMENTS}.get(mask_kind)
+  mask = None if segments is None else layers.segment_mask(jnp.asarray(segments))
+  params = nn.unbox(module.init(jax.random.key(1), x)['params'])
+  got = module.apply({'params': params}, x, mask_Bx1xTxS=mask, causal=causal)
+
+  allowed = np.ones((b, t, t), bool)
+  if segments is not None:
+    allowed &= (segments[:, :, None] == segments[:, None, :]) & (segments[:, None, :] != 0)
+  if causal:
+    allowed &= np.tril(np.ones((t, t), bool))
+  q, k, v, wo = _attention_module_parts(module, params, np.asarray(x))
+  want = np.einsum('btnh,nhd->btd', naive_attention(q, k, v, allowed), wo)
+  rows = allowed.any(-1)  # rows with no allowed key (padding queries) are undefined
+  np.testing.assert_allclose(np.asarray(got)[rows], want[rows], rtol=1e-4, atol=1e-5)
+
+
+def test_cross_attention_matches_naive_softmax():
+  x, enc = jax.random.normal(jax.random.key(0), (2, 5, 16)), jax.random.normal(jax.random.key(1), (2, 7, 16))
+  enc_segments = np.array([[1] * 7, [1] * 4 + [0] * 3])
+  module = layers.MultiHeadAttention(num_heads=2, head_dim=8)
+  mask = layers.segment_mask(jnp.ones((2, 5), jnp.int32), jnp.asarray(enc_segments))
+  params = nn.unbox(module.init(jax.random.key(2), x, enc)['params'])
+  got = module.apply({'params': params}, x, enc, mask_Bx1xTxS=mask)
+  p = jax.tree.map(np.asarray, params)
+  q = np.einsum('btd,dnh->btnh', x, p['query']['kernel'])
+  k = np.einsum('bsd,dnh->bsnh', enc, p['key']['kernel'])
+  v = np.einsum('bsd,dnh->bsnh', enc, p['value']['kernel'])
+  allowed = np.broadcast_to((enc_segments != 0)[:, None, :], (2, 5, 7))
+  want = np.einsum('btnh,nhd->btd', naive_attention(q, k, v, allowed), p['out']['kernel'])
+  np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
+
+
+def test_sinusoidal_positions_follow_the_paper():
+  d = 6
+  got = np.asarray(layers.sinusoidal_positions(jnp.arange(5)[None], d))[0]
+  for pos, i in itertools.product(range(5), range(d // 2)):
+    assert got[pos, 2 * i] == pytest.approx(np.sin(pos / 10000 ** (2 * i / d)), abs=1e-6)
+    assert got[pos, 2 * i + 1] == pytest.approx(np.cos(pos / 10000 ** (2 * i / d)), abs=1e-6)
+
+
+def test_rotary_scores_depend_only_on_relative_position():
+  q = jax.random.normal(jax.random.key(0), (1, 1, 1, 8))
+  k = jax.random.normal(jax.random.key(1), (1, 1, 1, 8))
+  score = lambda pq, pk: float(jnp.sum(layers.apply_rotary(q, jnp.array([[pq]])) *
+                                       layers.apply_rotary(k, jnp.array([[pk]]))))
+  assert score(5, 2) == pytest.approx(score(13, 10), rel=1e-5)
+  assert score(5, 2) != pytest.approx(score(5, 3), rel=1e-3)
+  np.testing.assert_allclose(jnp.linalg.norm(layers.apply_rotary(q, jnp.array([[7]]))), jnp.linalg.norm(q),
+                             rtol=1e-6)
+
+
+@pytest.mark.parametrize('activation', ['gelu', 'relu', 'swiglu'])
+def test_mlp_matches_numpy(activation):
+  x = jax.random.normal(jax.random.key(0), (2, 3, 8))
+  module = layers.MLP(d_ff=16, activation=activation)
+  params = nn.unbox(module.init(jax.random.key(1), x, train=False)['params'])
+  p = jax.tree.map(np.asarray, params)
+  xn = np.asarray(x, np.float64)
+  gelu = lambda z: 0.5 * z * (1 + np.tanh(np.sqrt(2 / np.pi) * (z + 0.044715 * z ** 3)))
+  lin = lambda name, z: z @ p[name]['kernel'] + p[name]['bias']
+  if activation == 'swiglu':
+    g = lin('wi_gate', xn)
+    h = g / (1 + np.exp(-g)) * lin('wi', xn)
+  else:
+    h = {'gelu': gelu, 'relu': lambda z: np.maximum(z, 0)}[activation](lin('wi', xn))
+  np.testing.assert_allclose(module.apply({'params': params}, x, train=False), lin('wo', h), rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize('pre_ln', [True, False])
+def test_block_orders_norm_and_residual_as_named(pre_ln):
+  """Pre-LN: x + F(LN(x)); post-LN: LN(x + F(x)), built here from the block's own sublayers."""
+  x = jax.random.normal(jax.random.key(0), (2, 4, 16))
+  block = layers.TransformerBlock(num_heads=2, head_dim=8, d_ff=32, pre_ln=pre_ln, causal=True)
+  params = nn.unbox(block.init(jax.random.key(1), x, train=False)['params'])
+  got = block.apply({'params': params}, x, train=False)
+  attn = lambda y: layers.MultiHeadAttention(2, 8).apply({'params': params['self_attention']}, y, causal=True)
+  mlp = lambda y: layers.MLP(32).apply({'params': params['mlp']}, y, train=False)
+  norm = lambda name, y: layers.layer_norm(jnp.float32).apply({'params': params[name]}, y)
+  if pre_ln:
+    h = x + attn(norm('self_attention_norm', x))
+    want = h + mlp(norm('mlp_norm', h))
+  else:
+    h = norm('self_attention_norm', x + attn(x))
+    want = norm('mlp_norm', h + mlp(h))
+  np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize('positional', ['learned', 'sinusoidal', 'rotary'])
+@pytest.mark.parametrize('num_kv_heads', [0, 2])
+def test_cached_decoding_equals_the_full_forward_pass(positional, num_kv_heads):
+  model = GPT(vocab_size=40, num_layers=2, d_model=32, num_heads=4, num_kv_heads=num_kv_heads, d_ff=64,
+              max_len=16, positional=positional, activation='swiglu')
+  tokens = jax.random.randint(jax.random.key(1), (2, 11), 0, 40)
+  params = nn.unbox(model.init(jax.random.key(0), tokens, train=False)['params'])
+  full = model.apply({'params': params}, tokens, train=False)
+  decoder, cache = model.clone(decode=True), init_cache(model, 2, 16)
+  positions = jnp.broadcast_to(jnp.arange(11), (2, 11))
+  logits = []
+  for start, stop in [(0, 4)] + [(i, i + 1) for i in range(4, 11)]:  # a prompt, then one token at a time
+    out, variables = decoder.apply({'params': params, 'cache': cache}, tokens[:, start:stop], train=False,
+                                   positions_BxT=positions[:, start:stop], mutable=['cache'])
+    cache = variables['cache']
+    logits.append(out)
+  np.testing.assert_allclose(jnp.concatenate(logits, 1), full, rtol=1e-5, atol=1e-5)
+
+
+def test_packed_rows_equal_documents_run_alone():
+  model = GPT(vocab_size=30, num_layers=2, d_model=32, num_heads=4, d_ff=64, max_len=16)
+  doc_a, doc_b = jnp.arange(1, 6)[None], jnp.arange(10, 14)[None]
+  packed = jnp.concatenate([doc_a, doc_b], 1)
+  segments = jnp.array([[1] * 5 + [2] * 4])
+  positions = jnp.array([list(range(5)) + list(range(4))])
+  params = nn.unbox(model.init(jax.random.key(0), packed, train=False)['params'])
+  got = model.apply({'params': params}, packed, train=False, positions_BxT=positions, segment_ids_BxT=segments)
+  alone = [model.apply({'params': params}, doc, train=False) for doc in (doc_a, doc_b)]
+  np.testing.assert_allclose(got, jnp.concatenate(alone, 1), rtol=1e-5, atol=1e-5)
+
+
+def test_causality_by_gradients():
+  """d logits_t / d token-embedding_s is zero for s > t."""
+  model = GPT(vocab_size=20, num_layers=2, d_model=16, num_heads=2, d_ff=32, max_len=8)
+  tokens = jnp.arange(8)[None] % 20
+  params = nn.unbox(model.init(jax.random.key(0), tokens, train=False)['params'])
+  def f(emb_delta):
+    p = jax.tree.map(lambda x: x, params)
+    p['pos_embedding'] = params['pos_embedding'] + emb_delta
+    return model.apply({'params': p}, tokens, train=False)[0, 3].sum()
+  g = jax.grad(f)(jnp.zeros((8, 16)))
+  assert np.abs(g[4:]).max() == 0 and np.abs(g[:4]).max() > 0

@@ -1,17 +1,32 @@
-"""Evaluates a trained workdir: python eval.py --config=configs/mlp.py --workdir=runs/mlp [--step=N].
+"""Evaluates a trained workdir.
 
-Writes <workdir>/eval.json and PNG plots next to it.
+  python eval.py --config=configs/cnn.py --workdir=runs/cnn [--step=N]     # eval.json and PNG plots
+  python eval.py --config=configs/gpt.py --workdir=runs/gpt --mode=sample --prompt="The with statement"
 """
 from absl import flags
 
 from model_zoo import cli
 
-STEP = flags.DEFINE_integer('step', None, 'Checkpoint step to evaluate; default the latest.')
+STEP = flags.DEFINE_integer('step', None, 'Checkpoint step to use; default the latest.')
+MODE = flags.DEFINE_enum('mode', 'eval', ['eval', 'sample'],
+                         'eval: metrics on the eval split; sample: continue --prompt (language models).')
+PROMPT = flags.DEFINE_multi_string('prompt', ['The '], 'Prompt(s) for --mode=sample; repeat for several.')
+NUM_SAMPLES = flags.DEFINE_integer('num_samples', 1, 'Continuations per prompt.')
+MAX_NEW_TOKENS = flags.DEFINE_integer('max_new_tokens', 100, 'Tokens to generate per continuation.')
+TEMPERATURE = flags.DEFINE_float('temperature', 0.8, 'Sampling temperature; 0 = greedy.')
+TOP_K = flags.DEFINE_integer('top_k', 0, 'Sample from the k most likely tokens; 0 = all.')
+TOP_P = flags.DEFINE_float('top_p', 0.95, 'Nucleus sampling mass; 1 = off.')
+SEED = flags.DEFINE_integer('seed', 0, 'Sampling seed.')
 
 
 def main(config, workdir):
   from model_zoo.evaluation import evaluate  # pylint: disable=g-import-not-at-top
-  evaluate.evaluate(config, workdir, STEP.value)
+  if MODE.value == 'sample':
+    evaluate.sample(config, workdir, PROMPT.value, step=STEP.value, seed=SEED.value,
+                    max_new_tokens=MAX_NEW_TOKENS.value, temperature=TEMPERATURE.value, top_k=TOP_K.value,
+                    top_p=TOP_P.value, num_samples=NUM_SAMPLES.value)
+  else:
+    evaluate.evaluate(config, workdir, STEP.value)
 
 
 if __name__ == '__main__':

@@ -42,7 +42,8 @@ def _load_config(path_and_arg: str):
 
 def _check_override_keys(argv):
   """Every `--config.a.b=...` must name a field of the config: a typo is an error, with a suggestion."""
-  config_args = [a.split('=', 1)[1] for a in argv if a.startswith('--config=')]
+  config_args = [a.split('=', 1)[1] for a in argv if a.startswith('--config=')] + [
+      value for flag, value in zip(argv, argv[1:]) if flag == '--config']
   if not config_args:
     raise UserError('--config is required, e.g. --config=configs/mlp.py')
   config = _load_config(config_args[-1])
@@ -94,6 +95,8 @@ def run(main):
       import jax  # pylint: disable=g-import-not-at-top
       jax.distributed.initialize(COORDINATOR.value, NUM_PROCESSES.value, PROCESS_ID.value)
     try:
+      if os.path.exists(workdir()) and not os.path.isdir(workdir()):
+        raise UserError(f'--workdir={workdir()} is a file, not a directory')
       main(CONFIG.value, workdir())
     except UserError as e:
       if VERBOSE.value:

@@ -64,6 +64,8 @@ def validate(config: ml_collections.ConfigDict):
     value = config[key]
     _check(isinstance(value, int) and value > 0,
            f'config.{key} must be a positive integer, got {value!r}')
+  _check(isinstance(config.seed, int) and 0 <= config.seed < 2 ** 32,
+         f'config.seed must be an integer in [0, 2**32), got {config.seed!r}')
   _check(config.batch_size % config.grad_accum_steps == 0,
          f'config.batch_size={config.batch_size} must be a multiple of '
          f'config.grad_accum_steps={config.grad_accum_steps}')

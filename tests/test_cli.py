@@ -38,7 +38,8 @@ def trained(tmp_path_factory):
     (['--config.batch_size=0'], 'batch_size must be a positive integer', 1),
     (['--config.model.hidden_sizes=(64,x)'], 'hidden_sizes', 1),
     (['--config.dataset.name=mnits'], "unknown data set 'mnits'", 1),
-    (['--config.model.name=mpl'], "unknown model 'mpl'.*known: cnn, mlp", 1),
+    (['--config.model.name=mpl'], "unknown model 'mpl'.*known: .*mlp", 1),
+    (['--config.seed=-1'], r'config.seed must be an integer in \[0, 2\*\*32\)', 1),
     (['--config.optimizer.name=adamm'], "unknown optimizer 'adamm'", 1),
     (['--config.dataset.name=cifar10', '--config.dataset.data_dir=/nonexistent/tfds'],
      "'cifar10'.*not available offline.*download=True", 1),
@@ -69,14 +70,30 @@ def test_missing_config_file():
 
 def test_checkpoint_that_does_not_fit_leaves_the_workdir_alone(trained):
   before = _snapshot(trained)
-  for script in ('train.py', 'eval.py'):
-    tiny = [a for a in TINY if 'hidden_sizes' not in a]  # a repeated tuple flag would append
-    proc = run_cli(script, MLP, f'--workdir={trained}', *tiny, '--config.model.hidden_sizes=(48,)',
-                   '--config.num_train_steps=80')
-    assert proc.returncode == 1, proc.stderr
-    assert proc.stderr.strip().startswith('error: the checkpoint at step 60') and 'does not fit' in proc.stderr
-    assert 'Dense_0/bias: checkpoint (32,) vs model (48,)' in proc.stderr
+  tiny = [a for a in TINY if 'hidden_sizes' not in a]  # a repeated tuple flag would append
+  changed = ['--config.model.hidden_sizes=(48,)', '--config.num_train_steps=80']
+  proc = run_cli('train.py', MLP, f'--workdir={trained}', *tiny, *changed)
+  assert proc.returncode == 1, proc.stderr
+  assert proc.stderr.strip().startswith(f'error: {trained} holds a run with model.hidden_sizes=[32], but the '
+                                        'config has model.hidden_sizes=[48]'), proc.stderr
+  proc = run_cli('eval.py', MLP, f'--workdir={trained}', *tiny, *changed)
+  assert proc.returncode == 1, proc.stderr
+  assert proc.stderr.strip().startswith('error: the checkpoint at step 60') and 'does not fit' in proc.stderr
+  assert 'Dense_0/bias: checkpoint (32,) vs model (48,)' in proc.stderr
+  proc = run_cli('eval.py', MLP, f'--workdir={trained}', *TINY, '--config.optimizer.name=sgd')
+  assert proc.returncode == 1 and 'not in checkpoint' in proc.stderr, proc.stderr
   assert _snapshot(trained) == before
+
+
+def test_resume_with_a_longer_schedule_is_allowed(tmp_path, trained):
+  """num_train_steps and reporting intervals may change on resume; what the run computes may not."""
+  import shutil
+  workdir = str(tmp_path / 'copy')
+  shutil.copytree(trained, workdir)
+  proc = run_cli('train.py', MLP, f'--workdir={workdir}', *TINY, '--config.num_train_steps=70', check=True)
+  assert 'resumed from the checkpoint at step 60' in proc.stdout
+  proc = run_cli('train.py', MLP, f'--workdir={workdir}', *TINY, '--config.num_train_steps=80', '--config.seed=3')
+  assert proc.returncode == 1 and 'holds a run with seed=0, but the config has seed=3' in proc.stderr
 
 
 def test_eval_without_checkpoint_and_with_unknown_step(tmp_path, trained):
@@ -149,10 +166,11 @@ def test_sigkill_then_resume_equals_an_uninterrupted_run(tmp_path, uninterrupted
   _assert_same_run(workdir, uninterrupted)
 
 
-def test_sigterm_saves_the_current_step_and_resumes_exactly(tmp_path, uninterrupted):
+@pytest.mark.parametrize('signum', [signal.SIGTERM, signal.SIGINT])
+def test_signal_saves_the_current_step_and_resumes_exactly(tmp_path, uninterrupted, signum):
   workdir = str(tmp_path)
   proc = _start_and_wait_for_checkpoint(workdir, 200)
-  proc.send_signal(signal.SIGTERM)
+  proc.send_signal(signum)
   out, err = proc.communicate(timeout=120)
   assert proc.returncode == 0, err
   stopped = int(out.split('stopped by signal at step ')[1].split(';')[0])

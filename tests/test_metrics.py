@@ -21,11 +21,13 @@ def test_hand_computed_confusion():
   assert m['f1_macro'] == pytest.approx(np.mean(f1))
 
 
-def test_never_predicted_and_absent_classes_count_as_zero():
-  confusion = np.array([[3, 0, 0], [2, 0, 0], [0, 0, 0]])  # class 1 never predicted, class 2 absent
+def test_never_predicted_and_absent_classes_as_scikit_learn_counts_them():
+  # true 0 0 0 1 1, predicted all 0: class 1 never predicted (precision 0), class 2 appears nowhere (left out)
+  confusion = np.array([[3, 0, 0], [2, 0, 0], [0, 0, 0]])
   m = classification_metrics(confusion)
-  assert m['precision_macro'] == pytest.approx((3 / 5) / 3)
-  assert m['recall_macro'] == pytest.approx(1 / 3)
+  assert (m['precision_macro'], m['recall_macro'], m['f1_macro']) == pytest.approx((0.3, 0.5, 0.375))
+  p, r, f, _ = precision_recall_fscore_support([0, 0, 0, 1, 1], [0] * 5, average='macro', zero_division=0)
+  assert (m['precision_macro'], m['recall_macro'], m['f1_macro']) == pytest.approx((p, r, f))
 
 
 def test_agrees_with_scikit_learn_on_random_predictions():

@@ -35,6 +35,28 @@ def test_every_optimizer_and_schedule_steps_downhill(name, schedule):
   assert loss(params) < before
 
 
+@pytest.mark.parametrize('name, reference', [
+    ('sgd', lambda: optax.sgd(0.1)),
+    ('momentum', lambda: optax.sgd(0.1, momentum=0.8)),
+    ('nesterov', lambda: optax.sgd(0.1, momentum=0.8, nesterov=True)),
+    ('adam', lambda: optax.adam(0.1, b1=0.7, b2=0.9)),
+    ('adamw', lambda: optax.adamw(0.1, b1=0.7, b2=0.9, weight_decay=0.0)),
+    ('rmsprop', lambda: optax.rmsprop(0.1, momentum=0.8)),
+    ('adafactor', lambda: optax.adafactor(0.1)),
+    ('lion', lambda: optax.lion(0.1, b1=0.7, b2=0.9, weight_decay=0.0)),
+])
+def test_each_name_is_its_optax_optimizer(name, reference):
+  params = {'w': jnp.arange(12.0).reshape(4, 3) / 10, 'b': jnp.ones(3)}
+  grads = [jax.tree.map(lambda p, i=i: jnp.sin(p * (i + 1)), params) for i in range(3)]
+  ours = optimizers.build(_cfg(name=name, learning_rate=0.1, momentum=0.8, b1=0.7, b2=0.9), 10)
+  theirs = reference()
+  s1, s2 = ours.init(params), theirs.init(params)
+  for g in grads:
+    u1, s1 = ours.update(g, s1, params)
+    u2, s2 = theirs.update(g, s2, params)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7), u1, u2)
+
+
 def test_schedules_follow_their_formulas():
   lr, warmup, total = 0.1, 10, 110
   cos = optimizers.schedule(_cfg(schedule='warmup_cosine', learning_rate=lr, warmup_steps=warmup,

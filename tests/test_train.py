@@ -11,7 +11,7 @@ import tensorflow_datasets as tfds
 from helpers import tiny_config
 from model_zoo.data import sources
 from model_zoo.evaluation import evaluate
-from model_zoo.training import loop
+from model_zoo.training import loop, sharding
 
 
 @pytest.mark.parametrize('name', ['mlp', 'cnn'])
@@ -68,7 +68,8 @@ def test_gradient_accumulation_matches_one_big_batch():
     exp = loop.build_experiment(config, data)
     state = exp.init_state()
     batch = {'image': data.source.arrays['image'][:32], 'label': data.source.arrays['label'][:32]}
-    new_state, metrics = jax.jit(exp.task.train_step)(state, batch, jax.random.key(0))
+    step = jax.jit(exp.task.train_step, in_shardings=(exp.state_shardings, sharding.batch_sharding(exp.mesh), None))
+    new_state, metrics = step(state, sharding.to_global(batch, exp.mesh), jax.random.key(0))  # over 8 devices
     results.append((jax.device_get(new_state.params), float(metrics['loss'])))
   (p1, loss1), (p4, loss4) = results
   assert loss1 == pytest.approx(loss4, rel=1e-5)

@@ -93,11 +93,18 @@ def _tfds_image_classification(name: str):
   return load
 
 
+def _text(config: ml_collections.ConfigDict, split: str, workdir: str | None) -> Dataset:
+  from model_zoo.data import text  # pylint: disable=g-import-not-at-top  (text imports this module)
+  return text.load(config, split, workdir)
+
+
 DATASETS = {
     'digits': _digits,
     'mnist': _tfds_image_classification('mnist'),
     'fashion_mnist': _tfds_image_classification('fashion_mnist'),
     'cifar10': _tfds_image_classification('cifar10'),
+    'pydoc': _text,   # the CPython documentation text (pydoc_data), offline
+    'lm1b': _text,    # TFDS One Billion Word benchmark
 }
 
 

@@ -5,13 +5,14 @@ import os
 import jax
 
 from model_zoo import config as config_lib
+from model_zoo import tasks
 from model_zoo.data import sources
 from model_zoo.errors import UserError
 from model_zoo.evaluation import plots
 from model_zoo.training import loop
 
 
-def evaluate(config, workdir: str, step: int | None = None) -> dict[str, float]:
+def _restore(config, workdir, step):
   config_lib.validate(config)
   data = sources.load(config.dataset, config.dataset.eval_split, workdir)
   exp = loop.build_experiment(config, data)
@@ -21,9 +22,13 @@ def evaluate(config, workdir: str, step: int | None = None) -> dict[str, float]:
     if step is None:
       raise UserError(f'no checkpoint in {ckpt.directory}: train first with '
                       f'`python train.py --config=... --workdir={workdir}`')
-    state = ckpt.restore(step, exp.abstract_state)
+    return data, exp, step, ckpt.restore(step, exp.abstract_state)
   finally:
     ckpt.close()
+
+
+def evaluate(config, workdir: str, step: int | None = None) -> dict[str, float]:
+  data, exp, step, state = _restore(config, workdir, step)
   metrics, stats = loop.make_eval_fn(exp)(state, data)
   if jax.process_index() == 0:
     with open(os.path.join(workdir, 'eval.json'), 'w') as f:
@@ -37,3 +42,20 @@ def evaluate(config, workdir: str, step: int | None = None) -> dict[str, float]:
   print(f'eval of step {step} on {config.dataset.name}:{config.dataset.eval_split}: '
         + '  '.join(f'{k} {v:.4f}' for k, v in metrics.items()), flush=True)
   return metrics
+
+
+def sample(config, workdir: str, prompts: list[str], *, step: int | None = None, seed: int = 0,
+           max_new_tokens: int = 100, temperature: float = 0.8, top_k: int = 0, top_p: float = 0.95,
+           num_samples: int = 1) -> list[str]:
+  """Prints and returns `num_samples` continuations of each prompt."""
+  if not hasattr(tasks.TASKS.get(config.task), 'generate_text'):
+    raise UserError(f'--mode=sample needs a language model; config.task is {config.task!r}')
+  if max_new_tokens <= 0 or temperature < 0 or top_k < 0 or not 0 < top_p <= 1:
+    raise UserError('need max_new_tokens > 0, temperature >= 0, top_k >= 0 and 0 < top_p <= 1')
+  _, exp, step, state = _restore(config, workdir, step)
+  prompts = [p for p in prompts for _ in range(num_samples)]
+  texts = exp.task.generate_text(state.params, prompts, jax.random.key(seed), max_new_tokens=max_new_tokens,
+                                 temperature=temperature, top_k=top_k, top_p=top_p)
+  for prompt, text in zip(prompts, texts):
+    print(f'--- prompt: {prompt!r} (step {step})\n{prompt}{text}\n', flush=True)
+  return texts

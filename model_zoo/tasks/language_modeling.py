@@ -8,6 +8,7 @@ import numpy as np
 import optax
 
 from model_zoo import models
+from model_zoo.inference import sampling
 from model_zoo.errors import UserError
 from model_zoo.tasks.base import SupervisedTask
 from model_zoo.training import perf
@@ -69,5 +70,22 @@ class LanguageModelingTask(SupervisedTask):
   def throughput(self, state, steps_per_sec: float) -> dict[str, float]:
     tokens = self.config.batch_size * self.config.dataset.seq_len
     flops = model_flops_per_token(state.params, self.config) * tokens * steps_per_sec
-    peak = perf.device_peak(self.config.model.dtype) * jax.device_count()
+    peak = perf.peak_flops(self.config.model.dtype)
     return {'tokens_per_sec': tokens * steps_per_sec, 'tflops_per_sec': flops / 1e12, 'mfu': flops / peak}
+
+  def generate_text(self, params, prompts: list[str], rng, *, max_new_tokens: int, temperature: float,
+                    top_k: int, top_p: float) -> list[str]:
+    """Continuations of `prompts` (each starts a new document), stopping at end-of-document."""
+    tok = self.data.tokenizer
+    encoded = [[tok.bos_id] + tok.encode(p) for p in prompts]
+    width = max(map(len, encoded))
+    if width + max_new_tokens > self.config.model.max_len and self.config.model.positional == 'learned':
+      raise UserError(f'prompt ({width} tokens) + max_new_tokens ({max_new_tokens}) exceeds the model\'s '
+                      f'max_len {self.config.model.max_len}; ask for fewer tokens')
+    prompt_BxP = np.full((len(prompts), width), tok.pad_id, np.int32)
+    for row, ids in enumerate(encoded):
+      prompt_BxP[row, width - len(ids):] = ids  # left-padded: every row ends where decoding starts
+    new_BxN = sampling.generate(self.model, params, jnp.asarray(prompt_BxP), rng, max_new_tokens=max_new_tokens,
+                                temperature=temperature, top_k=top_k, top_p=top_p, eos_id=tok.eos_id,
+                                pad_id=tok.pad_id)
+    return [tok.decode([t for t in row if t != tok.pad_id]) for row in np.asarray(new_BxN).tolist()]

@@ -14,10 +14,11 @@ from model_zoo.errors import UserError
 
 
 def _shapes(tree) -> dict[str, tuple]:
-  """{'a/b/c': shape} for a nested dict of arrays or array metadata."""
+  """{'a/b/c': shape} for a pytree of arrays, or Orbax's metadata of one (where dataclasses and
+  named tuples became dicts): keys, attribute names and indices all become path parts."""
   flat, _ = jax.tree_util.tree_flatten_with_path(tree)
-  return {'/'.join(str(getattr(k, 'key', getattr(k, 'name', k))) for k in path): tuple(leaf.shape)
-          for path, leaf in flat}
+  part = lambda k: str(getattr(k, 'key', getattr(k, 'name', getattr(k, 'idx', k))))
+  return {'/'.join(map(part, path)): tuple(leaf.shape) for path, leaf in flat}
 
 
 class Checkpoints:
@@ -69,8 +70,8 @@ class Checkpoints:
                       f'with, or a new --workdir') from e
 
   def _check_fits(self, step, abstract_state):
-    saved = _shapes(self.manager.item_metadata(step)['state'].tree['params'])
-    wanted = _shapes(abstract_state.params if hasattr(abstract_state, 'params') else abstract_state['params'])
+    saved = _shapes(self.manager.item_metadata(step)['state'].tree)
+    wanted = _shapes(abstract_state)
     if saved == wanted:
       return
     missing = sorted(set(wanted) - set(saved))
@@ -78,11 +79,11 @@ class Checkpoints:
     differ = [f'{k}: checkpoint {saved[k]} vs model {wanted[k]}'
               for k in sorted(set(saved) & set(wanted)) if saved[k] != wanted[k]]
     problems = ([f'shape {differ[0]}'] if differ else []) + (
-        [f'parameter {missing[0]} not in checkpoint'] if missing else []) + (
-        [f'checkpoint has {extra[0]} that the model lacks'] if extra else [])
+        [f'{missing[0]} not in checkpoint'] if missing else []) + (
+        [f'checkpoint has {extra[0]} that the configured state lacks'] if extra else [])
     raise UserError(f'the checkpoint at step {step} in {self.directory} does not fit the configured '
-                    f'model ({"; ".join(problems)}). Use the config it was trained with, or a new '
-                    f'--workdir; nothing was changed')
+                    f'model or optimizer ({"; ".join(problems)}). Use the config it was trained with, '
+                    f'or a new --workdir; nothing was changed')
 
   def wait(self):
     self.manager.wait_until_finished()

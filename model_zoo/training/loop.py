@@ -99,6 +99,44 @@ class _StopRequest:
       signal.signal(s, handler)
 
 
+def _finite(metrics: list[dict], step: int) -> list[dict]:
+  """The metrics, if every loss in them is finite; training has diverged otherwise."""
+  if not all(np.isfinite(m.get('loss', 0.0)) for m in metrics):
+    raise UserError(f'training diverged: the loss is not finite by step {step}. No checkpoint was written '
+                    f'after the last finite one; try a lower optimizer.learning_rate, or '
+                    f'optimizer.grad_clip_norm')
+  return metrics
+
+
+# Keys that may change when a run resumes: how long it runs and how it reports, not what it computes.
+RESUMABLE_CHANGES = ('num_train_steps', 'log_every_steps', 'eval_every_steps', 'checkpoint_every_steps',
+                     'max_checkpoints_to_keep', 'dataset.prefetch', 'dataset.data_dir', 'dataset.download')
+
+
+def _check_same_run(config: ml_collections.ConfigDict, workdir: str):
+  """A workdir resumes only with the config it was started with (up to RESUMABLE_CHANGES)."""
+  path = os.path.join(workdir, 'config.json')
+  if not os.path.exists(path):
+    return
+  with open(path) as f:
+    saved = _flat(json.load(f))
+  current = _flat(json.loads(config.to_json_best_effort()))
+  changed = [k for k in sorted(set(saved) | set(current))
+             if saved.get(k) != current.get(k) and k not in RESUMABLE_CHANGES]
+  if changed:
+    k = changed[0]
+    raise UserError(f'{workdir} holds a run with {k}={saved.get(k)!r}, but the config has {k}={current.get(k)!r}'
+                    f'{f" (and {len(changed) - 1} more differences)" if len(changed) > 1 else ""}; resume it with '
+                    f'the same config, or use a new --workdir')
+
+
+def _flat(d: dict, prefix: str = '') -> dict:
+  out = {}
+  for k, v in d.items():
+    out.update(_flat(v, f'{prefix}{k}.') if isinstance(v, dict) else {f'{prefix}{k}': v})
+  return out
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str):
   """Trains `config` in `workdir`, resuming from its latest checkpoint if there is one."""
   config_lib.validate(config)
@@ -112,6 +150,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str):
   if start is None:
     start, state, pending = 0, exp.init_state(), []
   else:
+    _check_same_run(config, workdir)
     state, pending = ckpt.restore(start, exp.abstract_state, train_iter)
     print(f'resumed from the checkpoint at step {start} in {ckpt.directory}', flush=True)
 
@@ -124,8 +163,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str):
   evaluate = make_eval_fn(exp)
   train_rng = jax.random.fold_in(jax.random.key(config.seed), 1)
   train_step = jax.jit(
-      lambda state, batch: exp.task.train_step(state, batch, jax.random.fold_in(train_rng, state.step)),
-      in_shardings=(exp.state_shardings, sharding.batch_sharding(exp.mesh)),
+      lambda state, batch, step: exp.task.train_step(state, batch, jax.random.fold_in(train_rng, step)),
+      in_shardings=(exp.state_shardings, sharding.batch_sharding(exp.mesh), None),
       out_shardings=(exp.state_shardings, None), donate_argnums=0)
 
   total = config.num_train_steps
@@ -133,17 +172,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str):
   stop = _StopRequest(sync_every=config.log_every_steps)
   try:
     for step in range(start + 1, total + 1):
-      state, metrics = train_step(state, sharding.to_global(next(train_iter), exp.mesh))
+      state, metrics = train_step(state, sharding.to_global(next(train_iter), exp.mesh), np.int32(step - 1))
       pending.append(metrics)
       stopping = stop(step)
       if step % config.log_every_steps == 0 or step == total:
+        host = _finite(jax.device_get(pending), step)
         rate = progress.rate(step)
-        host = jax.device_get(pending)  # float64 means: a resumed run (floats from JSON) agrees exactly
+        # float64 means: a resumed run (its pending metrics come back from JSON) agrees exactly
         means = {k: float(np.mean([np.float64(m[k]) for m in host])) for k in host[0]}
         pending = []
-        if not np.isfinite(means.get('loss', 0.0)):
-          raise UserError(f'training diverged: loss {means["loss"]} at step {step}. The last good checkpoint '
-                          f'is kept; try a lower optimizer.learning_rate or optimizer.grad_clip_norm')
         speed = {'steps_per_sec': rate, **exp.task.throughput(state, rate)}
         writer.write(step, 'train', {**means, **speed})
         progress.report(step, means, speed)
@@ -153,7 +190,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str):
         print(f'eval at step {step}: ' + '  '.join(f'{k} {v:.4g}' for k, v in eval_metrics.items()),
               flush=True)
       if step % config.checkpoint_every_steps == 0 or step == total or stopping:
-        ckpt.save(step, state, train_iter, pending)
+        ckpt.save(step, state, train_iter, _finite(jax.device_get(pending), step))
       if stopping:
         print(f'stopped by signal at step {step}; checkpoint saved; run the same command to resume',
               flush=True)

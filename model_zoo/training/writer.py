@@ -26,7 +26,7 @@ class MetricWriter:
     self.file.writelines(kept)
     self.file.flush()
     from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
-    self.tb = SummaryWriter(os.path.join(workdir, 'tensorboard'))
+    self.tb = SummaryWriter(os.path.join(workdir, 'tensorboard'), purge_step=start_step + 1 if start_step else None)
 
   def write(self, step: int, split: str, metrics: dict[str, float]):
     if not self.enabled:

@@ -1,0 +1,146 @@
+"""GPT language modelling end to end: the loop, eval, sampling, FLOP accounting, sharded layouts."""
+import json
+import os
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from helpers import tiny_config
+from model_zoo.data import pipeline, sources
+from model_zoo.evaluation import evaluate
+from model_zoo.inference import sampling
+from model_zoo.models.gpt import GPT
+from model_zoo.tasks.language_modeling import model_flops_per_token
+from model_zoo.training import loop, sharding
+
+GPT_TINY = {'model.num_layers': 1, 'model.d_model': 32, 'model.num_heads': 2, 'model.d_ff': 64,
+            'model.max_len': 64, 'dataset.seq_len': 32, 'dataset.vocab_size': 384, 'batch_size': 16,
+            'model.dropout_rate': 0.0}
+
+
+def test_gpt_trains_evaluates_and_samples(tmp_path):
+  workdir = str(tmp_path)
+  config = tiny_config('gpt', num_train_steps=30, **GPT_TINY)
+  loop.train_and_evaluate(config, workdir)
+  lines = [json.loads(line) for line in open(os.path.join(workdir, 'metrics.jsonl'))]
+  train = [r for r in lines if r['split'] == 'train']
+  assert train[-1]['loss'] < train[0]['loss'] - 0.5
+  assert {'tokens_per_sec', 'mfu', 'tflops_per_sec'} <= set(train[-1]) and 0 < train[-1]['mfu'] < 1.5
+  assert os.path.exists(os.path.join(workdir, 'tokenizer.model'))
+
+  metrics = evaluate.evaluate(config, workdir)
+  saved = json.load(open(os.path.join(workdir, 'eval.json')))
+  assert {'loss', 'perplexity', 'bits_per_byte'} <= set(saved)
+  assert saved['perplexity'] == pytest.approx(np.exp(saved['loss']))
+  assert saved['bits_per_byte'] == pytest.approx(saved['nats_per_byte'] / np.log(2))
+  assert metrics['bits_per_byte'] < 8  # better than a uniform guess over bytes
+
+  texts = evaluate.sample(config, workdir, ['The with statement', 'import'], max_new_tokens=12,
+                          temperature=0.0, top_p=1.0)
+  again = evaluate.sample(config, workdir, ['The with statement', 'import'], max_new_tokens=12,
+                          temperature=0.0, top_p=1.0)
+  assert len(texts) == 2 and all(isinstance(t, str) for t in texts) and texts == again
+
+
+def test_bits_per_byte_counts_every_byte_of_the_split(tmp_path):
+  """The eval's byte count equals the UTF-8 size of the validation documents."""
+  from model_zoo.data import text
+  config = tiny_config('gpt', num_train_steps=5, **GPT_TINY)
+  loop.train_and_evaluate(config, str(tmp_path))
+  data = sources.load(config.dataset, 'validation', str(tmp_path))
+  exp = loop.build_experiment(config, data)
+  state = exp.checkpoints(str(tmp_path)).restore(5, exp.abstract_state)
+  _, stats = loop.make_eval_fn(exp)(state, data)
+  docs = text.documents(config.dataset, 'validation')
+  assert stats['bytes'] == sum(len(d.encode()) for d in docs)
+  assert stats['tokens'] == sum(len(data.tokenizer.encode(d)) + 1 for d in docs)  # + EOS per document
+
+
+def _model_and_params(vocab=23, **kw):
+  model = GPT(vocab_size=vocab, num_layers=2, d_model=32, num_heads=4, d_ff=64, max_len=32, **kw)
+  params = nn.unbox(model.init(jax.random.key(0), jnp.zeros((1, 4), jnp.int32), train=False)['params'])
+  return model, params
+
+
+def test_greedy_generation_equals_argmax_of_the_full_forward_pass():
+  model, params = _model_and_params()
+  prompt = [1, 5, 7, 9]
+  got = sampling.generate(model, params, jnp.array([prompt]), jax.random.key(0), max_new_tokens=8,
+                          temperature=0.0)
+  tokens = list(prompt)
+  for _ in range(8):  # the reference: no cache, the whole sequence each time
+    logits = model.apply({'params': params}, jnp.array([tokens]), train=False)
+    tokens.append(int(jnp.argmax(logits[0, -1])))
+  assert np.asarray(got)[0].tolist() == tokens[len(prompt):]
+
+
+def test_prompts_of_different_lengths_decode_as_if_alone():
+  model, params = _model_and_params(positional='rotary')
+  a, b = [1, 4, 6, 8, 10], [1, 3]
+  batch = jnp.array([a, [0] * 3 + b])  # left-padded with pad id 0
+  together = sampling.generate(model, params, batch, jax.random.key(0), max_new_tokens=6, temperature=0.0)
+  alone = [sampling.generate(model, params, jnp.array([p]), jax.random.key(0), max_new_tokens=6,
+                             temperature=0.0)[0] for p in (a, b)]
+  np.testing.assert_array_equal(together, jnp.stack(alone))
+
+
+def test_stop_token_ends_a_row_with_padding():
+  model, params = _model_and_params()
+  greedy = np.asarray(sampling.generate(model, params, jnp.array([[1, 5]]), jax.random.key(0),
+                                        max_new_tokens=10, temperature=0.0))[0]
+  eos = int(greedy[2])
+  got = np.asarray(sampling.generate(model, params, jnp.array([[1, 5]]), jax.random.key(0), max_new_tokens=10,
+                                     temperature=0.0, eos_id=eos))[0]
+  first = list(greedy).index(eos)
+  assert got[:first + 1].tolist() == greedy[:first + 1].tolist() and (got[first + 1:] == 0).all()
+
+
+def test_sampling_rules_on_a_fixed_distribution():
+  logits = jnp.log(jnp.array([[0.5, 0.3, 0.15, 0.05]]))
+  draw = lambda n, **kw: np.array([int(sampling.sample_logits(logits, jax.random.key(i), **kw)[0])
+                                   for i in range(n)])
+  freq = np.bincount(draw(2000, temperature=1.0), minlength=4) / 2000
+  np.testing.assert_allclose(freq, [0.5, 0.3, 0.15, 0.05], atol=0.04)
+  assert set(draw(300, temperature=1.0, top_k=2)) == {0, 1}
+  assert set(draw(300, temperature=1.0, top_p=0.7)) == {0, 1}      # 0.5 + 0.3 >= 0.7
+  assert set(draw(100, temperature=1.0, top_p=0.4)) == {0}
+  assert int(sampling.sample_logits(logits, jax.random.key(0), temperature=0.0)[0]) == 0
+  hot = np.bincount(draw(2000, temperature=2.0), minlength=4) / 2000
+  p = np.array([0.5, 0.3, 0.15, 0.05]) ** 0.5
+  np.testing.assert_allclose(hot, p / p.sum(), atol=0.04)
+
+
+def test_model_flops_follow_the_formula():
+  config = tiny_config('gpt', **GPT_TINY)
+  model = GPT(vocab_size=384, num_layers=1, d_model=32, num_heads=2, d_ff=64, max_len=64)
+  params = nn.unbox(model.init(jax.random.key(0), jnp.zeros((1, 4), jnp.int32), train=False)['params'])
+  d, f, v, t = 32, 64, 384, 32
+  matmul_params = 4 * d * d + 2 * d * f + f + d + 4 * d  # attention, MLP kernels and biases, two norms
+  matmul_params += 2 * d + v * d                          # final norm, tied output projection
+  assert model_flops_per_token(params, config) == 6 * matmul_params + 12 * 1 * d * t
+
+
+def test_fsdp_and_tensor_parallel_layouts_shard_parameters_and_agree():
+  losses = {}
+  for mesh in [(8, 1, 1), (2, 2, 2)]:
+    config = tiny_config('gpt', **GPT_TINY, **dict(zip(['mesh.data', 'mesh.fsdp', 'mesh.tensor'], mesh)))
+    data = sources.load(config.dataset, 'train', None)
+    exp = loop.build_experiment(config, data)
+    specs = {jax.tree_util.keystr(p): s.spec for p, s in
+             jax.tree_util.tree_flatten_with_path(exp.state_shardings.params)[0]}
+    if mesh == (2, 2, 2):
+      assert specs["['block_0']['mlp']['wi']['kernel']"] == jax.sharding.PartitionSpec('fsdp', 'tensor')
+      assert specs["['embed']['embedding']"] == jax.sharding.PartitionSpec('tensor', 'fsdp')
+    state = exp.init_state()
+    batch = sharding.to_global(next(pipeline.train_iterator(data, batch_size=16, seed=0)), exp.mesh)
+    step = jax.jit(exp.task.train_step, in_shardings=(exp.state_shardings, sharding.batch_sharding(exp.mesh), None),
+                   out_shardings=(exp.state_shardings, None))
+    for i in range(3):
+      state, metrics = step(state, batch, jax.random.key(i))
+    losses[mesh] = float(metrics['loss'])
+    assert state.params['block_0']['mlp']['wi']['kernel'].sharding.spec == exp.state_shardings.params[
+        'block_0']['mlp']['wi']['kernel'].spec
+  assert losses[(8, 1, 1)] == pytest.approx(losses[(2, 2, 2)], rel=1e-5)

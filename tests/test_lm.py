@@ -144,3 +144,29 @@ def test_fsdp_and_tensor_parallel_layouts_shard_parameters_and_agree():
     assert state.params['block_0']['mlp']['wi']['kernel'].sharding.spec == exp.state_shardings.params[
         'block_0']['mlp']['wi']['kernel'].spec
   assert losses[(8, 1, 1)] == pytest.approx(losses[(2, 2, 2)], rel=1e-5)
+
+
+def test_remat_changes_the_program_not_the_gradients():
+  tokens = jax.random.randint(jax.random.key(1), (2, 8), 0, 23)
+  grads, programs = [], []
+  for remat in (False, True):
+    model, params = _model_and_params(remat=remat)
+    loss = lambda p, m=model: m.apply({'params': p}, tokens, train=False).mean()
+    grads.append(jax.grad(loss)(params))
+    programs.append(str(jax.make_jaxpr(jax.grad(loss))(params)))
+  assert 'remat' not in programs[0] and 'remat' in programs[1]
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7), *grads)
+
+
+def test_bfloat16_compute_keeps_float32_parameters():
+  tokens = jax.random.randint(jax.random.key(1), (2, 8), 0, 23)
+  model32, params = _model_and_params()
+  model16 = model32.clone(dtype='bfloat16')
+  assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(params))
+  logits32 = model32.apply({'params': params}, tokens, train=False)
+  logits16 = model16.apply({'params': params}, tokens, train=False)
+  assert logits16.dtype == jnp.float32  # the loss is computed in float32
+  assert not np.array_equal(logits16, logits32)
+  np.testing.assert_allclose(logits16, logits32, atol=0.05)
+  grads = jax.grad(lambda p: model16.apply({'params': p}, tokens, train=False).mean())(params)
+  assert all(g.dtype == jnp.float32 for g in jax.tree.leaves(grads))

@@ -47,14 +47,14 @@ class GPT(nn.Module):
     x_BxTxD = nn.Dropout(self.dropout_rate, deterministic=not train)(x_BxTxD)
 
     mask = None if segment_ids_BxT is None or self.decode else layers.segment_mask(segment_ids_BxT)
-    block_cls = nn.remat(layers.TransformerBlock, static_argnums=()) if self.remat else layers.TransformerBlock
+    block_cls = nn.remat(layers.TransformerBlock, static_argnums=(2,)) if self.remat else layers.TransformerBlock
     for i in range(self.num_layers):
       x_BxTxD = block_cls(
           num_heads=self.num_heads, head_dim=self.d_model // self.num_heads, d_ff=self.d_ff,
           num_kv_heads=self.num_kv_heads or None, causal=True, pre_ln=self.pre_ln, activation=self.activation,
           rotary=self.positional == 'rotary', dropout_rate=self.dropout_rate, dtype=dtype,
           attention_impl=self.attention_impl or None, decode=self.decode, name=f'block_{i}')(
-              x_BxTxD, train=train, mask_Bx1xTxS=mask, positions_BxT=positions_BxT,
+              x_BxTxD, train, mask_Bx1xTxS=mask, positions_BxT=positions_BxT,
               segment_ids_BxT=segment_ids_BxT)
     if self.pre_ln:
       x_BxTxD = layers.layer_norm(dtype, 'final_norm')(x_BxTxD)

@@ -184,8 +184,9 @@ class TransformerBlock(nn.Module):
   decode: bool = False
 
   @nn.compact
-  def __call__(self, x_BxTxD, *, train: bool, mask_Bx1xTxS=None, positions_BxT=None, segment_ids_BxT=None,
+  def __call__(self, x_BxTxD, train: bool, *, mask_Bx1xTxS=None, positions_BxT=None, segment_ids_BxT=None,
                encoded_BxSxD=None, cross_mask_Bx1xTxS=None):
+    # `train` is positional so that nn.remat(TransformerBlock, static_argnums=(2,)) can keep it static.
     drop = lambda y: nn.Dropout(self.dropout_rate, deterministic=not train)(y)
     attn = lambda name, **kw: MultiHeadAttention(
         self.num_heads, self.head_dim, self.num_kv_heads, rotary=self.rotary and name == 'self_attention',

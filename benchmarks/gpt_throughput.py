@@ -72,8 +72,8 @@ def measure(size: str, overrides: dict, steps: int) -> dict:
   flops = model_flops_per_token(state.params, config) * b * t
   return {'size': size, 'dtype': config.model.dtype, 'batch_size': b, 'seq_len': t,
           'params': int(sum(np.prod(x.shape) for x in jax.tree.leaves(state.params))),
-          'step_s': sec, 'first_step_s': compile_s, 'tokens_per_s': b * t / sec, 'model_flops_per_step': flops,
-          'achieved_tflops': flops / sec / 1e12}
+          'step_s': sec, 'first_step_s': compile_s, 'tokens_per_s': b * t / sec, 'model_flops_per_step': float(flops),
+          'achieved_tflops': float(flops / sec / 1e12)}
 
 
 def main():
@@ -84,11 +84,8 @@ def main():
   args = parser.parse_args()
   overrides = dict(kv.split('=', 1) for kv in args.set)
   device = jax.devices()[0]
-  peaks = {'float32': perf.measured_matmul_peak('float32', sizes=(1024, 2048, 4096), repeats=5)}
-  try:
-    peaks['bfloat16'] = perf.measured_matmul_peak('bfloat16', sizes=(1024, 2048, 4096), repeats=5)
-  except Exception:  # pylint: disable=broad-except
-    pass
+  sizes = (1024, 2048, 4096) if device.platform == 'cpu' else (4096, 8192)
+  peaks = {dtype: perf.measured_matmul_peak(dtype, sizes=sizes, repeats=5) for dtype in ('float32', 'bfloat16')}
   rows = []
   for size in args.sizes.split(','):
     row = measure(size, overrides, args.steps)

@@ -33,3 +33,6 @@ def test_two_processes_train_like_one(tmp_path):
         np.testing.assert_allclose(x[k], y[k], rtol=2e-5, atol=1e-6, err_msg=f'{k} at step {x["step"]}')
   data_states = os.listdir(os.path.join(multi, 'checkpoints', '60', 'data'))
   assert {'process_0-of-2.json', 'process_1-of-2.json'} <= set(data_states)
+  proc = run_cli('train.py', '--config=configs/mlp.py', f'--workdir={multi}', *TINY, '--config.num_train_steps=80',
+                 devices=8)
+  assert proc.returncode == 1 and 'was written by 2 process(es) and this run has 1' in proc.stderr, proc.stderr

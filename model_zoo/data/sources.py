@@ -65,25 +65,31 @@ def _digits(config: ml_collections.ConfigDict, split: str, workdir: str | None) 
   return Dataset(ArraySource(arrays), lambda ex: ex, 10, tuple(str(i) for i in range(10)))
 
 
+def tfds_source(config: ml_collections.ConfigDict, name: str, split: str, offline_alternative: str):
+  """`tfds.data_source(name, split)` from config.data_dir, or a UserError that says how to get it."""
+  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+  try:
+    return tfds.data_source(name, split=split, data_dir=config.data_dir or None, download=config.download)
+  except Exception as e:  # TFDS raises several types for "not there"; all mean the same to a user.
+    where = config.data_dir or '~/tensorflow_datasets (TFDS default)'
+    if config.download:
+      raise UserError(f'could not download and prepare TFDS data set {name!r} split {split!r} '
+                      f'into {where}: {type(e).__name__}: {str(e).splitlines()[0]}. '
+                      f'Check the network, and that `pip install -e ".[tfds]"` was run') from e
+    raise UserError(
+        f'TFDS data set {name!r} (split {split!r}) is not available offline in {where}. '
+        f'Download it once with --config.dataset.download=True (needs the network and '
+        f'`pip install -e ".[tfds]"`), point --config.dataset.data_dir at a directory that holds it '
+        f'in array_record format, or use --config.dataset.name={offline_alternative}, which needs no '
+        f'download') from e
+
+
 def _tfds_image_classification(name: str):
   def load(config: ml_collections.ConfigDict, split: str, workdir: str | None) -> Dataset:
     del workdir
     import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
-    data_dir = config.data_dir or None
-    try:
-      source = tfds.data_source(name, split=split, data_dir=data_dir, download=config.download)
-      info = tfds.builder(name, data_dir=data_dir).info
-    except Exception as e:  # TFDS raises several types for "not there"; all mean the same to a user.
-      where = config.data_dir or '~/tensorflow_datasets (TFDS default)'
-      if config.download:
-        raise UserError(f'could not download and prepare TFDS data set {name!r} split {split!r} '
-                        f'into {where}: {type(e).__name__}: {str(e).splitlines()[0]}. '
-                        f'Check the network, and that `pip install -e ".[tfds]"` was run') from e
-      raise UserError(
-          f'TFDS data set {name!r} (split {split!r}) is not available offline in {where}. '
-          f'Download it once with --config.dataset.download=True (needs the network and '
-          f'`pip install -e ".[tfds]"`), point --config.dataset.data_dir at a directory that holds it '
-          f'in array_record format, or use --config.dataset.name=digits, which needs no download') from e
+    source = tfds_source(config, name, split, offline_alternative='digits')
+    info = tfds.builder(name, data_dir=config.data_dir or None).info
     label = info.features['label']
 
     def preprocess(ex):

@@ -23,6 +23,7 @@ from typing import Callable, Iterable, Sequence
 import ml_collections
 import numpy as np
 
+from model_zoo.data import sources
 from model_zoo.data.sources import Dataset
 from model_zoo.errors import UserError
 
@@ -271,21 +272,8 @@ def _lm1b_split(split: str) -> str:
 
 
 def _lm1b(config: ml_collections.ConfigDict, split: str) -> _TextColumn:
-  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
   split = _lm1b_split(split)
-  try:
-    source = tfds.data_source('lm1b', split=split, data_dir=config.data_dir or None, download=config.download)
-  except Exception as e:  # TFDS raises several types for "not there"; all mean the same to a user.
-    where = config.data_dir or '~/tensorflow_datasets (TFDS default)'
-    if config.download:
-      raise UserError(f'could not download and prepare TFDS data set \'lm1b\' split {split!r} '
-                      f'into {where}: {type(e).__name__}: {str(e).splitlines()[0]}. '
-                      f'Check the network, and that `pip install -e ".[tfds]"` was run') from e
-    raise UserError(
-        f'TFDS data set \'lm1b\' (split {split!r}) is not available offline in {where}. '
-        f'Download it once with --config.dataset.download=True (needs the network and '
-        f'`pip install -e ".[tfds]"`), point --config.dataset.data_dir at a directory that holds it '
-        f'in array_record format, or use --config.dataset.name=pydoc, which needs no download') from e
+  source = sources.tfds_source(config, 'lm1b', split, offline_alternative='pydoc')
   return _TextColumn(source)
 
 

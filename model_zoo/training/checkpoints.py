@@ -58,6 +58,8 @@ class Checkpoints:
       raise UserError(f'no checkpoint for step {step} in {self.directory}; '
                       f'there are: {self.all_steps() or "none"}')
     self._check_fits(step, abstract_state)
+    if data_iterator is not None:
+      self._check_process_count(step)
     args = {'state': ocp.args.StandardRestore(abstract_state)}
     if data_iterator is not None:
       args.update(data=grain.checkpoint.CheckpointRestore(data_iterator), log=ocp.args.JsonRestore())
@@ -84,6 +86,15 @@ class Checkpoints:
     raise UserError(f'the checkpoint at step {step} in {self.directory} does not fit the configured '
                     f'model or optimizer ({"; ".join(problems)}). Use the config it was trained with, '
                     f'or a new --workdir; nothing was changed')
+
+  def _check_process_count(self, step):
+    """The input pipeline's position is saved per process, so a run resumes with as many processes."""
+    names = os.listdir(os.path.join(self.directory, str(step), 'data'))
+    counts = {int(n.split('-of-')[1].split('.')[0]) for n in names if '-of-' in n}
+    if counts and counts != {jax.process_count()}:
+      raise UserError(f'the checkpoint at step {step} in {self.directory} was written by {counts.pop()} '
+                      f'process(es) and this run has {jax.process_count()}: resume training with the same '
+                      f'number of processes (eval.py, which needs no input-pipeline position, can use any)')
 
   def wait(self):
     self.manager.wait_until_finished()

@@ -2,14 +2,17 @@
 
   python eval.py --config=configs/cnn.py --workdir=runs/cnn [--step=N]     # eval.json and PNG plots
   python eval.py --config=configs/gpt.py --workdir=runs/gpt --mode=sample --prompt="The with statement"
+  python eval.py --config=configs/transformer.py --workdir=runs/mt --mode=translate --input="three hundred and five"
 """
 from absl import flags
 
 from model_zoo import cli
 
 STEP = flags.DEFINE_integer('step', None, 'Checkpoint step to use; default the latest.')
-MODE = flags.DEFINE_enum('mode', 'eval', ['eval', 'sample'],
-                         'eval: metrics on the eval split; sample: continue --prompt (language models).')
+MODE = flags.DEFINE_enum('mode', 'eval', ['eval', 'sample', 'translate'],
+                         'eval: metrics on the eval split; sample: continue --prompt (language models); '
+                         'translate: translate --input (translation models).')
+INPUT = flags.DEFINE_multi_string('input', [], 'Text(s) to translate with --mode=translate; repeat for several.')
 PROMPT = flags.DEFINE_multi_string('prompt', ['The '], 'Prompt(s) for --mode=sample; repeat for several.')
 NUM_SAMPLES = flags.DEFINE_integer('num_samples', 1, 'Continuations per prompt.')
 MAX_NEW_TOKENS = flags.DEFINE_integer('max_new_tokens', 100, 'Tokens to generate per continuation.')
@@ -25,6 +28,10 @@ def main(config, workdir):
     evaluate.sample(config, workdir, PROMPT.value, step=STEP.value, seed=SEED.value,
                     max_new_tokens=MAX_NEW_TOKENS.value, temperature=TEMPERATURE.value, top_k=TOP_K.value,
                     top_p=TOP_P.value, num_samples=NUM_SAMPLES.value)
+  elif MODE.value == 'translate':
+    if not INPUT.value:
+      raise cli.UserError('--mode=translate needs at least one --input="..."')
+    evaluate.translate(config, workdir, INPUT.value, step=STEP.value)
   else:
     evaluate.evaluate(config, workdir, STEP.value)
 

@@ -19,13 +19,15 @@ class Dataset:
   """One split: `source[i]` is a raw example; `preprocess` turns it into model input.
 
   Classification data sets set `num_classes` and `class_names`; text data sets set
-  `tokenizer` (see model_zoo.data.text).
+  `tokenizer` (see model_zoo.data.text); translation data sets also `raw`, the untokenized
+  (source, target) pairs that decoding and BLEU start from.
   """
   source: Sequence[dict]
   preprocess: Callable[[dict], dict]
   num_classes: int = 0
   class_names: tuple[str, ...] = ()
   tokenizer: Any = None
+  raw: Sequence | None = None
 
 
 class ArraySource:
@@ -104,6 +106,11 @@ def _text(config: ml_collections.ConfigDict, split: str, workdir: str | None) ->
   return text.load(config, split, workdir)
 
 
+def _translation(config: ml_collections.ConfigDict, split: str, workdir: str | None) -> Dataset:
+  from model_zoo.data import translation  # pylint: disable=g-import-not-at-top
+  return translation.load(config, split, workdir)
+
+
 DATASETS = {
     'digits': _digits,
     'mnist': _tfds_image_classification('mnist'),
@@ -111,6 +118,9 @@ DATASETS = {
     'cifar10': _tfds_image_classification('cifar10'),
     'pydoc': _text,   # the CPython documentation text (pydoc_data), offline
     'lm1b': _text,    # TFDS One Billion Word benchmark
+    'numbers': _translation,                # English number words -> German, generated offline
+    'wmt14_translate/de-en': _translation,  # TFDS
+    'wmt17_translate/de-en': _translation,  # TFDS
 }
 
 

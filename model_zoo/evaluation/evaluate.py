@@ -30,6 +30,7 @@ def _restore(config, workdir, step):
 def evaluate(config, workdir: str, step: int | None = None) -> dict[str, float]:
   data, exp, step, state = _restore(config, workdir, step)
   metrics, stats = loop.make_eval_fn(exp)(state, data)
+  metrics.update(exp.task.decode_metrics(state, workdir))
   if jax.process_index() == 0:
     with open(os.path.join(workdir, 'eval.json'), 'w') as f:
       json.dump({'step': step, **metrics}, f, indent=2)
@@ -40,7 +41,7 @@ def evaluate(config, workdir: str, step: int | None = None) -> dict[str, float]:
                               os.path.join(workdir, 'training_curves.png'))
     exp.task.eval_artifacts(stats, workdir)
   print(f'eval of step {step} on {config.dataset.name}:{config.dataset.eval_split}: '
-        + '  '.join(f'{k} {v:.4f}' for k, v in metrics.items()), flush=True)
+        + '  '.join(f'{k} {v:.4f}' for k, v in metrics.items() if isinstance(v, float)), flush=True)
   return metrics
 
 
@@ -59,3 +60,14 @@ def sample(config, workdir: str, prompts: list[str], *, step: int | None = None,
   for prompt, text in zip(prompts, texts):
     print(f'--- prompt: {prompt!r} (step {step})\n{prompt}{text}\n', flush=True)
   return texts
+
+
+def translate(config, workdir: str, texts: list[str], *, step: int | None = None) -> list[str]:
+  """Prints and returns translations of `texts` by the model in `workdir`."""
+  if not hasattr(tasks.TASKS.get(config.task), 'translate'):
+    raise UserError(f'--mode=translate needs a translation model; config.task is {config.task!r}')
+  _, exp, step, state = _restore(config, workdir, step)
+  outputs = exp.task.translate(state.params, texts)
+  for source, output in zip(texts, outputs):
+    print(f'{source}\t{output}', flush=True)
+  return outputs

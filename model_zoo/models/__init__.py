@@ -12,8 +12,9 @@ from model_zoo.errors import UserError
 from model_zoo.models.cnn import CNN
 from model_zoo.models.gpt import GPT
 from model_zoo.models.mlp import MLP
+from model_zoo.models.transformer import Transformer
 
-MODELS = {'mlp': MLP, 'cnn': CNN, 'gpt': GPT}
+MODELS = {'mlp': MLP, 'cnn': CNN, 'gpt': GPT, 'transformer': Transformer}
 
 
 def build(model_config: ml_collections.ConfigDict, **kwargs):

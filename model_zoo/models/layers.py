@@ -212,10 +212,11 @@ class Embed(nn.Module):
   vocab_size: int
   d_model: int
   dtype: Dtype = jnp.float32
+  stddev: float = 0.02
 
   def setup(self):
     self.embedding = self.param(
-        'embedding', nn.with_logical_partitioning(nn.initializers.normal(stddev=0.02), ('vocab', 'embed')),
+        'embedding', nn.with_logical_partitioning(nn.initializers.normal(self.stddev), ('vocab', 'embed')),
         (self.vocab_size, self.d_model), jnp.float32)
 
   def __call__(self, tokens_BxT):

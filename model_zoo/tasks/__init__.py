@@ -3,8 +3,10 @@ from model_zoo.config import lookup
 from model_zoo.tasks.base import SupervisedTask, Task
 from model_zoo.tasks.classification import ClassificationTask
 from model_zoo.tasks.language_modeling import LanguageModelingTask
+from model_zoo.tasks.translation import TranslationTask
 
-TASKS = {'classification': ClassificationTask, 'language_modeling': LanguageModelingTask}
+TASKS = {'classification': ClassificationTask, 'language_modeling': LanguageModelingTask,
+         'translation': TranslationTask}
 
 
 def build(config, data) -> Task:

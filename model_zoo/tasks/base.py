@@ -8,6 +8,8 @@ The loop calls exactly these methods, and knows nothing of models or losses:
   eval_metrics(stats)             -> {name: float}
   eval_artifacts(stats, workdir)  -> writes plots or files (optional)
   throughput(state, steps_per_sec) -> {name: float} such as tokens/s and MFU (optional)
+  decode_metrics(state, outdir)   -> {name: value} that need more than a forward pass, such as
+                                     BLEU of decoded translations; run by eval.py (optional)
 
 A task that trains one model with one optimizer subclasses `SupervisedTask` and
 writes `loss_fn`; one with several models or optimizers (a GAN) implements
@@ -55,6 +57,11 @@ class Task(abc.ABC):
   def throughput(self, state, steps_per_sec: float) -> dict[str, float]:
     """Speed figures beyond steps/s, logged with the training metrics; none by default."""
     del state, steps_per_sec
+    return {}
+
+  def decode_metrics(self, state, outdir: str) -> dict:
+    """Metrics of generated output (and files of it in `outdir`), for eval.py; none by default."""
+    del state, outdir
     return {}
 
 

@@ -1,0 +1,119 @@
+"""The encoder-decoder Transformer of Vaswani et al. (2017), "Attention Is All You Need".
+
+  encoder:  z = Enc(sqrt(d) E[src] + PE),  N layers of self-attention (padding mask) and FFN
+  decoder:  h = Dec(sqrt(d) E[tgt_in] + PE, z),  N layers of causal self-attention,
+            cross-attention over z, and FFN
+  p(y_t | y_<t, x) = softmax(h_t E^T)            (section 3.4: one matrix E for source and target
+                                                  embeddings and the output projection, if shared)
+Blocks are the shared `layers.TransformerBlock`: post-LN as in the paper (pre-LN as an option,
+with a final LayerNorm on each stack), ReLU FFN, dropout on every sublayer output and on the
+embedded inputs. Rows may pack several pairs: segment ids keep attention inside a pair.
+"""
+import functools
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from model_zoo.models import layers
+
+
+class Transformer(nn.Module):
+  vocab_size: int
+  num_encoder_layers: int = 2
+  num_decoder_layers: int = 2
+  d_model: int = 128
+  num_heads: int = 4
+  d_ff: int = 512
+  max_len: int = 256                 # longest sequence, for learned positions
+  positional: str = 'sinusoidal'     # sinusoidal | learned
+  activation: str = 'relu'           # relu | gelu | swiglu
+  pre_ln: bool = False
+  share_embeddings: bool = True      # source, target and output share one matrix
+  dropout_rate: float = 0.1
+  dtype: str = 'float32'             # compute dtype; parameters stay float32
+  attention_impl: str = ''           # '' (JAX picks) | 'xla' | 'cudnn'
+  decode: bool = False               # decoder self-attention keeps a key/value cache
+
+  def setup(self):
+    dtype = jnp.dtype(self.dtype)
+    embed = functools.partial(layers.Embed, self.vocab_size, self.d_model, dtype, stddev=self.d_model ** -0.5)
+    self.embed = embed()
+    self.target_embed = self.embed if self.share_embeddings else embed()
+    if self.positional == 'learned':
+      init = nn.with_logical_partitioning(nn.initializers.normal(stddev=0.02), (None, 'embed'))
+      self.src_pos_embedding = self.param('src_pos_embedding', init, (self.max_len, self.d_model))
+      self.tgt_pos_embedding = self.param('tgt_pos_embedding', init, (self.max_len, self.d_model))
+    block = functools.partial(
+        layers.TransformerBlock, num_heads=self.num_heads, head_dim=self.d_model // self.num_heads,
+        d_ff=self.d_ff, pre_ln=self.pre_ln, activation=self.activation, dropout_rate=self.dropout_rate,
+        dtype=dtype, attention_impl=self.attention_impl or None)
+    self.encoder_blocks = [block() for _ in range(self.num_encoder_layers)]
+    self.decoder_blocks = [block(causal=True, cross_attention=True, decode=self.decode)
+                           for _ in range(self.num_decoder_layers)]
+    if self.pre_ln:
+      self.encoder_norm, self.decoder_norm = layers.layer_norm(dtype), layers.layer_norm(dtype)
+    if not self.share_embeddings:
+      self.unembed = layers.dense(self.vocab_size, ('vocab',), use_bias=False, dtype=dtype, name=None,
+                                  kernel_axes=('embed', 'vocab'))
+    self.dropout = nn.Dropout(self.dropout_rate)
+
+  def _embed(self, embed, table, tokens_BxT, positions_BxT, train):
+    x_BxTxD = embed(tokens_BxT) * jnp.asarray(self.d_model ** 0.5, embed.dtype)
+    if self.positional == 'learned':
+      x_BxTxD = x_BxTxD + jnp.take(table, positions_BxT, axis=0).astype(x_BxTxD.dtype)
+    else:
+      x_BxTxD = x_BxTxD + layers.sinusoidal_positions(positions_BxT, self.d_model).astype(x_BxTxD.dtype)
+    return self.dropout(x_BxTxD, deterministic=not train)
+
+  def encode(self, src_BxS, *, train: bool, src_segments_BxS=None, src_positions_BxS=None):
+    """-> z [B, S, D]. Without segment ids, pad tokens (id 0) are masked out."""
+    segments_BxS = (src_BxS != 0).astype(jnp.int32) if src_segments_BxS is None else src_segments_BxS
+    positions_BxS = _positions(src_BxS) if src_positions_BxS is None else src_positions_BxS
+    x_BxSxD = self._embed(self.embed, getattr(self, 'src_pos_embedding', None), src_BxS, positions_BxS, train)
+    mask_Bx1xSxS = layers.segment_mask(segments_BxS)
+    for blk in self.encoder_blocks:
+      x_BxSxD = blk(x_BxSxD, train, mask_Bx1xTxS=mask_Bx1xSxS)
+    return self.encoder_norm(x_BxSxD) if self.pre_ln else x_BxSxD
+
+  def decode_logits(self, z_BxSxD, src_segments_BxS, tgt_in_BxT, *, train: bool, tgt_segments_BxT=None,
+                    tgt_positions_BxT=None):
+    """-> logits [B, T, V] of each next target token. In decode mode, T new tokens at positions
+    `tgt_positions_BxT` are appended to the cache (one pair per row: no segments)."""
+    positions_BxT = _positions(tgt_in_BxT) if tgt_positions_BxT is None else tgt_positions_BxT
+    y_BxTxD = self._embed(self.target_embed, getattr(self, 'tgt_pos_embedding', None), tgt_in_BxT,
+                          positions_BxT, train)
+    if tgt_segments_BxT is None:  # one pair per row: the causal mask is enough
+      self_mask, cross_mask = None, (src_segments_BxS != 0)[:, None, None, :]
+    else:
+      self_mask = layers.segment_mask(tgt_segments_BxT)
+      cross_mask = layers.segment_mask(tgt_segments_BxT, src_segments_BxS)
+    for blk in self.decoder_blocks:
+      y_BxTxD = blk(y_BxTxD, train, mask_Bx1xTxS=self_mask, positions_BxT=positions_BxT,
+                    encoded_BxSxD=z_BxSxD, cross_mask_Bx1xTxS=cross_mask)
+    if self.pre_ln:
+      y_BxTxD = self.decoder_norm(y_BxTxD)
+    logits_BxTxV = self.target_embed.attend(y_BxTxD) if self.share_embeddings else self.unembed(y_BxTxD)
+    return logits_BxTxV.astype(jnp.float32)
+
+  def __call__(self, src_BxS, tgt_in_BxT, *, train: bool, src_segments_BxS=None, src_positions_BxS=None,
+               tgt_segments_BxT=None, tgt_positions_BxT=None):
+    """Teacher forcing: -> logits [B, T, V] of tgt_out given tgt_in ([BOS] + target)."""
+    if src_segments_BxS is None:
+      src_segments_BxS = (src_BxS != 0).astype(jnp.int32)
+    z_BxSxD = self.encode(src_BxS, train=train, src_segments_BxS=src_segments_BxS,
+                          src_positions_BxS=src_positions_BxS)
+    return self.decode_logits(z_BxSxD, src_segments_BxS, tgt_in_BxT, train=train,
+                              tgt_segments_BxT=tgt_segments_BxT, tgt_positions_BxT=tgt_positions_BxT)
+
+
+def _positions(tokens_BxT):
+  return jnp.broadcast_to(jnp.arange(tokens_BxT.shape[1]), tokens_BxT.shape)
+
+
+def init_cache(model: Transformer, batch_size: int, src_len: int, max_len: int):
+  """An empty decoder key/value cache for `model.clone(decode=True)`, for `max_len` target tokens."""
+  decoder = model.clone(decode=True)
+  src, tgt = jnp.ones((batch_size, src_len), jnp.int32), jnp.ones((batch_size, max_len), jnp.int32)
+  shapes = jax.eval_shape(lambda: decoder.init(jax.random.key(0), src, tgt, train=False))['cache']
+  return jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)

@@ -54,3 +54,28 @@ def confusion_matrix(confusion, class_names, path: str):
   fig.tight_layout()
   fig.savefig(path, dpi=100)
   plt.close(fig)
+
+
+def image_grid(images_NxHxWxC, path: str, *, columns: int = 10, title: str = '', row_labels=None):
+  """Images in [0, 1] (grey or RGB) tiled `columns` to a row, saved as one PNG."""
+  images = np.clip(np.asarray(images_NxHxWxC, np.float32), 0.0, 1.0)
+  n, h, w, c = images.shape
+  rows = -(-n // columns)
+  grid = np.ones((rows * (h + 1) + 1, columns * (w + 1) + 1, c), np.float32)
+  for i, image in enumerate(images):
+    r, col = divmod(i, columns)
+    grid[1 + r * (h + 1):1 + r * (h + 1) + h, 1 + col * (w + 1):1 + col * (w + 1) + w] = image
+  scale = max(1.0, 48.0 / h) * 0.25
+  fig, ax = plt.subplots(figsize=(max(3.0, scale * columns * (w + 1) / 8), max(1.5, scale * rows * (h + 1) / 8) + 0.5))
+  ax.imshow(grid[..., 0] if c == 1 else grid, cmap='gray' if c == 1 else None, vmin=0, vmax=1,
+            interpolation='nearest')
+  ax.set_xticks([])
+  if row_labels:
+    ax.set_yticks([1 + r * (h + 1) + h / 2 for r in range(len(row_labels))], row_labels)
+  else:
+    ax.set_yticks([])
+  if title:
+    ax.set_title(title)
+  fig.tight_layout()
+  fig.savefig(path, dpi=100)
+  plt.close(fig)

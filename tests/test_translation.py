@@ -142,7 +142,7 @@ def test_greedy_equals_argmax_of_repeated_full_passes_and_beam_size_1_equals_gre
 @pytest.mark.parametrize('alpha', [0.0, 0.6])
 def test_beam_search_with_a_wide_beam_finds_the_exhaustive_optimum(alpha):
   """With K >= every live hypothesis, beam search must return the best of all sequences."""
-  vocab, max_len, k = 5, 4, 256   # (vocab - 1) ** max_len = 256 sequences without EOS
+  vocab, max_len, k = 5, 4, 320   # at most vocab * (vocab - 1) ** (max_len - 1) = 320 extensions a step
   model = _model(vocab=vocab)
   params = _params(model, seed=2)
   src = jnp.array([[3, 4, 0], [4, 3, 3]])

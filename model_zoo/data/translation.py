@@ -133,13 +133,22 @@ def _flat(token_lists) -> tuple[np.ndarray, np.ndarray]:
   return tokens, offsets
 
 
+def _concat(parts) -> tuple[np.ndarray, np.ndarray]:
+  """One (tokens, offsets) from several, in order."""
+  tokens = np.concatenate([t for t, _ in parts])
+  lengths = np.concatenate([np.diff(o) for _, o in parts])
+  return tokens, np.concatenate([[0], np.cumsum(lengths)])
+
+
 def _encode(pairs_: Sequence[tuple[str, str]], tokenizer, chunk: int = 65536):
-  src, tgt = [], []
+  """Both sides as (tokens, offsets), encoded a chunk at a time (Python lists of all WMT ids
+  would take several GB)."""
+  src, tgt = [_flat([])], [_flat([])]
   for lo in range(0, len(pairs_), chunk):
     part = pairs_[lo:lo + chunk]
-    src += tokenizer.encode_batch([s for s, _ in part])
-    tgt += tokenizer.encode_batch([t for _, t in part])
-  return _flat(src), _flat(tgt)
+    src.append(_flat(tokenizer.encode_batch([s for s, _ in part])))
+    tgt.append(_flat(tokenizer.encode_batch([t for _, t in part])))
+  return _concat(src), _concat(tgt)
 
 
 class PackedPairs:
@@ -207,6 +216,10 @@ def load(dataset_config: ml_collections.ConfigDict, split: str, workdir: str | N
     raise UserError(f'split {split!r} of data set {dataset_config.name!r} is empty')
   source = PackedPairs(*_encode(split_pairs, tokenizer), dataset_config.src_len, dataset_config.tgt_len,
                        bos_id=tokenizer.bos_id, eos_id=tokenizer.eos_id, pad_id=tokenizer.pad_id)
+  if source.num_dropped:
+    print(f'{dataset_config.name}:{split}: {source.num_dropped} of {len(split_pairs)} pairs are longer than '
+          f'src_len={dataset_config.src_len} / tgt_len={dataset_config.tgt_len} tokens and left out of its rows',
+          flush=True)
   if len(source) == 0:
     raise UserError(f'no pair of {dataset_config.name}:{split} fits src_len={dataset_config.src_len} and '
                     f'tgt_len={dataset_config.tgt_len} tokens; raise config.dataset.src_len/tgt_len')

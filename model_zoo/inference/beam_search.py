@@ -7,9 +7,10 @@ b * K + k, so the caller repeats per-example inputs (the encoder output) K times
 Beam search (Wu et al., 2016, GNMT, section 7): a finished hypothesis y scores
 log p(y | x) / lp(y) with the length penalty lp(y) = ((5 + |y|) / 6) ** alpha (|y| counts EOS);
 alpha = 0 ranks by log-probability alone. Each step extends the K alive hypotheses by every
-token, keeps the best 2K extensions, moves those that end in EOS to the finished set (the K best
-are kept), and continues with the K best others. It stops early once no alive hypothesis can
-still beat the worst of K finished ones.
+token and ranks the extensions; those among the best K that end in EOS join the finished set
+(which keeps its K best), and the K best that do not end in EOS stay alive (as in fairseq).
+An example is done once it has K finished hypotheses (early stop at end-of-sentence, as fairseq
+and Hugging Face's early_stopping=True); with K = 1 this is exactly greedy search.
 """
 import jax
 import jax.numpy as jnp
@@ -63,11 +64,9 @@ def beam_search(step_fn, cache, batch_size: int, *, beam_size: int, max_len: int
   b, k = batch_size, beam_size
 
   def cond(carry):
-    i, _, alive_logp_BxK, _, finished_score_BxK, _ = carry
-    # The best an alive hypothesis can still score: its log-prob cannot rise, lp is largest at max_len.
-    best_alive_B = alive_logp_BxK[:, 0] / length_penalty(max_len, alpha)
-    can_improve = jnp.any(best_alive_B > jnp.min(finished_score_BxK, -1))
-    return (i < max_len) & can_improve
+    i, _, _, _, finished_score_BxK, _ = carry
+    has_k_finished_B = finished_score_BxK[:, -1] > NEG_INF / 2
+    return (i < max_len) & ~jnp.all(has_k_finished_B)
 
   def body(carry):
     i, cache, alive_logp_BxK, alive_seq_BxKxL, finished_score_BxK, finished_seq_BxKxL = carry
@@ -86,9 +85,10 @@ def beam_search(step_fn, cache, batch_size: int, *, beam_size: int, max_len: int
     alive_seq_BxKxL = _gather(seq_Bx2KxL, pick_BxK)
     cache = _gather_cache(cache, _gather(beam_Bx2K, pick_BxK))
 
-    # Those that end here join the finished set, which keeps its K best.
-    new_score_Bx2K = jnp.where(is_eos_Bx2K & is_real_Bx2K, top_logp_Bx2K / length_penalty(i + 1, alpha),
-                               NEG_INF)
+    # Those among the best K that end here join the finished set, which keeps its K best.
+    in_top_k_Bx2K = jnp.arange(2 * k)[None, :] < k
+    new_score_Bx2K = jnp.where(is_eos_Bx2K & is_real_Bx2K & in_top_k_Bx2K,
+                               top_logp_Bx2K / length_penalty(i + 1, alpha), NEG_INF)
     finished_score_BxK, pick_BxK = jax.lax.top_k(jnp.concatenate([finished_score_BxK, new_score_Bx2K], 1), k)
     finished_seq_BxKxL = _gather(jnp.concatenate([finished_seq_BxKxL, seq_Bx2KxL], 1), pick_BxK)
     return i + 1, cache, alive_logp_BxK, alive_seq_BxKxL, finished_score_BxK, finished_seq_BxKxL

@@ -6,8 +6,8 @@
   p(y_t | y_<t, x) = softmax(h_t E^T)            (section 3.4: one matrix E for source and target
                                                   embeddings and the output projection, if shared)
 Blocks are the shared `layers.TransformerBlock`: post-LN as in the paper (pre-LN as an option,
-with a final LayerNorm on each stack), ReLU FFN, dropout on every sublayer output and on the
-embedded inputs. Rows may pack several pairs: segment ids keep attention inside a pair.
+with a final LayerNorm on each stack), ReLU FFN, dropout on every sublayer output, on the FFN's
+hidden activations and on the embedded inputs. Rows may pack several pairs: segment ids keep attention inside a pair.
 """
 import functools
 

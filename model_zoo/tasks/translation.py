@@ -1,8 +1,9 @@
 """Translation: label-smoothed cross-entropy on packed pairs (teacher forcing), and decoding.
 
 Training loss (Szegedy et al., 2016; used by Vaswani et al.): cross-entropy against
-(1 - eps) * onehot(y) + eps / V, on real target tokens only. Eval during training: per-token
-loss (plain cross-entropy, nats), perplexity and accuracy. `eval.py` also translates the
+(1 - eps) * onehot(y) + eps / V, on real target tokens only. Metrics, in training and eval:
+that `loss`, `nll` (plain cross-entropy, nats per target token), and token accuracy; eval adds
+perplexity = exp(nll). `eval.py` also translates the
 `config.decode.splits` with greedy or beam search and scores them: corpus BLEU and chrF through
 sacrebleu on detokenized text, and exact match; the first split's metrics are named plainly
 (`bleu`), the others' carry the split's name (`long/bleu`).
@@ -75,6 +76,11 @@ class TranslationTask(SupervisedTask):
                       f'{d.max_len}, {d.alpha}')
     if not 0 <= self.config.label_smoothing < 1:
       raise UserError(f'config.label_smoothing must be in [0, 1), got {self.config.label_smoothing}')
+    m, ds = self.config.model, self.config.dataset
+    if m.positional == 'learned' and max(ds.src_len, ds.tgt_len, d.max_len) > m.max_len:
+      raise UserError(f'learned positions cover model.max_len={m.max_len} tokens, but dataset.src_len='
+                      f'{ds.src_len}, dataset.tgt_len={ds.tgt_len} and decode.max_len={d.max_len}; raise '
+                      f'model.max_len or use sinusoidal positions')
     return models.build(self.config.model, vocab_size=self.config.dataset.vocab_size)
 
   def model_inputs(self, batch):
@@ -86,28 +92,33 @@ class TranslationTask(SupervisedTask):
         src_positions_BxS=batch['src_positions'], tgt_segments_BxT=batch['tgt_segments'],
         tgt_positions_BxT=batch['tgt_positions'], rngs={'dropout': rng} if train else {})
 
-  def loss_fn(self, params, model_state, batch, rng):
-    logits_BxTxV = self._logits(params, batch, train=True, rng=rng)
-    w_BxT = (batch['tgt_segments'] != 0).astype(jnp.float32)
+  def _sums(self, logits_BxTxV, batch, w_BxT):
+    """Summed label-smoothed loss, plain cross-entropy and correct predictions over weighted tokens."""
     labels_BxTxV = optax.smooth_labels(jax.nn.one_hot(batch['tgt_out'], logits_BxTxV.shape[-1]),
                                        self.config.label_smoothing)
-    denom = jnp.maximum(w_BxT.sum(), 1.0)
-    loss = jnp.sum(optax.softmax_cross_entropy(logits_BxTxV, labels_BxTxV) * w_BxT) / denom
-    nll = jnp.sum(optax.softmax_cross_entropy_with_integer_labels(logits_BxTxV, batch['tgt_out']) * w_BxT) / denom
-    accuracy = jnp.sum((jnp.argmax(logits_BxTxV, -1) == batch['tgt_out']) * w_BxT) / denom
-    return loss, ({'loss': loss, 'nll': nll, 'accuracy': accuracy}, model_state)
+    return {'loss_sum': jnp.sum(optax.softmax_cross_entropy(logits_BxTxV, labels_BxTxV) * w_BxT),
+            'nll_sum': jnp.sum(optax.softmax_cross_entropy_with_integer_labels(logits_BxTxV, batch['tgt_out'])
+                               * w_BxT),
+            'correct': jnp.sum((jnp.argmax(logits_BxTxV, -1) == batch['tgt_out']) * w_BxT),
+            'tokens': jnp.sum(w_BxT)}
+
+  def loss_fn(self, params, model_state, batch, rng):
+    logits_BxTxV = self._logits(params, batch, train=True, rng=rng)
+    sums = self._sums(logits_BxTxV, batch, (batch['tgt_segments'] != 0).astype(jnp.float32))
+    denom = jnp.maximum(sums['tokens'], 1.0)
+    loss = sums['loss_sum'] / denom
+    return loss, ({'loss': loss, 'nll': sums['nll_sum'] / denom, 'accuracy': sums['correct'] / denom},
+                  model_state)
 
   def eval_step(self, state, batch):
     logits_BxTxV = self._logits(state.params, batch, train=False)
-    w_BxT = (batch['tgt_segments'] != 0) * batch['mask'][:, None]
-    nll_BxT = optax.softmax_cross_entropy_with_integer_labels(logits_BxTxV, batch['tgt_out'])
-    return {'nll_sum': jnp.sum(nll_BxT * w_BxT), 'tokens': jnp.sum(w_BxT),
-            'correct': jnp.sum((jnp.argmax(logits_BxTxV, -1) == batch['tgt_out']) * w_BxT)}
+    return self._sums(logits_BxTxV, batch, (batch['tgt_segments'] != 0) * batch['mask'][:, None])
 
   def eval_metrics(self, stats):
-    loss = float(stats['nll_sum'] / stats['tokens'])
-    return {'loss': loss, 'perplexity': math.exp(min(loss, 700.0)),
-            'accuracy': float(stats['correct'] / stats['tokens'])}
+    """loss: label-smoothed, as in training; nll: plain cross-entropy (nats per target token)."""
+    nll = float(stats['nll_sum'] / stats['tokens'])
+    return {'loss': float(stats['loss_sum'] / stats['tokens']), 'nll': nll,
+            'perplexity': math.exp(min(nll, 700.0)), 'accuracy': float(stats['correct'] / stats['tokens'])}
 
   def throughput(self, state, steps_per_sec):
     del state

@@ -100,8 +100,8 @@ class _StopRequest:
 
 
 def _finite(metrics: list[dict], step: int) -> list[dict]:
-  """The metrics, if every loss in them is finite; training has diverged otherwise."""
-  if not all(np.isfinite(m.get('loss', 0.0)) for m in metrics):
+  """The metrics, if every loss in them (`loss`, `*_loss`) is finite; training has diverged otherwise."""
+  if not all(np.isfinite(v) for m in metrics for k, v in m.items() if k == 'loss' or k.endswith('_loss')):
     raise UserError(f'training diverged: the loss is not finite by step {step}. No checkpoint was written '
                     f'after the last finite one; try a lower optimizer.learning_rate, or '
                     f'optimizer.grad_clip_norm')
@@ -174,6 +174,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str):
     for step in range(start + 1, total + 1):
       state, metrics = train_step(state, sharding.to_global(next(train_iter), exp.mesh), np.int32(step - 1))
       pending.append(metrics)
+      if len(pending) > 1:  # at most one step in flight: a stop signal is served within a step or two
+        jax.block_until_ready(pending[-2])
       stopping = stop(step)
       if step % config.log_every_steps == 0 or step == total:
         host = _finite(jax.device_get(pending), step)

@@ -1,0 +1,168 @@
+"""GAN training: two networks, two optimizers, alternating updates in one jitted step.
+
+The state is {'generator': TrainState, 'discriminator': TrainState}; the loop needs nothing
+else. Each step (Goodfellow et al., 2014, with the non-saturating generator loss):
+  D: minimise  softplus(-D(x)) + softplus(D(G(z)))       = -log D(x) - log(1 - D(G(z)))
+  G: minimise  softplus(-D(G(z')))                        = -log D(G(z'))   (with the updated D)
+D outputs logits; softplus(-l) = -log sigmoid(l).
+
+Eval: the discriminator's mean output on real test images and on generated ones; eval.py also
+generates `config.eval_samples` images, writes a grid of them, and scores them with a CNN
+classifier trained on the same data (`config.classifier`, trained into
+`<workdir>/classifier` on first use): `confident_share`, the share of samples it assigns to a
+class with probability >= 0.9, and `class_spread`, the entropy of the predicted-class
+histogram over log(number of classes) (1.0 = every class equally often; 0 = one class).
+"""
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+
+from model_zoo import models
+from model_zoo.data import sources
+from model_zoo.evaluation import plots
+from model_zoo.models.gan import DCGAN
+from model_zoo.tasks.base import Task
+from model_zoo.training import optimizers
+from model_zoo.training.state import TrainState
+
+CONFIDENT = 0.9
+
+
+class GANTask(Task):
+  """Batches hold `image` in [0, 1]; labels, if any, are not used."""
+
+  def __init__(self, config, data):
+    super().__init__(config, data)
+    image_shape = tuple(int(d) for d in np.shape(data.preprocess(data.source[0])['image']))
+    self.model = models.build(config.model, image_shape=image_shape)
+    self.g_tx = optimizers.build(config.optimizer, config.num_train_steps)
+    self.d_tx = optimizers.build(config.discriminator_optimizer, config.num_train_steps)
+
+  def _latents(self, rng, n):
+    return jax.random.normal(rng, (n, self.config.model.latent_dim), jnp.float32)
+
+  def init_state(self, rng, batch):
+    init_rng, z_rng = jax.random.split(rng)
+    x = batch['image']
+    variables = self.model.init(init_rng, self._latents(z_rng, x.shape[0]), x, train=False)
+    params = variables['params']
+    return {'generator': TrainState.create(params=params['generator'], tx=self.g_tx,
+                                           model_state={'batch_stats': variables['batch_stats']['generator']}),
+            'discriminator': TrainState.create(params=params['discriminator'], tx=self.d_tx)}
+
+  def generate(self, g_params, g_model_state, z_BxZ, *, train: bool):
+    """-> (images, the generator's model_state, updated by this batch if training)."""
+    variables = {'params': {'generator': g_params}, 'batch_stats': {'generator': g_model_state['batch_stats']}}
+    if not train:
+      return self.model.apply(variables, z_BxZ, train=False, method=DCGAN.generate), g_model_state
+    x, updates = self.model.apply(variables, z_BxZ, train=True, method=DCGAN.generate, mutable=['batch_stats'])
+    return x, {'batch_stats': updates['batch_stats']['generator']}
+
+  def discriminate(self, d_params, x_BxHxWxC):
+    return self.model.apply({'params': {'discriminator': d_params}}, x_BxHxWxC, train=True,
+                            method=DCGAN.discriminate)
+
+  def train_step(self, state, batch, rng):
+    g, d = state['generator'], state['discriminator']
+    real = batch['image']
+    d_rng, g_rng = jax.random.split(rng)
+    fake, _ = self.generate(g.params, g.model_state, self._latents(d_rng, real.shape[0]), train=True)
+    fake = jax.lax.stop_gradient(fake)
+
+    def d_loss_fn(d_params):
+      real_logits_B, fake_logits_B = self.discriminate(d_params, real), self.discriminate(d_params, fake)
+      loss = jnp.mean(jax.nn.softplus(-real_logits_B)) + jnp.mean(jax.nn.softplus(fake_logits_B))
+      return loss, (jnp.mean(jax.nn.sigmoid(real_logits_B)), jnp.mean(jax.nn.sigmoid(fake_logits_B)))
+
+    (d_loss, (d_real, d_fake)), d_grads = jax.value_and_grad(d_loss_fn, has_aux=True)(d.params)
+    d = d.apply_gradients(d_grads)
+
+    def g_loss_fn(g_params):
+      x, model_state = self.generate(g_params, g.model_state, self._latents(g_rng, real.shape[0]), train=True)
+      return jnp.mean(jax.nn.softplus(-self.discriminate(d.params, x))), model_state
+
+    (g_loss, g_model_state), g_grads = jax.value_and_grad(g_loss_fn, has_aux=True)(g.params)
+    g = g.apply_gradients(g_grads, g_model_state)
+    metrics = {'d_loss': d_loss, 'g_loss': g_loss, 'd_real': d_real, 'd_fake': d_fake,
+               'd_grad_norm': optax.tree.norm(d_grads), 'g_grad_norm': optax.tree.norm(g_grads)}
+    return {'generator': g, 'discriminator': d}, metrics
+
+  def eval_step(self, state, batch):
+    g, d = state['generator'], state['discriminator']
+    real, mask_B = batch['image'], batch['mask']
+    fake, _ = self.generate(g.params, g.model_state, self._latents(jax.random.key(0), real.shape[0]), train=False)
+    return {'d_real_sum': jnp.sum(jax.nn.sigmoid(self.discriminate(d.params, real)) * mask_B),
+            'd_fake_sum': jnp.sum(jax.nn.sigmoid(self.discriminate(d.params, fake)) * mask_B),
+            'count': jnp.sum(mask_B)}
+
+  def eval_metrics(self, stats):
+    return {'d_real': float(stats['d_real_sum'] / stats['count']),
+            'd_fake': float(stats['d_fake_sum'] / stats['count'])}
+
+  def samples(self, state, n: int, seed: int = 0):
+    g = state['generator']
+    return self.generate(g.params, g.model_state, self._latents(jax.random.key(seed), n), train=False)[0]
+
+  def decode_metrics(self, state, outdir):
+    images = np.asarray(jax.jit(self.samples, static_argnums=1)(state, self.config.eval_samples))
+    probs_NxC = classify(self.config, images, os.path.join(outdir, 'classifier'))
+    scores = sample_scores(probs_NxC)
+    if jax.process_index() == 0:
+      order = np.argsort(np.argmax(probs_NxC[:100], -1), kind='stable')   # grouped by predicted class
+      plots.image_grid(images[:100][order], os.path.join(outdir, 'samples.png'),
+                       title=f'100 samples, grouped by the classifier\'s class; confident share '
+                             f'{scores["confident_share"]:.2f}, class spread {scores["class_spread"]:.2f}')
+    counts = np.bincount(np.argmax(probs_NxC, -1), minlength=probs_NxC.shape[1]).tolist()
+    print(f'{len(images)} samples: confident share {scores["confident_share"]:.4f}, class spread '
+          f'{scores["class_spread"]:.4f}, predicted classes {counts}', flush=True)
+    return {**scores, 'class_counts': counts}
+
+
+def sample_scores(probs_NxC) -> dict[str, float]:
+  """confident_share and class_spread (see the module docstring) from class probabilities."""
+  probs_NxC = np.asarray(probs_NxC, np.float64)
+  c = probs_NxC.shape[1]
+  hist_C = np.bincount(np.argmax(probs_NxC, -1), minlength=c) / len(probs_NxC)
+  nz = hist_C[hist_C > 0]
+  return {'confident_share': float(np.mean(probs_NxC.max(-1) >= CONFIDENT)),
+          'class_spread': float(max(0.0, -(nz * np.log(nz)).sum() / np.log(c)))}
+
+
+def classify(config: ml_collections.ConfigDict, images_NxHxWxC, workdir: str) -> np.ndarray:
+  """Class probabilities from the classifier `config.classifier` trained on `config.dataset`
+  in `workdir` (trained there first if it holds no checkpoint)."""
+  from model_zoo.training import loop  # pylint: disable=g-import-not-at-top  (loop imports tasks)
+  cfg = config.classifier.copy_and_resolve_references()
+  with cfg.unlocked():
+    cfg.dataset = config.dataset.copy_and_resolve_references()
+    cfg.dataset.eval_split = config.dataset.eval_split
+  data = sources.load(cfg.dataset, cfg.dataset.train_split, workdir)
+  exp = loop.build_experiment(cfg, data)
+  ckpt = exp.checkpoints(workdir)
+  try:
+    step = ckpt.latest_step()
+  finally:
+    ckpt.close()
+  if step is None:
+    print(f'training the evaluation classifier ({cfg.model.name}) in {workdir}', flush=True)
+    loop.train_and_evaluate(cfg, workdir)
+    metrics, _ = loop.make_eval_fn(exp)(_restore(exp, workdir), sources.load(cfg.dataset, cfg.dataset.eval_split))
+    with open(os.path.join(workdir, 'eval.json'), 'w') as f:
+      json.dump(metrics, f, indent=2)
+    print(f'evaluation classifier: test accuracy {metrics["accuracy"]:.4f}', flush=True)
+  state = _restore(exp, workdir)
+  logits = exp.task.apply(state.params, state.model_state, (jnp.asarray(images_NxHxWxC),), train=False)[0]
+  return np.asarray(jax.nn.softmax(logits, -1))
+
+
+def _restore(exp, workdir):
+  ckpt = exp.checkpoints(workdir)
+  try:
+    return ckpt.restore(ckpt.latest_step(), exp.abstract_state)
+  finally:
+    ckpt.close()

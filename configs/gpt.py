@@ -49,10 +49,10 @@ def get_config(arg: str = ''):
   config.model.attention_impl = ''              # '' (JAX chooses) | xla | cudnn
 
   config.batch_size = batch_size
-  config.num_train_steps = 300 if size == 'tiny' else 100_000
+  config.num_train_steps = 400 if size == 'tiny' else 100_000
   config.log_every_steps = 25 if size == 'tiny' else 100
-  config.eval_every_steps = 100 if size == 'tiny' else 5000
-  config.checkpoint_every_steps = 100 if size == 'tiny' else 5000
+  config.eval_every_steps = 200 if size == 'tiny' else 5000
+  config.checkpoint_every_steps = 200 if size == 'tiny' else 5000
   config.optimizer.name = 'adamw'
   config.optimizer.learning_rate = 3e-3 if size == 'tiny' else 6e-4
   config.optimizer.schedule = 'warmup_cosine'

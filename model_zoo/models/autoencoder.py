@@ -1,0 +1,59 @@
+"""A deterministic autoencoder with MLP encoder and decoder (Hinton & Salakhutdinov, 2006,
+"Reducing the dimensionality of data with neural networks"; here with ReLU and plain backprop).
+
+  z = f(x)  (encoder),   x_hat = sigmoid(g(z))  (decoder, pixels in [0, 1]),
+  trained on  ||x - x_hat||^2 / (H W C)  (model_zoo.tasks.reconstruction).
+
+`Encoder` and `Decoder` are reused by the VAE (model_zoo.models.vae).
+"""
+from typing import Sequence
+
+import flax.linen as nn
+import jax
+import numpy as np
+
+
+class Encoder(nn.Module):
+  """flatten(x) -> [dense -> relu] x len(hidden_sizes) -> dense to `out_size`."""
+  hidden_sizes: Sequence[int]
+  out_size: int
+
+  @nn.compact
+  def __call__(self, x_BxHxWxC: jax.Array) -> jax.Array:
+    h_BxD = x_BxHxWxC.reshape(x_BxHxWxC.shape[0], -1)
+    for size in self.hidden_sizes:
+      h_BxD = nn.relu(nn.Dense(size)(h_BxD))
+    return nn.Dense(self.out_size)(h_BxD)
+
+
+class Decoder(nn.Module):
+  """z -> [dense -> relu] x len(hidden_sizes) -> dense to H*W*C, unflattened: pre-activations."""
+  hidden_sizes: Sequence[int]
+  image_shape: Sequence[int]
+
+  @nn.compact
+  def __call__(self, z_BxZ: jax.Array) -> jax.Array:
+    h_BxD = z_BxZ
+    for size in self.hidden_sizes:
+      h_BxD = nn.relu(nn.Dense(size)(h_BxD))
+    return nn.Dense(int(np.prod(self.image_shape)))(h_BxD).reshape(-1, *self.image_shape)
+
+
+class Autoencoder(nn.Module):
+  """`hidden_sizes` for the encoder; the decoder mirrors them. `image_shape` (H, W, C) comes from the data."""
+  image_shape: Sequence[int]
+  latent_dim: int = 16
+  hidden_sizes: Sequence[int] = (256, 128)
+
+  def setup(self):
+    self.encoder = Encoder(self.hidden_sizes, self.latent_dim)
+    self.decoder = Decoder(tuple(reversed(self.hidden_sizes)), self.image_shape)
+
+  def encode(self, x_BxHxWxC: jax.Array) -> jax.Array:
+    return self.encoder(x_BxHxWxC)
+
+  def decode(self, z_BxZ: jax.Array) -> jax.Array:
+    return nn.sigmoid(self.decoder(z_BxZ))
+
+  def __call__(self, x_BxHxWxC: jax.Array) -> jax.Array:
+    return self.decode(self.encode(x_BxHxWxC))

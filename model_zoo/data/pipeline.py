@@ -1,6 +1,7 @@
 """Deterministic, per-process sharded, resumable input pipelines on grain.
 
-Training: one global stream, `shuffle(seed)` reshuffled every epoch, cut into
+Training: one global stream, `shuffle(seed)` reshuffled every epoch, augmented (if the
+data set says so) with a random number generator per position in that stream, cut into
 global batches; process `p` of `n` reads rows [p*B/n, (p+1)*B/n) of each. The
 global batch, in order, is therefore the same however many processes there are.
 The iterator's `get_state()` is saved in every checkpoint.
@@ -45,8 +46,11 @@ def train_iterator(data: Dataset, *, batch_size: int, seed: int, prefetch: int =
                    process_index: int | None = None, process_count: int | None = None):
   """An endless iterator over this process's part of each global training batch."""
   process_index, process_count = _process(process_index, process_count)
-  ds = grain.MapDataset.source(data.source).shuffle(seed=seed).repeat(None)
-  ds = _ProcessShard(ds, batch_size, process_index, process_count).map(data.preprocess)
+  ds = grain.MapDataset.source(data.source).shuffle(seed=seed).repeat(None).map(data.preprocess)
+  if data.augment is not None:
+    # Philox keyed by the seed, counter = the global position: the same crops on any process count.
+    ds = ds.random_map(data.augment, seed=seed)
+  ds = _ProcessShard(ds, batch_size, process_index, process_count)
   ds = ds.batch(batch_size // process_count, drop_remainder=True)
   return iter(ds.to_iter_dataset(_read_options(prefetch)))
 

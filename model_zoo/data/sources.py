@@ -11,6 +11,7 @@ import ml_collections
 import numpy as np
 
 from model_zoo.config import lookup
+from model_zoo.data import augment as augment_lib
 from model_zoo.errors import UserError
 
 
@@ -20,7 +21,8 @@ class Dataset:
 
   Classification data sets set `num_classes` and `class_names`; text data sets set
   `tokenizer` (see model_zoo.data.text); translation data sets also `raw`, the untokenized
-  (source, target) pairs that decoding and BLEU start from.
+  (source, target) pairs that decoding and BLEU start from. `augment(example, rng)`, if set,
+  is applied by the training pipeline only (model_zoo.data.augment).
   """
   source: Sequence[dict]
   preprocess: Callable[[dict], dict]
@@ -28,6 +30,7 @@ class Dataset:
   class_names: tuple[str, ...] = ()
   tokenizer: Any = None
   raw: Sequence | None = None
+  augment: Callable[[dict, np.random.Generator], dict] | None = None
 
 
 class ArraySource:
@@ -130,4 +133,12 @@ def load(dataset_config: ml_collections.ConfigDict, split: str, workdir: str | N
   `workdir` is where a data set keeps what it derives for one run (a trained tokenizer).
   """
   loader = lookup(DATASETS, dataset_config.name, 'data set', 'dataset.name')
-  return loader(dataset_config, split, workdir)
+  data = loader(dataset_config, split, workdir)
+  augment = augment_lib.build(dataset_config)
+  if augment is None:
+    return data
+  example = data.preprocess(data.source[0])
+  if np.ndim(example.get('image')) != 3:
+    raise UserError(f'config.dataset.augment={dataset_config.augment!r} needs images [H, W, C]; '
+                    f'data set {dataset_config.name!r} has none')
+  return dataclasses.replace(data, augment=augment)

@@ -9,12 +9,20 @@ import ml_collections
 
 from model_zoo.config import lookup
 from model_zoo.errors import UserError
+from model_zoo.models.autoencoder import Autoencoder
 from model_zoo.models.cnn import CNN
+from model_zoo.models.gan import DCGAN
 from model_zoo.models.gpt import GPT
 from model_zoo.models.mlp import MLP
+from model_zoo.models.resnet import ResNet
+from model_zoo.models.rnn import RNNClassifier, RNNLM
 from model_zoo.models.transformer import Transformer
+from model_zoo.models.vae import VAE
+from model_zoo.models.vit import ViT
 
-MODELS = {'mlp': MLP, 'cnn': CNN, 'gpt': GPT, 'transformer': Transformer}
+MODELS = {'mlp': MLP, 'cnn': CNN, 'resnet': ResNet, 'vit': ViT, 'gpt': GPT, 'transformer': Transformer,
+          'rnn_lm': RNNLM, 'rnn_classifier': RNNClassifier, 'dcgan': DCGAN,
+          'autoencoder': Autoencoder, 'vae': VAE}
 
 
 def build(model_config: ml_collections.ConfigDict, **kwargs):

@@ -2,11 +2,14 @@
 from model_zoo.config import lookup
 from model_zoo.tasks.base import SupervisedTask, Task
 from model_zoo.tasks.classification import ClassificationTask
+from model_zoo.tasks.gan import GANTask
 from model_zoo.tasks.language_modeling import LanguageModelingTask
+from model_zoo.tasks.reconstruction import AutoencoderTask, VAETask
 from model_zoo.tasks.translation import TranslationTask
 
 TASKS = {'classification': ClassificationTask, 'language_modeling': LanguageModelingTask,
-         'translation': TranslationTask}
+         'translation': TranslationTask, 'gan': GANTask,
+         'autoencoder': AutoencoderTask, 'vae': VAETask}
 
 
 def build(config, data) -> Task:

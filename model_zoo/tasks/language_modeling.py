@@ -16,11 +16,14 @@ from model_zoo.training import perf
 
 def model_flops_per_token(params, config) -> float:
   """6 N + 12 L d T (Kaplan et al. 2020; PaLM appendix B): N counts matmul parameters, i.e. all
-  but the embedding lookups, plus the output projection V x d when it is tied to the embedding."""
+  but the embedding lookups, plus the output projection V x d when it is tied to the embedding.
+  A recurrent model (no attention, no tied embedding) uses each parameter once per token: 6 N."""
   m = config.model
   flat = jax.tree_util.tree_flatten_with_path(params)[0]
   n = sum(np.prod(x.shape) for path, x in flat
           if not any(getattr(k, 'key', None) in ('embed', 'pos_embedding') for k in path))
+  if m.name == 'rnn_lm':
+    return 6 * n
   if m.tie_embeddings:
     n += m.d_model * config.dataset.vocab_size
   return 6 * n + 12 * m.num_layers * m.d_model * config.dataset.seq_len
@@ -70,7 +73,7 @@ class LanguageModelingTask(SupervisedTask):
   def throughput(self, state, steps_per_sec: float) -> dict[str, float]:
     tokens = self.config.batch_size * self.config.dataset.seq_len
     flops = model_flops_per_token(state.params, self.config) * tokens * steps_per_sec
-    peak = perf.peak_flops(self.config.model.dtype)
+    peak = perf.peak_flops(self.config.model.get('dtype', 'float32'))
     return {'tokens_per_sec': tokens * steps_per_sec, 'tflops_per_sec': flops / 1e12, 'mfu': flops / peak}
 
   def generate_text(self, params, prompts: list[str], rng, *, max_new_tokens: int, temperature: float,

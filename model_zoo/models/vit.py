@@ -1,0 +1,56 @@
+"""Vision Transformer (Dosovitskiy et al., 2020, "An Image is Worth 16x16 Words").
+
+The image is cut into N = HW / P^2 patches x_p^i of P x P x C pixels, each linearly embedded
+(a conv with stride P is the same map), with a learned class token and position embeddings:
+  z_0 = [x_class; x_p^1 E; ...; x_p^N E] + E_pos                                          (eq. 1)
+  z'_l = MSA(LN(z_{l-1})) + z_{l-1},   z_l = MLP(LN(z'_l)) + z'_l,   l = 1..L             (eq. 2, 3)
+  y = LN(z_L^0)                                                                            (eq. 4)
+then a linear head on y. pool='mean' drops the class token and uses the mean of LN(z_L) over
+the patches instead (the paper's "global average pooling" variant). The encoder blocks are the
+shared pre-LN GELU blocks of model_zoo.models.layers (their attention projections have no biases).
+"""
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from model_zoo.errors import UserError
+from model_zoo.models import layers
+
+
+class ViT(nn.Module):
+  num_classes: int
+  patch_size: int = 16
+  d_model: int = 768
+  num_layers: int = 12
+  num_heads: int = 12
+  d_ff: int = 3072
+  pool: str = 'cls'          # cls: the class token's output | mean: mean over the patch outputs
+  dropout_rate: float = 0.0
+
+  @nn.compact
+  def __call__(self, x_BxHxWxC: jax.Array, *, train: bool) -> jax.Array:
+    p, d = self.patch_size, self.d_model
+    b, height, width, _ = x_BxHxWxC.shape
+    if self.pool not in ('cls', 'mean') or height % p or width % p or d % self.num_heads:
+      raise UserError(f'ViT needs config.model.pool cls|mean (got {self.pool!r}), a patch_size={p} that '
+                      f'divides the {height}x{width} images, and num_heads={self.num_heads} dividing d_model={d}')
+    logical = nn.with_logical_partitioning
+    x_BxhxwxD = nn.Conv(d, (p, p), strides=(p, p), padding='VALID', name='patch_embed',
+                        kernel_init=logical(nn.initializers.lecun_normal(), (None, None, None, 'embed')),
+                        bias_init=logical(nn.initializers.zeros_init(), ('embed',)))(x_BxHxWxC)
+    x_BxTxD = x_BxhxwxD.reshape(b, -1, d)
+    if self.pool == 'cls':
+      cls_1x1xD = self.param('cls', logical(nn.initializers.zeros_init(), (None, None, 'embed')), (1, 1, d))
+      x_BxTxD = jnp.concatenate([jnp.broadcast_to(cls_1x1xD, (b, 1, d)), x_BxTxD], axis=1)
+    pos_1xTxD = self.param('pos_embedding', logical(nn.initializers.normal(0.02), (None, 'length', 'embed')),
+                           (1, x_BxTxD.shape[1], d))
+    x_BxTxD = nn.Dropout(self.dropout_rate, deterministic=not train)(x_BxTxD + pos_1xTxD)
+    for i in range(self.num_layers):
+      x_BxTxD = layers.TransformerBlock(self.num_heads, d // self.num_heads, self.d_ff, pre_ln=True,
+                                        activation='gelu', dropout_rate=self.dropout_rate,
+                                        name=f'block{i}')(x_BxTxD, train)
+    x_BxTxD = layers.layer_norm(jnp.float32, 'final_norm')(x_BxTxD)
+    y_BxD = x_BxTxD[:, 0] if self.pool == 'cls' else jnp.mean(x_BxTxD, axis=1)
+    return nn.Dense(self.num_classes, name='head',
+                    kernel_init=logical(nn.initializers.lecun_normal(), ('embed', None)),
+                    bias_init=logical(nn.initializers.zeros_init(), (None,)))(y_BxD)

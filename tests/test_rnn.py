@@ -161,6 +161,8 @@ def test_train_and_eval_commands_write_bits_per_byte(tmp_path):
   assert saved['step'] == 20
   assert saved['bits_per_byte'] == pytest.approx(saved['nats_per_byte'] / np.log(2))
   assert 0 < saved['bits_per_byte'] < 8   # better than a uniform guess over bytes
+  proc = run_cli('eval.py', *args, '--mode=sample')
+  assert proc.returncode == 1 and 'only the gpt model has' in proc.stderr and 'Traceback' not in proc.stderr
 
 
 def test_classifier_reads_image_rows_as_a_sequence():

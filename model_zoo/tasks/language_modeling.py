@@ -79,6 +79,9 @@ class LanguageModelingTask(SupervisedTask):
   def generate_text(self, params, prompts: list[str], rng, *, max_new_tokens: int, temperature: float,
                     top_k: int, top_p: float) -> list[str]:
     """Continuations of `prompts` (each starts a new document), stopping at end-of-document."""
+    if self.config.model.name != 'gpt':
+      raise UserError(f'--mode=sample decodes with a key/value cache, which only the gpt model has; '
+                      f'config.model.name is {self.config.model.name!r}')
     tok = self.data.tokenizer
     encoded = [[tok.bos_id] + tok.encode(p) for p in prompts]
     width = max(map(len, encoded))

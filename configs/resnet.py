@@ -1,6 +1,6 @@
 """ResNet (He et al., 2015). Presets by depth: tiny (CPU default, digits), 18, 34, 50 (CIFAR-10).
 
-  python train.py --config=configs/resnet.py --workdir=runs/resnet                  # digits, offline, ~2 min
+  python train.py --config=configs/resnet.py --workdir=runs/resnet                  # digits, offline, ~1 min
   python eval.py  --config=configs/resnet.py --workdir=runs/resnet
   python train.py --config=configs/resnet.py:depth=18 --workdir=runs/resnet18      # cifar10 (TFDS)
   python train.py --config=configs/resnet.py:depth=50 --config.model.stem=imagenet  # the 224x224 ImageNet stem

@@ -1,8 +1,8 @@
 """Vision Transformer (Dosovitskiy et al., 2020). Presets by size: tiny (CPU default, digits), small, base.
 
-  python train.py --config=configs/vit.py --workdir=runs/vit                        # digits, offline, ~2 min
+  python train.py --config=configs/vit.py --workdir=runs/vit                        # digits, offline, ~2.5 min
   python eval.py  --config=configs/vit.py --workdir=runs/vit
-  python train.py --config=configs/vit.py:size=small --config.model.patch_size=4    # cifar10 (TFDS), 8x8 patches
+  python train.py --config=configs/vit.py:size=small --config.model.patch_size=4    # cifar10 (TFDS), 64 patches of 4x4
   python train.py --config=configs/vit.py --config.dataset.name=mnist --config.model.patch_size=4
 
 small and base have the paper's shapes (ViT-S/16 as in DeiT, ViT-B/16), patches of 16 for 224x224 images;

@@ -4,7 +4,7 @@
   python eval.py  --config=configs/gpt.py --workdir=runs/gpt --mode=sample --prompt="The with statement"
   python train.py --config=configs/gpt.py:size=124m --workdir=runs/gpt2 --config.dataset.name=lm1b
 """
-from model_zoo.config import base_config
+from model_zoo.config import base_config, options
 
 # num_layers, d_model, num_heads, d_ff, seq_len, batch_size, vocab_size
 PRESETS = {
@@ -17,10 +17,7 @@ PRESETS = {
 
 
 def get_config(arg: str = ''):
-  options = dict(kv.split('=', 1) for kv in arg.split(',') if kv)
-  size = options.pop('size', 'tiny')
-  if options or size not in PRESETS:
-    raise ValueError(f'configs/gpt.py takes size=one of {", ".join(PRESETS)}; got {arg!r}')
+  size = options(arg, 'configs/gpt.py', size=PRESETS)['size']
   num_layers, d_model, num_heads, d_ff, seq_len, batch_size, vocab_size = PRESETS[size]
   config = base_config()
   config.task = 'language_modeling'

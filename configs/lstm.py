@@ -12,19 +12,15 @@ Measured (Python 3.11.7's pydoc validation split): LSTM 1.462 nats/byte (2.109 b
 0.975, GRU 0.980. With 425 kB of training text the model is data-bound: 2 x 256 units or 700 steps
 gain at most 0.02 nats/byte for 1.6-1.8x the time.
 """
-from model_zoo.config import base_config
+from model_zoo.config import base_config, options
 
 CELLS = ('lstm', 'gru')
 TASKS = ('lm', 'classify')
 
 
 def get_config(arg: str = ''):
-  options = dict(kv.split('=', 1) for kv in arg.split(',') if kv)
-  cell = options.pop('cell', 'lstm')
-  task = options.pop('task', 'lm')
-  if options or cell not in CELLS or task not in TASKS:
-    raise ValueError(f'configs/lstm.py takes cell=one of {", ".join(CELLS)} and task=one of {", ".join(TASKS)}; '
-                     f'got {arg!r}')
+  chosen = options(arg, 'configs/lstm.py', cell=CELLS, task=TASKS)
+  cell, task = chosen['cell'], chosen['task']
   config = base_config()
   config.model.cell = cell                      # lstm | gru
   config.optimizer.name = 'adamw'

@@ -9,7 +9,7 @@
 Augmentation (training only): dataset.augment '' | crop | crop_flip; dataset.crop_padding pixels.
 The digits default crops without flips (a flipped digit is another glyph); the CIFAR-10 presets flip.
 """
-from model_zoo.config import base_config
+from model_zoo.config import base_config, options
 
 # stage_sizes, block, width, stem
 PRESETS = {
@@ -21,10 +21,7 @@ PRESETS = {
 
 
 def get_config(arg: str = ''):
-  options = dict(kv.split('=', 1) for kv in arg.split(',') if kv)
-  depth = options.pop('depth', 'tiny')
-  if options or depth not in PRESETS:
-    raise ValueError(f'configs/resnet.py takes depth=one of {", ".join(PRESETS)}; got {arg!r}')
+  depth = options(arg, 'configs/resnet.py', depth=PRESETS)['depth']
   stage_sizes, block, width, stem = PRESETS[depth]
   tiny = depth == 'tiny'
   config = base_config()

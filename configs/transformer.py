@@ -10,7 +10,7 @@ tiny trains on the generated `numbers` task; base and big are the paper's shapes
 """
 import ml_collections
 
-from model_zoo.config import base_config
+from model_zoo.config import base_config, options
 
 # encoder/decoder layers, d_model, num_heads, d_ff, dropout
 PRESETS = {
@@ -21,10 +21,7 @@ PRESETS = {
 
 
 def get_config(arg: str = ''):
-  options = dict(kv.split('=', 1) for kv in arg.split(',') if kv)
-  size = options.pop('size', 'tiny')
-  if options or size not in PRESETS:
-    raise ValueError(f'configs/transformer.py takes size=one of {", ".join(PRESETS)}; got {arg!r}')
+  size = options(arg, 'configs/transformer.py', size=PRESETS)['size']
   num_layers, d_model, num_heads, d_ff, dropout = PRESETS[size]
   tiny = size == 'tiny'
   config = base_config()

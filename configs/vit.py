@@ -9,7 +9,7 @@ small and base have the paper's shapes (ViT-S/16 as in DeiT, ViT-B/16), patches 
 on 32x32 CIFAR-10 set a smaller patch_size. Augmentation (training only): dataset.augment '' | crop |
 crop_flip, dataset.crop_padding pixels.
 """
-from model_zoo.config import base_config
+from model_zoo.config import base_config, options
 
 # num_layers, d_model, num_heads, d_ff, patch_size
 PRESETS = {
@@ -20,10 +20,7 @@ PRESETS = {
 
 
 def get_config(arg: str = ''):
-  options = dict(kv.split('=', 1) for kv in arg.split(',') if kv)
-  size = options.pop('size', 'tiny')
-  if options or size not in PRESETS:
-    raise ValueError(f'configs/vit.py takes size=one of {", ".join(PRESETS)}; got {arg!r}')
+  size = options(arg, 'configs/vit.py', size=PRESETS)['size']
   num_layers, d_model, num_heads, d_ff, patch_size = PRESETS[size]
   tiny = size == 'tiny'
   config = base_config()

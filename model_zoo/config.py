@@ -90,3 +90,14 @@ def lookup(registry: dict, name: str, what: str, key: str):
   if name not in registry:
     raise UserError(f'unknown {what} {name!r} in config.{key}; known: {", ".join(sorted(registry))}')
   return registry[name]
+
+
+def options(arg: str, config_file: str, **choices) -> dict[str, str]:
+  """The `key=value,...` of `--config=<config_file>:<arg>`; each key takes one of `choices[key]`,
+  the first being its default. Anything else is a ValueError that lists what is allowed."""
+  given = dict(kv.split('=', 1) if '=' in kv else (kv, None) for kv in arg.split(',') if kv)
+  chosen = {key: given.pop(key, list(values)[0]) for key, values in choices.items()}
+  if given or any(chosen[key] not in values for key, values in choices.items()):
+    takes = ' and '.join(f'{key}=one of {", ".join(values)}' for key, values in choices.items())
+    raise ValueError(f'{config_file} takes {takes}; got {arg!r}')
+  return chosen

@@ -10,6 +10,7 @@ import ml_collections
 from model_zoo.config import lookup
 from model_zoo.errors import UserError
 from model_zoo.models.autoencoder import Autoencoder
+from model_zoo.models.bert import BERT
 from model_zoo.models.cnn import CNN
 from model_zoo.models.gan import DCGAN
 from model_zoo.models.gpt import GPT
@@ -20,7 +21,7 @@ from model_zoo.models.transformer import Transformer
 from model_zoo.models.vae import VAE
 from model_zoo.models.vit import ViT
 
-MODELS = {'mlp': MLP, 'cnn': CNN, 'resnet': ResNet, 'vit': ViT, 'gpt': GPT, 'transformer': Transformer,
+MODELS = {'mlp': MLP, 'bert': BERT, 'cnn': CNN, 'resnet': ResNet, 'vit': ViT, 'gpt': GPT, 'transformer': Transformer,
           'rnn_lm': RNNLM, 'rnn_classifier': RNNClassifier, 'dcgan': DCGAN,
           'autoencoder': Autoencoder, 'vae': VAE}
 

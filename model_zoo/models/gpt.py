@@ -22,13 +22,15 @@ class GPT(nn.Module):
   d_ff: int = 512
   max_len: int = 256
   positional: str = 'learned'        # learned | sinusoidal | rotary
-  activation: str = 'gelu'           # gelu | relu | swiglu
+  activation: str = 'gelu'           # gelu (tanh approximation) | gelu_exact | relu | swiglu
   pre_ln: bool = True
   tie_embeddings: bool = True
   dropout_rate: float = 0.0
   dtype: str = 'float32'             # compute dtype; parameters stay float32
   remat: bool = False
   attention_impl: str = ''           # '' (JAX picks) | 'xla' | 'cudnn'
+  attention_bias: bool = False       # biases on q, k, v and the output projection (GPT-2 has them)
+  ln_epsilon: float = 1e-5
   decode: bool = False
 
   @nn.compact
@@ -53,11 +55,12 @@ class GPT(nn.Module):
           num_heads=self.num_heads, head_dim=self.d_model // self.num_heads, d_ff=self.d_ff,
           num_kv_heads=self.num_kv_heads or None, causal=True, pre_ln=self.pre_ln, activation=self.activation,
           rotary=self.positional == 'rotary', dropout_rate=self.dropout_rate, dtype=dtype,
-          attention_impl=self.attention_impl or None, decode=self.decode, name=f'block_{i}')(
+          attention_impl=self.attention_impl or None, decode=self.decode, attention_bias=self.attention_bias,
+          ln_epsilon=self.ln_epsilon, name=f'block_{i}')(
               x_BxTxD, train, mask_Bx1xTxS=mask, positions_BxT=positions_BxT,
               segment_ids_BxT=segment_ids_BxT)
     if self.pre_ln:
-      x_BxTxD = layers.layer_norm(dtype, 'final_norm')(x_BxTxD)
+      x_BxTxD = layers.layer_norm(dtype, 'final_norm', self.ln_epsilon)(x_BxTxD)
     if self.tie_embeddings:
       logits_BxTxV = embed.attend(x_BxTxD)
     else:

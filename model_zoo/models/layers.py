@@ -8,12 +8,15 @@ Vaswani et al. (2017), "Attention Is All You Need":
 Grouped-query attention (Ainslie et al., 2023): `num_kv_heads` key/value heads shared by groups
 of query heads. Rotary positions (Su et al., 2021, RoFormer): q and k rotated by position-dependent
 angles, so q.k depends on relative position. SwiGLU (Shazeer, 2020): (Swish(x W) * x V) W_2.
+LoRA (Hu et al., 2021): a frozen projection W gains a trainable low-rank update,
+  h = x W + (alpha / r) x A B,  A: [in, r], B: [r, out] initialised to zero (so training starts at W).
 Pre-LN (Xiong et al., 2020): x + F(LN(x)); post-LN (the original): LN(x + F(x)).
 
 Parameters carry logical axis names (embed, mlp, heads, kv, vocab): the mesh layout is a rule
 table in model_zoo.training.sharding. Shape suffixes: B batch, T query length, S key length,
 D d_model, N query heads, K key/value heads, H head dim, F d_ff, V vocab.
 """
+import functools
 from typing import Any, Callable
 
 import flax.linen as nn
@@ -33,10 +36,10 @@ def dense(features, axes: tuple, *, in_axes: int | tuple = -1, use_bias: bool, d
       bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(), axes))
 
 
-def layer_norm(dtype: Dtype, name: str | None = None):
+def layer_norm(dtype: Dtype, name: str | None = None, epsilon: float = 1e-5):
   """LayerNorm computed in float32 whatever the compute dtype, output cast to `dtype`."""
   return nn.LayerNorm(
-      dtype=dtype, name=name, epsilon=1e-5,
+      dtype=dtype, name=name, epsilon=epsilon,
       scale_init=nn.with_logical_partitioning(nn.initializers.ones_init(), ('embed',)),
       bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(), ('embed',)))
 
@@ -78,6 +81,8 @@ class MultiHeadAttention(nn.Module):
   cuDNN kernel on GPU ('cudnn') or lets JAX choose (None). In `decode` mode the keys and values
   of earlier calls are kept in the 'cache' collection (see `init_cache`), so a sequence is
   processed a token (or a prompt) at a time at the cost of one new row each step.
+  `use_bias` adds biases to the four projections (BERT, GPT-2, ViT); `lora_rank` > 0 adds LoRA
+  adapters to each of them, as sibling parameters `<proj>_lora_a` and `<proj>_lora_b`.
   """
   num_heads: int
   head_dim: int
@@ -86,6 +91,9 @@ class MultiHeadAttention(nn.Module):
   dtype: Dtype = jnp.float32
   implementation: str | None = None
   decode: bool = False
+  use_bias: bool = False
+  lora_rank: int = 0
+  lora_alpha: float = 16.0
 
   @nn.compact
   def __call__(self, x_BxTxD, kv_BxSxD=None, *, mask_Bx1xTxS=None, causal: bool = False,
@@ -95,11 +103,25 @@ class MultiHeadAttention(nn.Module):
     d = x_BxTxD.shape[-1]
     self_attention = kv_BxSxD is None
     kv_BxSxD = x_BxTxD if self_attention else kv_BxSxD
-    proj = lambda heads, name: dense((heads, h), ('heads', 'kv'), use_bias=False, dtype=self.dtype,
-                                     name=name, kernel_axes=('embed', 'heads', 'kv'))
-    q_BxTxNxH = proj(n, 'query')(x_BxTxD)
-    k_BxSxKxH = proj(k_heads, 'key')(kv_BxSxD)
-    v_BxSxKxH = proj(k_heads, 'value')(kv_BxSxD)
+
+    def project(x, features, axes, name, in_axes=-1, kernel_axes=('embed', 'heads', 'kv')):
+      y = dense(features, axes, in_axes=in_axes, use_bias=self.use_bias, dtype=self.dtype, name=name,
+                kernel_axes=kernel_axes)(x)
+      if self.lora_rank:
+        n_in = 1 if in_axes == -1 else len(in_axes)
+        a = nn.DenseGeneral(self.lora_rank, axis=in_axes, use_bias=False, dtype=self.dtype,
+                            name=f'{name}_lora_a', kernel_init=nn.with_logical_partitioning(
+                                nn.initializers.he_uniform(in_axis=tuple(range(n_in)), out_axis=-1),
+                                kernel_axes[:n_in] + (None,)))
+        b = nn.DenseGeneral(features, use_bias=False, dtype=self.dtype, name=f'{name}_lora_b',
+                            kernel_init=nn.with_logical_partitioning(nn.initializers.zeros_init(),
+                                                                     (None,) + kernel_axes[n_in:]))
+        y = y + b(a(x)) * (self.lora_alpha / self.lora_rank)
+      return y
+
+    q_BxTxNxH = project(x_BxTxD, (n, h), ('heads', 'kv'), 'query')
+    k_BxSxKxH = project(kv_BxSxD, (k_heads, h), ('heads', 'kv'), 'key')
+    v_BxSxKxH = project(kv_BxSxD, (k_heads, h), ('heads', 'kv'), 'value')
     if self.rotary:
       q_BxTxNxH = apply_rotary(q_BxTxNxH, positions_BxT)
       k_BxSxKxH = apply_rotary(k_BxSxKxH, positions_BxT if self_attention else kv_positions_BxS)
@@ -118,8 +140,7 @@ class MultiHeadAttention(nn.Module):
         mask_Bx1xTxS = tri if mask_Bx1xTxS is None else mask_Bx1xTxS & tri
       out_BxTxNxH = jax.nn.dot_product_attention(
           q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, mask=mask_Bx1xTxS, implementation=self.implementation)
-    return dense(d, ('embed',), in_axes=(-2, -1), use_bias=False, dtype=self.dtype, name='out',
-                 kernel_axes=('heads', 'kv', 'embed'))(out_BxTxNxH)
+    return project(out_BxTxNxH, d, ('embed',), 'out', in_axes=(-2, -1), kernel_axes=('heads', 'kv', 'embed'))
 
   def _update_cache(self, k_BxTxKxH, v_BxTxKxH, positions_BxT, segment_ids_BxT):
     """Writes this call's T keys/values at the cache index; returns the whole cache and its mask."""
@@ -144,7 +165,8 @@ class MultiHeadAttention(nn.Module):
 
 
 class MLP(nn.Module):
-  """Position-wise feed-forward block: GELU (GPT, BERT, ViT), ReLU (the original) or SwiGLU."""
+  """Position-wise feed-forward block: GELU (tanh approximation: GPT-2, ViT; 'gelu_exact', with
+  erf: BERT), ReLU (the original) or SwiGLU."""
   d_ff: int
   activation: str = 'gelu'
   dropout_rate: float = 0.0
@@ -159,7 +181,8 @@ class MLP(nn.Module):
     if self.activation == 'swiglu':
       h_BxTxF = nn.silu(wi('wi_gate')(x_BxTxD)) * wi('wi')(x_BxTxD)
     else:
-      act: Callable = {'gelu': nn.gelu, 'relu': nn.relu}[self.activation]
+      act: Callable = {'gelu': nn.gelu, 'gelu_exact': functools.partial(nn.gelu, approximate=False),
+                       'relu': nn.relu}[self.activation]
       h_BxTxF = act(wi('wi')(x_BxTxD))
     h_BxTxF = nn.Dropout(self.dropout_rate, deterministic=not train)(h_BxTxF)
     return dense(d, ('embed',), use_bias=self.use_bias, dtype=self.dtype, name='wo',
@@ -182,6 +205,10 @@ class TransformerBlock(nn.Module):
   dtype: Dtype = jnp.float32
   attention_impl: str | None = None
   decode: bool = False
+  attention_bias: bool = False
+  ln_epsilon: float = 1e-5
+  lora_rank: int = 0
+  lora_alpha: float = 16.0
 
   @nn.compact
   def __call__(self, x_BxTxD, train: bool, *, mask_Bx1xTxS=None, positions_BxT=None, segment_ids_BxT=None,
@@ -190,12 +217,12 @@ class TransformerBlock(nn.Module):
     drop = lambda y: nn.Dropout(self.dropout_rate, deterministic=not train)(y)
     attn = lambda name, **kw: MultiHeadAttention(
         self.num_heads, self.head_dim, self.num_kv_heads, rotary=self.rotary and name == 'self_attention',
-        dtype=self.dtype, implementation=self.attention_impl, decode=self.decode, name=name, **kw)
+        dtype=self.dtype, implementation=self.attention_impl, decode=self.decode, use_bias=self.attention_bias,
+        lora_rank=self.lora_rank, lora_alpha=self.lora_alpha, name=name, **kw)
 
     def sublayer(x, name, f):
-      if self.pre_ln:
-        return x + drop(f(layer_norm(self.dtype, f'{name}_norm')(x)))
-      return layer_norm(self.dtype, f'{name}_norm')(x + drop(f(x)))
+      norm = layer_norm(self.dtype, f'{name}_norm', self.ln_epsilon)
+      return x + drop(f(norm(x))) if self.pre_ln else norm(x + drop(f(x)))
 
     x = sublayer(x_BxTxD, 'self_attention', lambda y: attn('self_attention')(
         y, mask_Bx1xTxS=mask_Bx1xTxS, causal=self.causal, positions_BxT=positions_BxT,

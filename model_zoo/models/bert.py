@@ -1,0 +1,126 @@
+"""BERT: a bidirectional Transformer encoder (Devlin et al., 2019), with its task heads.
+
+  h_0 = LN(W_tok[tokens] + W_pos[positions] + W_type[type_ids])      (embedding LayerNorm)
+  h_l = block_l(h_{l-1})        post-LN blocks: LN(x + Attn(x)), then LN(x + FFN(x)), GELU (erf)
+  masked LM:       p(token at t) = softmax(LN(gelu(h_L[t] W_t + b_t)) W_tok^T + b)   (tied output)
+  classification:  p(class) = softmax(tanh(h_L[CLS] W_p + b_p) W_c + b_c)            (pooler, then head)
+  token labels:    p(label at t) = softmax(h_L[t] W_c + b_c)
+
+`head` picks one. Parameters of a head live under a module whose name ends in `_head`
+(mlm_head, cls_head, token_head): everything else is the backbone that fine-tuning restores
+(`config.init_from`) and can freeze (`config.freeze`). The pooler is part of `cls_head`: masked-LM
+pretraining never trains it, so it is initialised (or, from Hugging Face weights, imported) with
+the new head. `segment_ids` marks real tokens (1) and padding (0); `type_ids` is BERT's sentence
+A/B embedding. Dropout follows the paper except on attention probabilities, which the shared
+attention kernel does not drop.
+"""
+import flax.linen as nn
+import jax.numpy as jnp
+
+from model_zoo.models import layers
+
+HEADS = ('mlm', 'classify', 'tokens')
+
+
+class MLMHead(nn.Module):
+  """The masked-LM transform (dense, GELU, LayerNorm) and the output layer tied to the embedding."""
+  ln_epsilon: float
+  activation: str
+  dtype: jnp.dtype
+
+  @nn.compact
+  def __call__(self, x_BxTxD, embedding_VxD):
+    act = nn.gelu if self.activation == 'gelu' else lambda y: nn.gelu(y, approximate=False)
+    x_BxTxD = act(layers.dense(x_BxTxD.shape[-1], ('embed',), use_bias=True, dtype=self.dtype, name='transform',
+                               kernel_axes=('embed', 'embed'))(x_BxTxD))
+    x_BxTxD = layers.layer_norm(self.dtype, 'transform_norm', self.ln_epsilon)(x_BxTxD)
+    bias_V = self.param('bias', nn.with_logical_partitioning(nn.initializers.zeros_init(), ('vocab',)),
+                        (embedding_VxD.shape[0],), jnp.float32)
+    return jnp.einsum('btd,vd->btv', x_BxTxD, embedding_VxD.astype(self.dtype)) + bias_V.astype(self.dtype)
+
+
+class ClassifierHead(nn.Module):
+  """BERT's pooler (tanh dense on the [CLS] vector), dropout, and a dense layer to the classes.
+  `pooling='mean'` pools the average of the real tokens instead of [CLS]."""
+  num_classes: int
+  pooling: str
+  dropout_rate: float
+  dtype: jnp.dtype
+
+  @nn.compact
+  def __call__(self, x_BxTxD, segment_ids_BxT, *, train: bool):
+    if self.pooling == 'cls':
+      pooled_BxD = x_BxTxD[:, 0]
+    else:
+      real_BxTx1 = (segment_ids_BxT != 0)[..., None].astype(x_BxTxD.dtype)
+      pooled_BxD = (x_BxTxD * real_BxTx1).sum(1) / jnp.maximum(real_BxTx1.sum(1), 1)
+    d = x_BxTxD.shape[-1]
+    pooled_BxD = jnp.tanh(layers.dense(d, ('embed',), use_bias=True, dtype=self.dtype, name='pooler',
+                                       kernel_axes=('embed', 'embed'))(pooled_BxD))
+    pooled_BxD = nn.Dropout(self.dropout_rate, deterministic=not train)(pooled_BxD)
+    return layers.dense(self.num_classes, (None,), use_bias=True, dtype=self.dtype, name='out',
+                        kernel_axes=('embed', None))(pooled_BxD)
+
+
+class BERT(nn.Module):
+  vocab_size: int
+  num_layers: int = 2
+  d_model: int = 128
+  num_heads: int = 2
+  d_ff: int = 512
+  max_len: int = 512
+  type_vocab_size: int = 2
+  activation: str = 'gelu_exact'     # gelu_exact (BERT's erf GELU) | gelu (tanh approximation) | relu
+  ln_epsilon: float = 1e-12
+  dropout_rate: float = 0.1
+  head: str = 'mlm'                  # mlm | classify | tokens
+  num_classes: int = 0               # classify / tokens: set from the data set
+  pooling: str = 'cls'               # classify: cls (BERT's pooler on [CLS]) | mean (over real tokens)
+  lora_rank: int = 0                 # > 0: LoRA adapters of this rank on every attention projection
+  lora_alpha: float = 16.0
+  dtype: str = 'float32'
+  attention_impl: str = ''           # '' (JAX picks) | 'xla' | 'cudnn'
+
+  @nn.compact
+  def __call__(self, tokens_BxT, *, train: bool, type_ids_BxT=None, segment_ids_BxT=None):
+    """Logits of the head: [B, T, V] (mlm), [B, C] (classify) or [B, T, C] (tokens), in float32."""
+    if self.head not in HEADS:
+      raise ValueError(f'head must be one of {", ".join(HEADS)}, got {self.head!r}')
+    if self.head != 'mlm' and self.num_classes < 2:
+      raise ValueError(f'head {self.head!r} needs num_classes >= 2, got {self.num_classes}')
+    if self.pooling not in ('cls', 'mean'):
+      raise ValueError(f"pooling must be 'cls' or 'mean', got {self.pooling!r}")
+    dtype = jnp.dtype(self.dtype)
+    b, t = tokens_BxT.shape
+    type_ids_BxT = jnp.zeros_like(tokens_BxT) if type_ids_BxT is None else type_ids_BxT
+    embed = layers.Embed(self.vocab_size, self.d_model, dtype, name='embed')
+    table = lambda name, n: self.param(name, nn.with_logical_partitioning(
+        nn.initializers.normal(stddev=0.02), (None, 'embed')), (n, self.d_model))
+    x_BxTxD = (embed(tokens_BxT) + table('pos_embedding', self.max_len)[None, :t].astype(dtype)
+               + jnp.take(table('type_embedding', self.type_vocab_size), type_ids_BxT, axis=0).astype(dtype))
+    x_BxTxD = layers.layer_norm(dtype, 'embed_norm', self.ln_epsilon)(x_BxTxD)
+    x_BxTxD = nn.Dropout(self.dropout_rate, deterministic=not train)(x_BxTxD)
+    mask = None if segment_ids_BxT is None else layers.segment_mask(segment_ids_BxT)
+    for i in range(self.num_layers):
+      x_BxTxD = layers.TransformerBlock(
+          num_heads=self.num_heads, head_dim=self.d_model // self.num_heads, d_ff=self.d_ff, pre_ln=False,
+          activation=self.activation, dropout_rate=self.dropout_rate, dtype=dtype, attention_bias=True,
+          ln_epsilon=self.ln_epsilon, lora_rank=self.lora_rank, lora_alpha=self.lora_alpha,
+          attention_impl=self.attention_impl or None, name=f'block_{i}')(x_BxTxD, train, mask_Bx1xTxS=mask)
+    if self.head == 'mlm':
+      logits = MLMHead(self.ln_epsilon, self.activation, dtype, name='mlm_head')(x_BxTxD, embed.embedding)
+    elif self.head == 'classify':
+      segment_ids_BxT = jnp.ones_like(tokens_BxT) if segment_ids_BxT is None else segment_ids_BxT
+      logits = ClassifierHead(self.num_classes, self.pooling, self.dropout_rate, dtype, name='cls_head')(
+          x_BxTxD, segment_ids_BxT, train=train)
+    else:
+      x_BxTxD = nn.Dropout(self.dropout_rate, deterministic=not train)(x_BxTxD)
+      logits = layers.dense(self.num_classes, (None,), use_bias=True, dtype=dtype, name='token_head',
+                            kernel_axes=('embed', None))(x_BxTxD)
+    return logits.astype(jnp.float32)
+
+
+def is_head(path: tuple[str, ...]) -> bool:
+  """True for a parameter of a task head or a LoRA adapter: what `freeze='backbone'` still trains
+  and what `init_from` does not need to find in the checkpoint it starts from."""
+  return any(part.endswith('_head') or '_lora_' in part for part in path)

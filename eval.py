@@ -3,15 +3,18 @@
   python eval.py --config=configs/cnn.py --workdir=runs/cnn [--step=N]     # eval.json and PNG plots
   python eval.py --config=configs/gpt.py --workdir=runs/gpt --mode=sample --prompt="The with statement"
   python eval.py --config=configs/transformer.py --workdir=runs/mt --mode=translate --input="three hundred and five"
+  python eval.py --config=configs/bert_finetune.py --workdir=runs/cls --mode=export   # LoRA merged, safetensors
 """
 from absl import flags
 
 from model_zoo import cli
 
 STEP = flags.DEFINE_integer('step', None, 'Checkpoint step to use; default the latest.')
-MODE = flags.DEFINE_enum('mode', 'eval', ['eval', 'sample', 'translate'],
+MODE = flags.DEFINE_enum('mode', 'eval', ['eval', 'sample', 'translate', 'export'],
                          'eval: metrics on the eval split; sample: continue --prompt (language models); '
-                         'translate: translate --input (translation models).')
+                         'translate: translate --input (translation models); export: the parameters for '
+                         'inference, LoRA merged, to --output.')
+OUTPUT = flags.DEFINE_string('output', None, 'Directory for --mode=export; default <workdir>/export.')
 INPUT = flags.DEFINE_multi_string('input', [], 'Text(s) to translate with --mode=translate; repeat for several.')
 PROMPT = flags.DEFINE_multi_string('prompt', ['The '], 'Prompt(s) for --mode=sample; repeat for several.')
 NUM_SAMPLES = flags.DEFINE_integer('num_samples', 1, 'Continuations per prompt.')
@@ -32,6 +35,8 @@ def main(config, workdir):
     if not INPUT.value:
       raise cli.UserError('--mode=translate needs at least one --input="..."')
     evaluate.translate(config, workdir, INPUT.value, step=STEP.value)
+  elif MODE.value == 'export':
+    evaluate.export(config, workdir, OUTPUT.value, step=STEP.value)
   else:
     evaluate.evaluate(config, workdir, STEP.value)
 

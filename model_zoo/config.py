@@ -20,6 +20,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.checkpoint_every_steps = 500
   c.max_checkpoints_to_keep = 3
   c.task = 'classification'
+  # Fine-tuning (model_zoo.transfer.finetune): start from a pretrained backbone, optionally frozen.
+  c.init_from = ''                  # '' | a workdir (its latest checkpoint) | 'hf:<local directory>'
+  c.freeze = 'none'                 # none | backbone (train only the new head and any LoRA adapters)
 
   c.dataset = ml_collections.ConfigDict()
   c.dataset.name = 'digits'
@@ -43,6 +46,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.optimizer.momentum = 0.9         # momentum, nesterov, rmsprop
   c.optimizer.b1 = 0.9               # adam, adamw, lion
   c.optimizer.b2 = 0.999
+  c.optimizer.layer_decay = 1.0      # < 1: layer-wise lr decay, lr * layer_decay^(depth from the top)
 
   # Devices: a mesh over all of them. -1 takes what the other axes leave.
   c.mesh = ml_collections.ConfigDict()
@@ -79,6 +83,10 @@ def validate(config: ml_collections.ConfigDict):
   _check(0 <= opt.end_learning_rate_factor <= 1, 'config.optimizer.end_learning_rate_factor must be in [0, 1]')
   for key in ('momentum', 'b1', 'b2'):
     _check(0 <= opt[key] < 1, f'config.optimizer.{key} must be in [0, 1), got {opt[key]}')
+  _check(0 < opt.layer_decay <= 1, f'config.optimizer.layer_decay must be in (0, 1], got {opt.layer_decay}')
+  _check(config.freeze in ('none', 'backbone'), f"config.freeze must be 'none' or 'backbone', got {config.freeze!r}")
+  _check(config.freeze == 'none' or config.init_from,
+         "config.freeze='backbone' freezes pretrained weights: set config.init_from to a workdir or 'hf:<dir>'")
   _check(config.dataset.prefetch >= 0, 'config.dataset.prefetch must be >= 0')
   if 'dropout_rate' in config.model:
     _check(0 <= config.model.dropout_rate < 1,

@@ -109,6 +109,11 @@ def _text(config: ml_collections.ConfigDict, split: str, workdir: str | None) ->
   return text.load(config, split, workdir)
 
 
+def _text_classification(config: ml_collections.ConfigDict, split: str, workdir: str | None) -> Dataset:
+  from model_zoo.data import text_classification  # pylint: disable=g-import-not-at-top
+  return text_classification.load(config, split, workdir)
+
+
 def _translation(config: ml_collections.ConfigDict, split: str, workdir: str | None) -> Dataset:
   from model_zoo.data import translation  # pylint: disable=g-import-not-at-top
   return translation.load(config, split, workdir)
@@ -121,6 +126,9 @@ DATASETS = {
     'cifar10': _tfds_image_classification('cifar10'),
     'pydoc': _text,   # the CPython documentation text (pydoc_data), offline
     'lm1b': _text,    # TFDS One Billion Word benchmark
+    'pydoc_topics': _text_classification,   # which CPython documentation topic a passage is from
+    'glue/sst2': _text_classification,      # TFDS
+    'imdb_reviews': _text_classification,   # TFDS
     'numbers': _translation,                # English number words -> German, generated offline
     'wmt14_translate/de-en': _translation,  # TFDS
     'wmt17_translate/de-en': _translation,  # TFDS

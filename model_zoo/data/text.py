@@ -89,8 +89,8 @@ class SentencePieceTokenizer:
     self._load(state['proto'])
 
   @classmethod
-  def train(cls, texts: Iterable[str], vocab_size: int, path: str,
-            max_sentences: int = MAX_TRAIN_SENTENCES) -> 'SentencePieceTokenizer':
+  def train(cls, texts: Iterable[str], vocab_size: int, path: str, max_sentences: int = MAX_TRAIN_SENTENCES,
+            user_symbols: Sequence[str] = ()) -> 'SentencePieceTokenizer':
     """Trains a BPE model on `texts` (each one sentence to SentencePiece) and saves it to `path`.
 
     Deterministic: the same texts give a byte-identical file. A corpus of more than
@@ -108,6 +108,7 @@ class SentencePieceTokenizer:
           pad_id=PAD_ID, bos_id=BOS_ID, eos_id=EOS_ID, unk_id=UNK_ID,
           normalization_rule_name='identity', remove_extra_whitespaces=False, add_dummy_prefix=False,
           allow_whitespace_only_pieces=True,   # runs of spaces (code indentation) as single pieces
+          user_defined_symbols=list(user_symbols),  # such as BERT's <mask>, ids right after unk
           input_sentence_size=0, shuffle_input_sentence=False,  # `sample` is already the sample
           max_sentence_length=MAX_SENTENCE_BYTES, num_threads=os.cpu_count() or 1, minloglevel=2)
     except RuntimeError as e:  # 'INTERNAL: src/trainer_interface.cc(744) [check] What went wrong.'
@@ -121,6 +122,9 @@ class SentencePieceTokenizer:
 
   def encode(self, text: str) -> list[int]:
     return self._sp.encode(text)
+
+  def piece_id(self, piece: str) -> int:
+    return self._sp.piece_to_id(piece)
 
   def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
     return self._sp.encode(list(texts), num_threads=os.cpu_count() or 1)
@@ -176,7 +180,7 @@ def _write_atomically(path: str, data: bytes):
 
 
 def tokenizer_for(dataset_config: ml_collections.ConfigDict, workdir: str | None,
-                  train_texts: Callable[[], Iterable[str]]):
+                  train_texts: Callable[[], Iterable[str]], user_symbols: Sequence[str] = ()):
   """The tokenizer `dataset_config.tokenizer` names.
 
   SentencePiece: `<workdir>/tokenizer.model` when it exists (never retrained), else one
@@ -191,7 +195,8 @@ def tokenizer_for(dataset_config: ml_collections.ConfigDict, workdir: str | None
   vocab_size = dataset_config.vocab_size
   if workdir is None:
     with tempfile.TemporaryDirectory() as tmp:
-      return SentencePieceTokenizer.train(train_texts(), vocab_size, os.path.join(tmp, 'tokenizer.model'))
+      return SentencePieceTokenizer.train(train_texts(), vocab_size, os.path.join(tmp, 'tokenizer.model'),
+                                          user_symbols=user_symbols)
   path = os.path.join(workdir, 'tokenizer.model')
   if os.path.exists(path):
     tokenizer = SentencePieceTokenizer(path)
@@ -201,7 +206,7 @@ def tokenizer_for(dataset_config: ml_collections.ConfigDict, workdir: str | None
                       f'--workdir to train a tokenizer of the new size')
     return tokenizer
   os.makedirs(workdir, exist_ok=True)
-  return SentencePieceTokenizer.train(train_texts(), vocab_size, path)
+  return SentencePieceTokenizer.train(train_texts(), vocab_size, path, user_symbols=user_symbols)
 
 
 # Corpora.

@@ -10,9 +10,11 @@ from model_zoo.data import sources
 from model_zoo.errors import UserError
 from model_zoo.evaluation import plots
 from model_zoo.training import loop
+from model_zoo.transfer import finetune
 
 
 def _restore(config, workdir, step):
+  config = finetune.resolve(config)
   config_lib.validate(config)
   data = sources.load(config.dataset, config.dataset.eval_split, workdir)
   exp = loop.build_experiment(config, data)
@@ -71,3 +73,14 @@ def translate(config, workdir: str, texts: list[str], *, step: int | None = None
   for source, output in zip(texts, outputs):
     print(f'{source}\t{output}', flush=True)
   return outputs
+
+
+def export(config, workdir: str, output: str | None, *, step: int | None = None) -> str:
+  """Writes the model of `workdir` for inference (model_zoo.transfer.export) to `output`."""
+  from model_zoo.transfer import export as export_lib  # pylint: disable=g-import-not-at-top
+  output = output or os.path.join(workdir, 'export')
+  config = finetune.resolve(config)
+  _, _, step, state = _restore(config, workdir, step)
+  export_lib.export(config, state.params, workdir, output)
+  print(f'exported step {step} of {workdir} to {output}', flush=True)
+  return output

@@ -20,6 +20,8 @@ import jax.numpy as jnp
 from model_zoo.models import layers
 
 HEADS = ('mlm', 'classify', 'tokens')
+# num_layers, d_model, num_heads, d_ff: tiny for CPUs and tests; base and large are the paper's.
+SIZES = {'tiny': (4, 128, 4, 512), 'base': (12, 768, 12, 3072), 'large': (24, 1024, 16, 4096)}
 
 
 class MLMHead(nn.Module):
@@ -30,13 +32,13 @@ class MLMHead(nn.Module):
 
   @nn.compact
   def __call__(self, x_BxTxD, embedding_VxD):
-    act = nn.gelu if self.activation == 'gelu' else lambda y: nn.gelu(y, approximate=False)
+    act = {'gelu': nn.gelu, 'gelu_exact': lambda y: nn.gelu(y, approximate=False), 'relu': nn.relu}[self.activation]
     x_BxTxD = act(layers.dense(x_BxTxD.shape[-1], ('embed',), use_bias=True, dtype=self.dtype, name='transform',
-                               kernel_axes=('embed', 'embed'))(x_BxTxD))
+                               kernel_axes=(None, 'embed'))(x_BxTxD))
     x_BxTxD = layers.layer_norm(self.dtype, 'transform_norm', self.ln_epsilon)(x_BxTxD)
     bias_V = self.param('bias', nn.with_logical_partitioning(nn.initializers.zeros_init(), ('vocab',)),
                         (embedding_VxD.shape[0],), jnp.float32)
-    return jnp.einsum('btd,vd->btv', x_BxTxD, embedding_VxD.astype(self.dtype)) + bias_V.astype(self.dtype)
+    return jnp.einsum('btd,vd->btv', x_BxTxD, embedding_VxD.astype(self.dtype)) + bias_V.astype(self.dtype)[None, None]
 
 
 class ClassifierHead(nn.Module):
@@ -56,7 +58,7 @@ class ClassifierHead(nn.Module):
       pooled_BxD = (x_BxTxD * real_BxTx1).sum(1) / jnp.maximum(real_BxTx1.sum(1), 1)
     d = x_BxTxD.shape[-1]
     pooled_BxD = jnp.tanh(layers.dense(d, ('embed',), use_bias=True, dtype=self.dtype, name='pooler',
-                                       kernel_axes=('embed', 'embed'))(pooled_BxD))
+                                       kernel_axes=(None, 'embed'))(pooled_BxD))
     pooled_BxD = nn.Dropout(self.dropout_rate, deterministic=not train)(pooled_BxD)
     return layers.dense(self.num_classes, (None,), use_bias=True, dtype=self.dtype, name='out',
                         kernel_axes=('embed', None))(pooled_BxD)

@@ -1,13 +1,15 @@
 """Tasks by name: `config.task` -> a Task class."""
 from model_zoo.config import lookup
 from model_zoo.tasks.base import SupervisedTask, Task
-from model_zoo.tasks.classification import ClassificationTask
+from model_zoo.tasks.classification import ClassificationTask, TextClassificationTask
 from model_zoo.tasks.gan import GANTask
 from model_zoo.tasks.language_modeling import LanguageModelingTask
+from model_zoo.tasks.masked_lm import MaskedLMTask
 from model_zoo.tasks.reconstruction import AutoencoderTask, VAETask
 from model_zoo.tasks.translation import TranslationTask
 
-TASKS = {'classification': ClassificationTask, 'language_modeling': LanguageModelingTask,
+TASKS = {'classification': ClassificationTask, 'text_classification': TextClassificationTask,
+         'masked_lm': MaskedLMTask, 'language_modeling': LanguageModelingTask,
          'translation': TranslationTask, 'gan': GANTask,
          'autoencoder': AutoencoderTask, 'vae': VAETask}
 

@@ -27,6 +27,7 @@ from model_zoo import models
 from model_zoo.data.sources import Dataset
 from model_zoo.training import optimizers
 from model_zoo.training.state import TrainState
+from model_zoo.transfer import finetune
 
 
 class Task(abc.ABC):
@@ -72,7 +73,7 @@ class SupervisedTask(Task):
     super().__init__(config, data)
     self.model = self.build_model()
     # Built once: the state carries `tx` as static metadata, which must stay the same object.
-    self.tx = optimizers.build(config.optimizer, config.num_train_steps)
+    self.tx = optimizers.build(config.optimizer, config.num_train_steps, frozen=finetune.frozen_fn(config))
 
   def build_model(self) -> nn.Module:
     return models.build(self.config.model)
@@ -81,6 +82,11 @@ class SupervisedTask(Task):
     """Positional inputs of the model, taken from a batch."""
     raise NotImplementedError
 
+  def model_kwargs(self, batch: dict) -> dict:
+    """Keyword inputs of the model (such as a padding mask), taken from a batch; none by default."""
+    del batch
+    return {}
+
   @abc.abstractmethod
   def loss_fn(self, params, model_state, batch, rng):
     """-> (scalar loss, (metrics, new model_state)) on a training batch."""
@@ -88,17 +94,17 @@ class SupervisedTask(Task):
   def init_state(self, rng, batch):
     params_rng, dropout_rng = jax.random.split(rng)
     variables = self.model.init({'params': params_rng, 'dropout': dropout_rng},
-                                *self.model_inputs(batch), train=False)
+                                *self.model_inputs(batch), train=False, **self.model_kwargs(batch))
     params = variables.pop('params')
     return TrainState.create(params=params, tx=self.tx, model_state=dict(variables))
 
-  def apply(self, params, model_state, inputs, *, train: bool, rng=None):
+  def apply(self, params, model_state, inputs, *, train: bool, rng=None, **kwargs):
     """Model output, and the updated model_state when training mutates one (batch statistics)."""
     variables = {'params': params, **model_state}
     rngs = {'dropout': rng} if rng is not None else {}
     if train and model_state:
-      return self.model.apply(variables, *inputs, train=True, rngs=rngs, mutable=list(model_state))
-    return self.model.apply(variables, *inputs, train=train, rngs=rngs), model_state
+      return self.model.apply(variables, *inputs, train=True, rngs=rngs, mutable=list(model_state), **kwargs)
+    return self.model.apply(variables, *inputs, train=train, rngs=rngs, **kwargs), model_state
 
   def train_step(self, state: TrainState, batch, rng):
     grad_fn = jax.value_and_grad(self.loss_fn, has_aux=True)

@@ -1,4 +1,8 @@
-"""Classification: softmax cross-entropy; accuracy, macro precision/recall/F1, confusion matrix."""
+"""Classification: softmax cross-entropy; accuracy, macro precision/recall/F1, confusion matrix.
+
+`classification` takes images (or any array input); `text_classification` takes token rows with a
+padding mask (`segment_ids`) and sentence types (`type_ids`), for BERT.
+"""
 import os
 
 import jax
@@ -6,6 +10,7 @@ import jax.numpy as jnp
 import optax
 
 from model_zoo import models
+from model_zoo.errors import UserError
 from model_zoo.evaluation import metrics as metrics_lib
 from model_zoo.evaluation import plots
 from model_zoo.tasks.base import SupervisedTask
@@ -21,13 +26,15 @@ class ClassificationTask(SupervisedTask):
     return (batch['image'],)
 
   def loss_fn(self, params, model_state, batch, rng):
-    logits, model_state = self.apply(params, model_state, self.model_inputs(batch), train=True, rng=rng)
+    logits, model_state = self.apply(params, model_state, self.model_inputs(batch), train=True, rng=rng,
+                                     **self.model_kwargs(batch))
     loss = optax.softmax_cross_entropy_with_integer_labels(logits, batch['label']).mean()
     accuracy = jnp.mean(jnp.argmax(logits, -1) == batch['label'])
     return loss, ({'loss': loss, 'accuracy': accuracy}, model_state)
 
   def eval_step(self, state, batch):
-    logits, _ = self.apply(state.params, state.model_state, self.model_inputs(batch), train=False)
+    logits, _ = self.apply(state.params, state.model_state, self.model_inputs(batch), train=False,
+                           **self.model_kwargs(batch))
     mask = batch['mask']
     loss = optax.softmax_cross_entropy_with_integer_labels(logits, batch['label'])
     num_classes = self.data.num_classes
@@ -43,3 +50,25 @@ class ClassificationTask(SupervisedTask):
   def eval_artifacts(self, stats, outdir):
     plots.confusion_matrix(stats['confusion'], self.data.class_names,
                            os.path.join(outdir, 'confusion_matrix.png'))
+
+
+class TextClassificationTask(ClassificationTask):
+  """Batches hold `inputs`, `segment_ids`, `type_ids` [B, L] and `label` [B] (data.text_classification)."""
+
+  def build_model(self):
+    return models.build(self.config.model, num_classes=self.data.num_classes, head='classify',
+                        vocab_size=text_vocab_size(self.config, self.data))
+
+  def model_inputs(self, batch):
+    return (batch['inputs'],)
+
+  def model_kwargs(self, batch):
+    return {'type_ids_BxT': batch['type_ids'], 'segment_ids_BxT': batch['segment_ids']}
+
+
+def text_vocab_size(config, data) -> int:
+  """config.dataset.vocab_size, checked against the tokenizer (a checkpoint's table may be larger)."""
+  if data.tokenizer.vocab_size > config.dataset.vocab_size:
+    raise UserError(f'the tokenizer has {data.tokenizer.vocab_size} tokens but config.dataset.vocab_size='
+                    f'{config.dataset.vocab_size}; set them equal')
+  return config.dataset.vocab_size

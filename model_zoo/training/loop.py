@@ -21,6 +21,8 @@ from model_zoo.errors import UserError
 from model_zoo.data import pipeline, sources
 from model_zoo.training import sharding
 from model_zoo.training.checkpoints import Checkpoints
+from model_zoo.training.state import TrainState
+from model_zoo.transfer import finetune
 from model_zoo.training.writer import MetricWriter, Progress
 
 
@@ -38,7 +40,12 @@ class Experiment:
     init_rng = jax.random.fold_in(jax.random.key(self.config.seed), 0)
     init = jax.jit(lambda rng: nn.unbox(self.task.init_state(rng, self.example)),
                    out_shardings=self.state_shardings)
-    return init(init_rng)
+    state = init(init_rng)
+    if self.config.init_from:  # fine-tuning: the backbone from a pretrained model, a fresh optimizer
+      params = finetune.initial_params(self.config, state.params)
+      state = jax.device_put(TrainState.create(params=params, tx=state.tx, model_state=state.model_state),
+                             self.state_shardings)
+    return state
 
   def checkpoints(self, workdir: str) -> Checkpoints:
     return Checkpoints(os.path.join(workdir, 'checkpoints'), max_to_keep=self.config.max_checkpoints_to_keep)
@@ -139,7 +146,9 @@ def _flat(d: dict, prefix: str = '') -> dict:
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str):
   """Trains `config` in `workdir`, resuming from its latest checkpoint if there is one."""
+  config = finetune.resolve(config)
   config_lib.validate(config)
+  finetune.prepare_workdir(config, workdir)
   train_data = sources.load(config.dataset, config.dataset.train_split, workdir)
   eval_data = sources.load(config.dataset, config.dataset.eval_split, workdir)
   exp = build_experiment(config, train_data)

@@ -3,7 +3,15 @@
 The chain is: clip by global norm -> the optimizer (with decoupled weight decay
 for adamw and lion, L2 added to the gradient for the others) -> schedule. Weight
 decay never touches biases or normalisation scales (any parameter with ndim < 2).
+
+Fine-tuning options: `layer_decay` < 1 scales each update by layer_decay^(depth from the top)
+(layer-wise learning-rate decay, Clark et al., 2020; `block_i` is layer i + 1, embeddings layer 0,
+everything else, heads included, the top), and `frozen(path)` True gives that parameter an update
+of exactly zero (weight decay included).
 """
+import re
+from typing import Callable
+
 import jax
 import ml_collections
 import optax
@@ -37,7 +45,43 @@ def decay_mask(params):
   return jax.tree.map(lambda p: p.ndim >= 2, params)
 
 
-def build(cfg: ml_collections.ConfigDict, num_train_steps: int) -> optax.GradientTransformation:
+def _path(keys) -> tuple[str, ...]:
+  return tuple(str(getattr(k, 'key', k)) for k in keys)
+
+
+def layer_of(path: tuple[str, ...], num_layers: int) -> int:
+  """Depth of a parameter: 0 for embeddings, i + 1 inside `block_i`, num_layers + 1 above the blocks."""
+  for part in path:
+    if m := re.fullmatch(r'block_(\d+)', part):
+      return int(m.group(1)) + 1
+  return 0 if path[0].startswith(('embed', 'pos_embedding', 'type_embedding')) else num_layers + 1
+
+
+def finetuning(layer_decay: float = 1.0, frozen: Callable[[tuple[str, ...]], bool] | None = None
+               ) -> optax.GradientTransformation:
+  """Scales each update by layer_decay^(top - depth), and zeroes those of frozen parameters.
+
+  Stateless, and in every chain whatever its settings, so that the optimizer state has the same
+  structure with or without them: eval.py restores any run without knowing how it was trained.
+  """
+
+  def update(updates, state, params=None):
+    del params
+    paths = [_path(p) for p, _ in jax.tree_util.tree_flatten_with_path(updates)[0]]
+    num_layers = max([layer_of(p, 0) for p in paths if any(part.startswith('block_') for part in p)], default=0)
+
+    def scale(keys, u):
+      path = _path(keys)
+      if frozen is not None and frozen(path):
+        return jax.numpy.zeros_like(u)
+      return u * layer_decay ** (num_layers + 1 - layer_of(path, num_layers)) if layer_decay != 1.0 else u
+    return jax.tree_util.tree_map_with_path(scale, updates), state
+
+  return optax.GradientTransformation(lambda params: optax.EmptyState(), update)
+
+
+def build(cfg: ml_collections.ConfigDict, num_train_steps: int,
+          frozen: Callable[[tuple[str, ...]], bool] | None = None) -> optax.GradientTransformation:
   lr = schedule(cfg, num_train_steps)
   wd = cfg.weight_decay
   optimizers = {
@@ -56,4 +100,4 @@ def build(cfg: ml_collections.ConfigDict, num_train_steps: int) -> optax.Gradien
     parts.append(optax.clip_by_global_norm(cfg.grad_clip_norm))
   if wd > 0 and cfg.name not in ('adamw', 'lion'):
     parts.append(optax.add_decayed_weights(wd, mask=decay_mask))
-  return optax.chain(*parts, tx)
+  return optax.chain(*parts, tx, finetuning(cfg.get('layer_decay', 1.0), frozen))

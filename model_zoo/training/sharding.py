@@ -8,7 +8,6 @@ import flax.linen as nn
 import jax
 import ml_collections
 import numpy as np
-import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from model_zoo.errors import UserError
@@ -64,6 +63,16 @@ def to_global(local_batch, mesh: Mesh):
   return jax.tree.map(lambda x: jax.make_array_from_process_local_data(sharding, x), local_batch)
 
 
+def _dict_path(path) -> tuple:
+  """The trailing dict keys of a key path: a parameter's name inside any tree shaped like params."""
+  keys = []
+  for k in reversed(path):
+    if not isinstance(k, jax.tree_util.DictKey):
+      break
+    keys.append(k.key)
+  return tuple(reversed(keys))
+
+
 def state_shardings(abstract_state, mesh: Mesh):
   """Shardings for a train state (or a pytree of them) whose params may hold logical-axis boxes.
 
@@ -73,12 +82,16 @@ def state_shardings(abstract_state, mesh: Mesh):
   """
   def train_state_specs(state: TrainState):
     specs = nn.get_partition_spec(state)
-    params = nn.unbox(state.params)
-    opt_specs = optax.tree_map_params(
-        state.tx, lambda leaf, p, spec: spec if leaf.shape == p.shape else P(),
-        nn.unbox(state.opt_state), params, specs.params,
-        transform_non_params=lambda _: P(), is_leaf=lambda x: isinstance(x, P))
-    return specs.replace(opt_state=opt_specs)
+    # An optimizer-state leaf belongs to the parameter whose dict path ends its own path (mu/block_0/...).
+    # (Matched by path, not with optax.tree_map_params, which fails on multi_transform's masked states.)
+    param_specs = {_dict_path(path): (leaf.shape, spec) for (path, leaf), spec in zip(
+        jax.tree_util.tree_flatten_with_path(nn.unbox(state.params))[0],
+        jax.tree.leaves(specs.params, is_leaf=lambda x: isinstance(x, P)))}
+
+    def opt_spec(path, leaf):
+      shape, spec = param_specs.get(_dict_path(path), (None, P()))
+      return spec if shape == leaf.shape else P()
+    return specs.replace(opt_state=jax.tree_util.tree_map_with_path(opt_spec, nn.unbox(state.opt_state)))
 
   def specs(x):
     return train_state_specs(x) if isinstance(x, TrainState) else nn.get_partition_spec(x)

@@ -1,0 +1,44 @@
+"""BERT fine-tuning for sequence classification, from our pretraining run or Hugging Face weights.
+
+  python train.py --config=configs/bert_finetune.py --workdir=runs/cls --config.init_from=runs/bert
+  python train.py --config=configs/bert_finetune.py --workdir=runs/sst2 --config.dataset.name=glue/sst2 \\
+      --config.dataset.eval_split=validation --config.init_from=hf:/path/to/bert-base-uncased --config.freeze=backbone
+  python eval.py  --config=configs/bert_finetune.py --workdir=runs/cls
+
+Offline default: `pydoc_topics`, which of 22 CPython documentation topics a 40-word passage is from
+(test passages unseen in pretraining and fine-tuning). Without init_from the same model trains
+from scratch. Options: freeze=backbone (train the new head only), optimizer.layer_decay < 1
+(layer-wise lr decay), model.lora_rank > 0 (LoRA adapters; `eval.py --mode=export` writes the
+merged weights). With init_from=hf:<dir> the model's shape and tokenizer are read from that
+directory, so the size preset does not matter.
+"""
+import importlib.util
+import os
+
+from model_zoo.config import options
+from model_zoo.models.bert import SIZES
+
+_spec = importlib.util.spec_from_file_location('bert_pretrain', os.path.join(os.path.dirname(__file__),
+                                                                             'bert_pretrain.py'))
+bert_pretrain = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(bert_pretrain)
+
+
+def get_config(arg: str = ''):
+  size = options(arg, 'configs/bert_finetune.py', size=SIZES)['size']
+  config = bert_pretrain.bert_config(size, 'text_classification')
+  config.dataset.train_split = 'train'
+  config.dataset.eval_split = 'test'
+  config.model.pooling = 'cls'                  # cls (BERT's pooler on [CLS]) | mean (over real tokens)
+  config.batch_size = 32
+  config.num_train_steps = 600
+  config.log_every_steps = 50
+  config.eval_every_steps = 200
+  config.checkpoint_every_steps = 200
+  config.optimizer.name = 'adamw'
+  config.optimizer.learning_rate = 5e-4 if size == 'tiny' else 3e-5
+  config.optimizer.schedule = 'warmup_linear'
+  config.optimizer.warmup_steps = 60
+  config.optimizer.weight_decay = 0.01
+  config.lock()
+  return config

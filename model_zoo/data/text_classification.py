@@ -1,0 +1,186 @@
+"""Text classification data and masked-LM examples, for BERT pretraining and fine-tuning.
+
+Data sets:
+  pydoc_topics   offline: which CPython documentation topic (`pydoc_data.topics`, the GPT corpus)
+                 a passage of 40 words comes from. pydoc repeats text between topics ('compound'
+                 holds 'if', 'while', ...), so every paragraph is first given to the smallest topic
+                 that holds it and dropped from the others; each topic's own words are then cut
+                 into passages. The topics with at least 16 passages are the classes (the others'
+                 passages are unlabelled text for masked-LM pretraining only). Each passage goes to
+                 test (20%), validation (10%) or train by a hash of its topic and index, so test
+                 passages are seen by neither pretraining nor fine-tuning.
+  glue/sst2, imdb_reviews   TFDS (on disk, or config.dataset.download=True).
+
+An example is `inputs` = [CLS] tokens [SEP] padded to `seq_len`, `segment_ids` (1 on real tokens,
+0 on padding), `type_ids` (zeros: one sentence) and `label`. The tokenizer is SentencePiece trained
+on the training split with a `<mask>` symbol (ids: pad 0, [CLS] = BOS 1, [SEP] = EOS 2, unk 3,
+<mask> 4), or a Hugging Face tokenizer (`config.dataset.tokenizer='hf:<dir>'`).
+
+Masked LM (`config.dataset.mlm_probability` > 0; Devlin et al., 2019, sec. 3.1): that share of
+the real tokens of each row (rounded, at least one) is chosen; of those, 80% become <mask>, 10% a
+random token and 10% stay. `targets` are the original tokens and `weights` 1 on the chosen ones.
+The training split is masked by the training pipeline, from the seed and the example's position
+in the stream (new masks each epoch; resumable; the same for any number of processes); other
+splits in the source, from the example's index, so evaluation is fixed.
+"""
+import collections
+import dataclasses
+import functools
+import hashlib
+
+import ml_collections
+import numpy as np
+
+from model_zoo.data import sources, text
+from model_zoo.data.sources import Dataset
+from model_zoo.errors import UserError
+
+MASK_PIECE = '<mask>'
+PASSAGE_WORDS = 40
+MIN_PASSAGES = 16
+SPLITS = ('train', 'validation', 'test')
+
+
+@dataclasses.dataclass(frozen=True)
+class Passage:
+  topic: str
+  split: str
+  text: str
+
+
+def _split_of(key: str) -> str:
+  bucket = int.from_bytes(hashlib.sha256(key.encode('utf-8')).digest()[:8], 'big') % 10
+  return 'test' if bucket < 2 else 'validation' if bucket == 2 else 'train'
+
+
+@functools.cache
+def pydoc_passages() -> tuple[tuple[Passage, ...], tuple[str, ...]]:
+  """All passages of the CPython documentation topics, and the topics that are classes."""
+  from pydoc_data.topics import topics  # pylint: disable=g-import-not-at-top
+  paragraphs = {name: [' '.join(p.split()) for p in body.split('\n\n') if p.strip()]
+                for name, body in topics.items()}
+  size = {name: len(body.split()) for name, body in topics.items()}
+  owner = {}
+  for name in sorted(paragraphs, key=lambda n: (size[n], n)):  # the smallest topic holding it wins
+    for p in paragraphs[name]:
+      owner.setdefault(p, name)
+  passages = []
+  for name in sorted(paragraphs):
+    words = [w for p in dict.fromkeys(paragraphs[name]) if owner[p] == name for w in p.split()]
+    for i in range(len(words) // PASSAGE_WORDS):
+      chunk = ' '.join(words[i * PASSAGE_WORDS:(i + 1) * PASSAGE_WORDS])
+      passages.append(Passage(name, _split_of(f'{name}/{i}'), chunk))
+  counts = collections.Counter(p.topic for p in passages)
+  classes = tuple(sorted(t for t, n in counts.items() if n >= MIN_PASSAGES))
+  return tuple(passages), classes
+
+
+def _pydoc_topics(config, split: str, labelled: bool):
+  if split not in SPLITS:
+    raise UserError(f'data set pydoc_topics has no split {split!r}; it has: {", ".join(SPLITS)}')
+  passages, classes = pydoc_passages()
+  index = {c: i for i, c in enumerate(classes)}
+  chosen = [p for p in passages if p.split == split and (p.topic in index or not labelled)]
+  return [p.text for p in chosen], np.array([index.get(p.topic, -1) for p in chosen], np.int32), classes
+
+
+def _tfds_text(name: str, text_key: str, splits: dict[str, str]):
+  def load(config, split: str, labelled: bool):
+    del labelled
+    if split not in splits:
+      raise UserError(f'data set {name} has no split {split!r}; it has: {", ".join(splits)}')
+    import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+    source = sources.tfds_source(config, name, splits[split], offline_alternative='pydoc_topics')
+    examples = [source[i] for i in range(len(source))]
+    names = tuple(tfds.builder(name, data_dir=config.data_dir or None).info.features['label'].names)
+    return ([text._to_str(ex[text_key]) for ex in examples],  # pylint: disable=protected-access
+            np.array([int(ex['label']) for ex in examples], np.int32), names)
+  return load
+
+
+# name -> f(dataset_config, split, labelled) -> (texts, labels, class names)
+DATASETS = {
+    'pydoc_topics': _pydoc_topics,
+    # glue/sst2's test labels are hidden (-1): evaluate on validation.
+    'glue/sst2': _tfds_text('glue/sst2', 'sentence', {'train': 'train', 'validation': 'validation'}),
+    'imdb_reviews': _tfds_text('imdb_reviews', 'text', {'train': 'train', 'test': 'test'}),
+}
+
+
+def tokenizer(dataset_config, workdir, train_texts):
+  """`tokenizer='hf:<dir>'`: that Hugging Face tokenizer; else text.tokenizer_for's, with <mask>."""
+  kind = dataset_config.tokenizer
+  if kind.startswith('hf:'):
+    from model_zoo.transfer import hf  # pylint: disable=g-import-not-at-top
+    return hf.HFTokenizer(kind[3:])
+  if kind != 'sentencepiece':
+    raise UserError(f"config.dataset.tokenizer must be 'sentencepiece' or 'hf:<directory>' for "
+                    f'{dataset_config.name}, got {kind!r}')
+  tok = text.tokenizer_for(dataset_config, workdir, train_texts, user_symbols=(MASK_PIECE,))
+  tok.mask_id = tok.piece_id(MASK_PIECE)
+  if tok.mask_id == text.UNK_ID:
+    raise UserError(f'{tok.path} has no {MASK_PIECE} token: it was trained for another task; use a new --workdir')
+  return tok
+
+
+def encode(ids, seq_len: int, tok) -> dict:
+  """[CLS] ids [SEP], cut and padded to seq_len."""
+  ids = [tok.bos_id] + list(ids)[:seq_len - 2] + [tok.eos_id]
+  inputs = np.full(seq_len, tok.pad_id, np.int32)
+  inputs[:len(ids)] = ids
+  segment_ids = np.zeros(seq_len, np.int32)
+  segment_ids[:len(ids)] = 1
+  return {'inputs': inputs, 'segment_ids': segment_ids, 'type_ids': np.zeros(seq_len, np.int32)}
+
+
+def mask_tokens(example: dict, rng: np.random.Generator, *, probability: float, mask_id: int,
+                vocab_size: int, special_ids: tuple[int, ...], first_random_id: int) -> dict:
+  """BERT's 80/10/10 masking of `example['inputs']` -> inputs, targets, weights (see the module doc).
+  Random replacements are drawn from [first_random_id, vocab_size)."""
+  inputs = example['inputs']
+  candidates = np.flatnonzero((example['segment_ids'] != 0) & ~np.isin(inputs, special_ids))
+  n = min(len(candidates), max(1, round(len(candidates) * probability)))
+  chosen = rng.permutation(candidates)[:n]
+  action = rng.random(n)
+  masked = inputs.copy()
+  masked[chosen[action < 0.8]] = mask_id
+  random_at = chosen[(action >= 0.8) & (action < 0.9)]
+  masked[random_at] = rng.integers(first_random_id, vocab_size, len(random_at))
+  weights = np.zeros(len(inputs), np.float32)
+  weights[chosen] = 1.0
+  return {**example, 'inputs': masked, 'targets': inputs, 'weights': weights}
+
+
+class _Examples:
+  """Encoded examples of a split; with `mask` (evaluation), masked by a generator keyed by index."""
+
+  def __init__(self, texts, labels, tok, seq_len, mask=None):
+    self.texts, self.labels, self.tok, self.seq_len, self.mask = texts, labels, tok, seq_len, mask
+
+  def __len__(self):
+    return len(self.texts)
+
+  def __getitem__(self, i):
+    ex = {**encode(self.tok.encode(self.texts[i]), self.seq_len, self.tok), 'label': self.labels[i]}
+    return ex if self.mask is None else self.mask(ex, np.random.default_rng([i, 0x6D6C6D]))
+
+
+def load(dataset_config: ml_collections.ConfigDict, split: str, workdir: str | None) -> Dataset:
+  name, seq_len, p = dataset_config.name, dataset_config.seq_len, dataset_config.get('mlm_probability', 0.0)
+  if not isinstance(seq_len, int) or seq_len < 3:
+    raise UserError(f'config.dataset.seq_len must be an integer >= 3, got {seq_len!r}')
+  if not 0 <= p < 1:
+    raise UserError(f'config.dataset.mlm_probability must be in [0, 1), got {p}')
+  read = DATASETS[name]
+  texts, labels, classes = read(dataset_config, split, p == 0)  # first: a bad split fails before training
+  tok = tokenizer(dataset_config, workdir, lambda: read(dataset_config, dataset_config.train_split, p == 0)[0])
+  if p == 0:
+    return Dataset(_Examples(texts, labels, tok, seq_len), lambda ex: ex, len(classes), classes, tokenizer=tok)
+  if getattr(tok, 'mask_id', None) is None:
+    raise UserError(f'masked-LM pretraining needs a tokenizer with a mask token; {dataset_config.tokenizer} has none')
+  mask = functools.partial(mask_tokens, probability=p, mask_id=tok.mask_id, vocab_size=tok.vocab_size,
+                           special_ids=(tok.pad_id, tok.bos_id, tok.eos_id, tok.mask_id),
+                           first_random_id=getattr(tok, 'first_random_id', tok.mask_id + 1))
+  if split == dataset_config.train_split:  # masked by the training pipeline, afresh every epoch
+    return Dataset(_Examples(texts, labels, tok, seq_len), lambda ex: ex, tokenizer=tok, augment=mask)
+  return Dataset(_Examples(texts, labels, tok, seq_len, mask=mask), lambda ex: ex, tokenizer=tok)

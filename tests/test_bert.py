@@ -1,0 +1,261 @@
+"""BERT: masked-LM data, the pydoc_topics task, fine-tuning (init_from, freeze, layer decay) and LoRA.
+
+The encoder itself is checked against Hugging Face's implementation in test_hf_import.py.
+"""
+import collections
+import json
+import os
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from helpers import read_metrics, run_cli, tiny_config
+from model_zoo.data import text_classification as tc
+from model_zoo.errors import UserError
+from model_zoo.models.bert import BERT, is_head
+from model_zoo.training import optimizers
+from model_zoo.transfer import export, finetune
+
+SMALL = ['--config.model.num_layers=2', '--config.model.d_model=32', '--config.model.num_heads=2',
+         '--config.model.d_ff=64', '--config.dataset.vocab_size=600', '--config.dataset.seq_len=48',
+         '--config.batch_size=16', '--config.log_every_steps=5', '--config.optimizer.warmup_steps=2']
+
+
+def _flat(tree):
+  return {'/'.join(str(getattr(k, 'key', k)) for k in path): np.asarray(v)
+          for path, v in jax.tree_util.tree_flatten_with_path(tree)[0]}
+
+
+def _params(workdir, step):
+  from model_zoo.training.checkpoints import Checkpoints  # pylint: disable=g-import-not-at-top
+  ckpt = Checkpoints(os.path.join(workdir, 'checkpoints'))
+  try:
+    return _flat(ckpt.restore_params(step))
+  finally:
+    ckpt.close()
+
+
+# Data.
+
+def test_pydoc_topics_passages_are_split_once_and_test_is_unseen():
+  passages, classes = tc.pydoc_passages()
+  assert len(classes) >= 15
+  by_split = collections.defaultdict(set)
+  for p in passages:
+    by_split[p.split].add(p.text)
+    assert len(p.text.split()) == tc.PASSAGE_WORDS
+  assert not by_split['test'] & by_split['train'] and not by_split['validation'] & by_split['train']
+  # No paragraph is shared between topics: a passage's words appear under one topic only.
+  topics_of = collections.defaultdict(set)
+  for p in passages:
+    topics_of[p.text].add(p.topic)
+  assert all(len(t) == 1 for t in topics_of.values())
+  counts = collections.Counter(p.split for p in passages if p.topic in classes)
+  assert counts['test'] > 150 and counts['train'] > 4 * counts['test'] // 2
+
+
+class _Tok:
+  pad_id, bos_id, eos_id, mask_id, vocab_size = 0, 1, 2, 4, 100
+
+
+def _row(n_real=50, seq_len=64, seed=0):
+  ids = np.random.default_rng(seed).integers(5, 100, n_real - 2)
+  return tc.encode(ids, seq_len, _Tok)
+
+
+def _mask(example, rng):
+  return tc.mask_tokens(example, rng, probability=0.15, mask_id=4, vocab_size=100, special_ids=(0, 1, 2, 4),
+                        first_random_id=5)
+
+
+def test_masking_follows_bert_rule():
+  example = _row()
+  chosen_total, actions = 0, collections.Counter()
+  for seed in range(400):
+    out = _mask(example, np.random.default_rng(seed))
+    w = out['weights'].astype(bool)
+    # round(0.15 * 48 real non-special tokens) = 7, never [CLS], [SEP] or padding.
+    assert w.sum() == 7 and not w[0] and not w[49] and not w[50:].any()
+    np.testing.assert_array_equal(out['targets'], example['inputs'])
+    np.testing.assert_array_equal(out['inputs'][~w], example['inputs'][~w])
+    chosen_total += w.sum()
+    masked = out['inputs'][w] == 4
+    kept = out['inputs'][w] == example['inputs'][w]
+    actions.update(mask=masked.sum(), keep=(kept & ~masked).sum(), random=(~kept & ~masked).sum())
+  share = {k: v / chosen_total for k, v in actions.items()}
+  # 80/10/10 (a random token may equal the original: 1 in 95 of the 10%)
+  assert abs(share['mask'] - 0.8) < 0.03 and abs(share['keep'] - 0.1 - 0.1 / 95) < 0.02, share
+  assert abs(share['random'] - 0.1) < 0.02, share
+
+
+def test_masking_is_deterministic_from_the_seed():
+  a = _mask(_row(), np.random.default_rng([3, 7]))
+  b = _mask(_row(), np.random.default_rng([3, 7]))
+  c = _mask(_row(), np.random.default_rng([3, 8]))
+  assert all(np.array_equal(a[k], b[k]) for k in a)
+  assert not np.array_equal(a['weights'], c['weights'])
+
+
+def test_mlm_loss_counts_masked_positions_only():
+  from model_zoo.tasks.masked_lm import MaskedLMTask  # pylint: disable=g-import-not-at-top
+  config = tiny_config('bert_pretrain', **{'model.num_layers': 1, 'model.d_model': 16, 'model.num_heads': 2,
+                                           'model.d_ff': 32, 'dataset.vocab_size': 100, 'model.dropout_rate': 0.0})
+  data = type('D', (), {'tokenizer': _Tok})()
+  task = MaskedLMTask(config, data)
+  batch = {k: np.stack([_mask(_row(seed=s), np.random.default_rng(s))[k] for s in range(3)])
+           for k in ('inputs', 'targets', 'weights', 'segment_ids', 'type_ids')}
+  state = task.init_state(jax.random.key(0), batch)
+  params = nn.unbox(state.params)
+  loss, (metrics, _) = task.loss_fn(params, {}, batch, jax.random.key(1))
+  logits = task.model.apply({'params': params}, batch['inputs'], train=False, type_ids_BxT=batch['type_ids'],
+                            segment_ids_BxT=batch['segment_ids'])
+  logits = np.asarray(logits, np.float64)
+  logp = logits - np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1, keepdims=True)) - logits.max(-1, keepdims=True)
+  w = batch['weights'].astype(bool)
+  want = -np.take_along_axis(logp, batch['targets'][..., None], -1)[..., 0][w].mean()
+  np.testing.assert_allclose(float(loss), want, rtol=1e-5)
+  assert 0 <= float(metrics['accuracy']) <= 1
+
+
+# Optimizer options.
+
+def test_layer_decay_scales_updates_by_depth():
+  params = {'embed': {'embedding': jnp.ones((3, 2))}, 'block_0': {'w': jnp.ones(2)}, 'block_1': {'w': jnp.ones(2)},
+            'cls_head': {'out': jnp.ones(2)}}
+  cfg = tiny_config('bert_finetune').optimizer
+  cfg.unlock()
+  cfg.update(name='sgd', learning_rate=1.0, schedule='constant', warmup_steps=0, layer_decay=0.5, weight_decay=0.0)
+  tx = optimizers.build(cfg, 10)
+  grads = jax.tree.map(jnp.ones_like, params)
+  updates, _ = tx.update(grads, tx.init(params), params)
+  got = {k: float(next(iter(v.values())).ravel()[0]) for k, v in updates.items()}
+  assert got == {'embed': -0.125, 'block_0': -0.25, 'block_1': -0.5, 'cls_head': -1.0}
+
+
+def test_frozen_parameters_get_no_update_and_the_state_keeps_its_structure():
+  params = {'block_0': {'w': jnp.ones((4, 4))}, 'cls_head': {'w': jnp.ones((4, 4))}}
+  cfg = tiny_config('bert_finetune', **{'optimizer.schedule': 'constant', 'optimizer.warmup_steps': 0,
+                                        'optimizer.weight_decay': 0.1}).optimizer
+  tx = optimizers.build(cfg, 10, frozen=lambda path: not is_head(path))
+  state = tx.init(params)
+  updates, _ = tx.update(jax.tree.map(jnp.ones_like, params), state, params)
+  assert not np.any(updates['block_0']['w']) and np.all(updates['cls_head']['w'] != 0)
+  # eval.py, which does not know how a run was trained, builds the same optimizer-state structure.
+  plain = optimizers.build(cfg, 10)
+  assert jax.tree.structure(plain.init(params)) == jax.tree.structure(state)
+
+
+# LoRA.
+
+def test_lora_starts_at_the_base_model_and_merges_exactly():
+  tokens = jnp.asarray(np.random.default_rng(0).integers(5, 50, (2, 12)))
+  base = BERT(vocab_size=50, num_layers=2, d_model=16, num_heads=2, d_ff=32, dropout_rate=0.0)
+  lora = base.clone(lora_rank=4, lora_alpha=8.0)
+  params = nn.unbox(lora.init(jax.random.key(0), tokens, train=False))['params']
+  base_params = {k: v for k, v in _flat(params).items() if '_lora_' not in k}
+  from flax import traverse_util  # pylint: disable=g-import-not-at-top
+  unflat = lambda d: traverse_util.unflatten_dict({tuple(k.split('/')): v for k, v in d.items()})
+  np.testing.assert_allclose(lora.apply({'params': params}, tokens, train=False),
+                             base.apply({'params': unflat(base_params)}, tokens, train=False), atol=1e-6)
+  # Train-like: give every B a random value, so the adapters change the output; merging keeps it.
+  rng = np.random.default_rng(1)
+  trained = jax.tree_util.tree_map_with_path(
+      lambda p, v: rng.normal(0, 0.3, v.shape).astype(np.float32) if '_lora_b' in str(p) else v, params)
+  with_adapters = lora.apply({'params': trained}, tokens, train=False)
+  merged = export.merge_lora(trained, 8.0)
+  assert not any('_lora_' in k for k in _flat(merged))
+  np.testing.assert_allclose(base.apply({'params': merged}, tokens, train=False), with_adapters, atol=1e-4)
+  assert np.abs(np.asarray(with_adapters) - np.asarray(base.apply({'params': unflat(base_params)}, tokens,
+                                                                     train=False))).max() > 1e-2
+
+
+# The whole path, through the command line: pretrain, fine-tune (frozen, LoRA), evaluate, export.
+
+@pytest.fixture(scope='module')
+def pretrained(tmp_path_factory):
+  workdir = str(tmp_path_factory.mktemp('bert'))
+  run_cli('train.py', '--config=configs/bert_pretrain.py', f'--workdir={workdir}', *SMALL,
+          '--config.num_train_steps=10', '--config.eval_every_steps=10', '--config.checkpoint_every_steps=10',
+          check=True)
+  return workdir
+
+
+def test_pretraining_writes_mlm_metrics(pretrained):
+  evals = [m for m in read_metrics(pretrained) if m['split'] == 'eval']
+  assert evals and {'loss', 'accuracy', 'perplexity'} <= set(evals[-1])
+  assert os.path.exists(os.path.join(pretrained, 'tokenizer.model'))
+
+
+def test_frozen_finetuning_trains_only_the_head(pretrained, tmp_path):
+  workdir = str(tmp_path / 'cls')
+  proc = run_cli('train.py', '--config=configs/bert_finetune.py', f'--workdir={workdir}', *SMALL,
+                 f'--config.init_from={pretrained}', '--config.freeze=backbone', '--config.num_train_steps=8',
+                 '--config.eval_every_steps=8', '--config.checkpoint_every_steps=8', check=True)
+  assert 'backbone arrays restored; new: cls_head' in proc.stdout
+  before, after = _params(pretrained, 10), _params(workdir, 8)
+  backbone = [k for k in after if not k.startswith('cls_head')]
+  assert backbone and all(np.array_equal(before[k], after[k]) for k in backbone)
+  assert 'cls_head/out/kernel' in after and 'mlm_head/bias' not in after
+  # The tokenizer is the pretraining run's, byte for byte.
+  with open(os.path.join(pretrained, 'tokenizer.model'), 'rb') as a, open(os.path.join(workdir, 'tokenizer.model'), 'rb') as b:
+    assert a.read() == b.read()
+  run_cli('eval.py', '--config=configs/bert_finetune.py', f'--workdir={workdir}', *SMALL, check=True)
+  with open(os.path.join(workdir, 'eval.json')) as f:
+    result = json.load(f)
+  assert {'accuracy', 'f1_macro'} <= set(result)
+  assert os.path.exists(os.path.join(workdir, 'confusion_matrix.png'))
+
+
+def test_unfrozen_finetuning_changes_the_backbone(pretrained, tmp_path):
+  workdir = str(tmp_path / 'cls')
+  run_cli('train.py', '--config=configs/bert_finetune.py', f'--workdir={workdir}', *SMALL,
+          f'--config.init_from={pretrained}', '--config.optimizer.layer_decay=0.8', '--config.num_train_steps=4',
+          '--config.eval_every_steps=4', '--config.checkpoint_every_steps=4', check=True)
+  before, after = _params(pretrained, 10), _params(workdir, 4)
+  assert not np.array_equal(before['block_0/mlp/wi/kernel'], after['block_0/mlp/wi/kernel'])
+
+
+def test_lora_finetuning_and_export(pretrained, tmp_path):
+  workdir, out = str(tmp_path / 'lora'), str(tmp_path / 'export')
+  args = ['--config=configs/bert_finetune.py', f'--workdir={workdir}', *SMALL, '--config.model.lora_rank=4']
+  proc = run_cli('train.py', *args, f'--config.init_from={pretrained}', '--config.freeze=backbone',
+                 '--config.num_train_steps=6', '--config.eval_every_steps=6', '--config.checkpoint_every_steps=6',
+                 check=True)
+  assert 'LoRA arrays' in proc.stdout
+  after = _params(workdir, 6)
+  before = _params(pretrained, 10)
+  assert all(np.array_equal(before[k], after[k]) for k in after if not is_head(tuple(k.split('/'))))
+  assert any(np.abs(after[k]).max() > 0 for k in after if '_lora_b' in k)  # B starts at zero and trained
+  run_cli('eval.py', *args, '--mode=export', f'--output={out}', check=True)
+  params, config = export.load(out)
+  assert config['model']['lora_rank'] == 0 and not any('_lora_' in k for k in _flat(params))
+  assert os.path.exists(os.path.join(out, 'tokenizer.model'))
+
+
+# Bad input.
+
+def test_init_from_a_model_of_another_shape_is_a_clear_error(pretrained, tmp_path):
+  workdir = str(tmp_path / 'cls')
+  proc = run_cli('train.py', '--config=configs/bert_finetune.py', f'--workdir={workdir}',
+                 *[a for a in SMALL if 'd_ff' not in a], '--config.model.d_ff=48', f'--config.init_from={pretrained}')
+  assert proc.returncode == 1 and 'does not hold this model\'s backbone' in proc.stderr
+  assert 'shape of block_0/mlp/wi' in proc.stderr
+  assert not os.path.exists(os.path.join(workdir, 'checkpoints'))
+
+
+@pytest.mark.parametrize('args, message', [
+    (['--config.freeze=backbone'], 'set config.init_from'),
+    (['--config.freeze=all'], "config.freeze must be 'none' or 'backbone'"),
+    (['--config.optimizer.layer_decay=1.5'], 'layer_decay must be in (0, 1]'),
+    (['--config.init_from=/nonexistent'], 'is not a workdir with checkpoints'),
+    (['--config.init_from=hf:/nonexistent'], 'config.json not found'),
+    (['--config.dataset.name=glue/sst2', '--config.dataset.eval_split=validation'], 'not available offline'),
+])
+def test_finetuning_bad_input(tmp_path, args, message):
+  proc = run_cli('train.py', '--config=configs/bert_finetune.py', f'--workdir={tmp_path / "w"}', *SMALL, *args)
+  assert proc.returncode == 1 and message in proc.stderr, proc.stderr
+  assert not os.path.exists(tmp_path / 'w' / 'checkpoints')

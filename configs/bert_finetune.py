@@ -11,6 +11,8 @@ from scratch. Options: freeze=backbone (train the new head only), optimizer.laye
 (layer-wise lr decay), model.lora_rank > 0 (LoRA adapters; `eval.py --mode=export` writes the
 merged weights). With init_from=hf:<dir> the model's shape and tokenizer are read from that
 directory, so the size preset does not matter.
+
+  python train.py --config=configs/bert_finetune.py:head=tokens --config.init_from=runs/bert   # per-token labels
 """
 import importlib.util
 import os
@@ -25,11 +27,17 @@ _spec.loader.exec_module(bert_pretrain)
 
 
 def get_config(arg: str = ''):
-  size = options(arg, 'configs/bert_finetune.py', size=SIZES)['size']
-  config = bert_pretrain.bert_config(size, 'text_classification')
+  chosen = options(arg, 'configs/bert_finetune.py', size=SIZES, head=('classify', 'tokens'))
+  size = chosen['size']
+  if chosen['head'] == 'tokens':  # a label per token: pydoc_topic_spans, rows of two passages
+    config = bert_pretrain.bert_config(size, 'token_classification')
+    config.dataset.name = 'pydoc_topic_spans'
+    config.dataset.seq_len = 2 * config.dataset.seq_len
+  else:
+    config = bert_pretrain.bert_config(size, 'text_classification')
+    config.model.pooling = 'cls'                # cls (BERT's pooler on [CLS]) | mean (over real tokens)
   config.dataset.train_split = 'train'
   config.dataset.eval_split = 'test'
-  config.model.pooling = 'cls'                  # cls (BERT's pooler on [CLS]) | mean (over real tokens)
   config.batch_size = 32
   config.num_train_steps = 600
   config.log_every_steps = 50

@@ -46,15 +46,15 @@ def get_config(arg: str = ''):
   config.dataset.train_split = 'train'
   config.dataset.eval_split = 'validation'
   config.dataset.mlm_probability = 0.15
-  config.batch_size = 64 if size == 'tiny' else 256
-  config.num_train_steps = 3000 if size == 'tiny' else 1_000_000
+  config.batch_size = 32 if size == 'tiny' else 256
+  config.num_train_steps = 2000 if size == 'tiny' else 1_000_000
   config.log_every_steps = 100
-  config.eval_every_steps = 1000 if size == 'tiny' else 10_000
-  config.checkpoint_every_steps = 1000 if size == 'tiny' else 10_000
+  config.eval_every_steps = 500 if size == 'tiny' else 10_000
+  config.checkpoint_every_steps = 500 if size == 'tiny' else 10_000
   config.optimizer.name = 'adamw'
   config.optimizer.learning_rate = 1e-3 if size == 'tiny' else 1e-4
   config.optimizer.schedule = 'warmup_linear'
-  config.optimizer.warmup_steps = 300 if size == 'tiny' else 10_000
+  config.optimizer.warmup_steps = 200 if size == 'tiny' else 10_000
   config.optimizer.weight_decay = 0.01
   config.optimizer.b2 = 0.999
   config.lock()

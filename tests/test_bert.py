@@ -259,3 +259,31 @@ def test_finetuning_bad_input(tmp_path, args, message):
   proc = run_cli('train.py', '--config=configs/bert_finetune.py', f'--workdir={tmp_path / "w"}', *SMALL, *args)
   assert proc.returncode == 1 and message in proc.stderr, proc.stderr
   assert not os.path.exists(tmp_path / 'w' / 'checkpoints')
+
+
+def test_topic_spans_label_two_passages_of_different_topics():
+  from model_zoo.data import sources  # pylint: disable=g-import-not-at-top
+  config = tiny_config('bert_finetune', **{'dataset.vocab_size': 600}).dataset
+  config.unlock()
+  config.name, config.seq_len = 'pydoc_topic_spans', 192
+  data = sources.load(config, 'test', None)
+  texts = data.source.texts
+  for i in range(0, len(texts), 17):
+    ex = data.source[i]
+    w = ex['weights'].astype(bool)
+    labels = ex['labels'][w]
+    change = np.flatnonzero(np.diff(labels))
+    assert len(change) == 1 and labels[0] != labels[-1]  # two spans, two topics
+    assert change[0] + 1 == len(data.tokenizer.encode(texts[i]))  # the boundary is where passage A ends
+    assert not w[0] and ex['inputs'][0] == data.tokenizer.bos_id
+
+
+def test_token_classification_finetuning(pretrained, tmp_path):
+  workdir = str(tmp_path / 'tok')
+  args = ['--config=configs/bert_finetune.py:head=tokens', f'--workdir={workdir}', *SMALL]
+  proc = run_cli('train.py', *args, f'--config.init_from={pretrained}', '--config.num_train_steps=4',
+                 '--config.eval_every_steps=4', '--config.checkpoint_every_steps=4', check=True)
+  assert 'new: token_head' in proc.stdout
+  run_cli('eval.py', *args, check=True)
+  with open(os.path.join(workdir, 'eval.json')) as f:
+    assert {'accuracy', 'f1_macro'} <= set(json.load(f))

@@ -7,6 +7,7 @@ transposed or swapped kernel, swapped LayerNorms, the wrong GELU) changes the lo
 import json
 import os
 import pickle
+import shutil
 import sys
 
 import jax
@@ -14,8 +15,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-torch = pytest.importorskip('torch')
-transformers = pytest.importorskip('transformers')
+import torch  # the test extra installs torch and transformers: these tests must run, not skip
+import transformers
 
 import flax.linen as nn  # pylint: disable=g-import-not-at-top,wrong-import-position
 import safetensors.numpy  # pylint: disable=g-import-not-at-top,wrong-import-position
@@ -298,3 +299,57 @@ def test_save_round_trip(name, tmp_path):
   diff = _max_diff(ours, want, MASK)
   print(f'\n{name} saved -> transformers: max abs logit difference {diff:.2e}')
   assert diff <= TOL
+
+
+# The command line: fine-tuning from a Hugging Face directory, with its tokenizer.
+
+def test_train_bert_classifier_from_hf_directory(bert_dir, tmp_path):
+  from helpers import run_cli  # pylint: disable=g-import-not-at-top
+  directory = tmp_path / 'bert'
+  shutil.copytree(bert_dir[0], directory)
+  (directory / 'vocab.txt').write_text('\n'.join(_bert_vocab()) + '\n', encoding='utf-8')
+  workdir = str(tmp_path / 'run')
+  args = ['--config=configs/bert_finetune.py', f'--workdir={workdir}', f'--config.init_from=hf:{directory}',
+          '--config.dataset.seq_len=48', '--config.batch_size=8']
+  proc = run_cli('train.py', *args, '--config.freeze=backbone', '--config.num_train_steps=3',
+                 '--config.log_every_steps=1', '--config.optimizer.warmup_steps=1', check=True)
+  assert 'backbone arrays restored; new: cls_head' in proc.stdout
+  with open(os.path.join(workdir, 'config.json')) as f:
+    saved = json.load(f)
+  assert saved['model']['d_model'] == 32 and saved['dataset']['tokenizer'] == f'hf:{directory}'
+  from model_zoo.training.checkpoints import Checkpoints  # pylint: disable=g-import-not-at-top
+  ckpt = Checkpoints(os.path.join(workdir, 'checkpoints'))
+  trained = ckpt.restore_params(3)
+  ckpt.close()
+  imported = hf.load_params(str(directory), 'bert')
+  flat = lambda t: {'/'.join(str(getattr(k, 'key', k)) for k in p): v for p, v in jax.tree_util.tree_flatten_with_path(t)[0]}
+  trained, imported = flat(trained), flat(imported)
+  backbone = [k for k in trained if not k.startswith('cls_head')]
+  assert backbone and all(np.array_equal(trained[k], imported[k]) for k in backbone)  # frozen: still HF's
+  run_cli('eval.py', *args, check=True)
+  with open(os.path.join(workdir, 'eval.json')) as f:
+    assert 'f1_macro' in json.load(f)
+
+
+def test_train_gpt2_language_model_from_hf_directory(tmp_path):
+  from helpers import run_cli  # pylint: disable=g-import-not-at-top
+  from tokenizers import ByteLevelBPETokenizer  # pylint: disable=g-import-not-at-top
+  from pydoc_data.topics import topics  # pylint: disable=g-import-not-at-top
+  directory = tmp_path / 'gpt2'
+  directory.mkdir()
+  bpe = ByteLevelBPETokenizer()
+  bpe.train_from_iterator([topics['if'], topics['while']], vocab_size=320, min_frequency=2,
+                          special_tokens=['<|endoftext|>'], show_progress=False)
+  bpe.save_model(str(directory))
+  vocab = bpe.get_vocab_size()
+  torch.manual_seed(0)
+  transformers.GPT2LMHeadModel(transformers.GPT2Config(**{**GPT_SIZES, 'vocab_size': vocab})).save_pretrained(directory)
+  workdir = str(tmp_path / 'run')
+  proc = run_cli('train.py', '--config=configs/gpt.py', f'--workdir={workdir}', f'--config.init_from=hf:{directory}',
+                 '--config.dataset.seq_len=32', '--config.batch_size=8', '--config.num_train_steps=2',
+                 '--config.log_every_steps=1', '--config.eval_every_steps=2', '--config.optimizer.warmup_steps=1',
+                 check=True)
+  assert 'backbone arrays restored; new: no head' in proc.stdout
+  with open(os.path.join(workdir, 'metrics.jsonl')) as f:
+    evals = [m for m in map(json.loads, f) if m['split'] == 'eval']
+  assert evals and np.isfinite(evals[-1]['bits_per_byte'])

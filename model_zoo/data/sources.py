@@ -127,6 +127,7 @@ DATASETS = {
     'pydoc': _text,   # the CPython documentation text (pydoc_data), offline
     'lm1b': _text,    # TFDS One Billion Word benchmark
     'pydoc_topics': _text_classification,   # which CPython documentation topic a passage is from
+    'pydoc_topic_spans': _text_classification,  # ... per token, in rows of two passages
     'glue/sst2': _text_classification,      # TFDS
     'imdb_reviews': _text_classification,   # TFDS
     'numbers': _translation,                # English number words -> German, generated offline

@@ -5,6 +5,7 @@ the TFDS `lm1b` (One Billion Word, one sentence per document; must be on disk or
 
 Tokenizers: `bytes` (UTF-8 bytes, nothing to train) or `sentencepiece` (BPE, trained on the
 training split once and kept in `<workdir>/tokenizer.model`). Ids 0, 1, 2 are pad, BOS, EOS.
+`hf:<dir>` is a Hugging Face checkpoint's tokenizer (model_zoo.transfer.hf), for fine-tuning it.
 
 Packing: every document becomes [BOS] + tokens + [EOS]; the documents of a split, in order,
 form one stream cut into rows of `seq_len` + 1 tokens that overlap by one. `weights` is 1
@@ -190,6 +191,9 @@ def tokenizer_for(dataset_config: ml_collections.ConfigDict, workdir: str | None
   kind = dataset_config.tokenizer
   if kind == 'bytes':
     return ByteTokenizer()
+  if kind.startswith('hf:'):  # a Hugging Face checkpoint's own (config.init_from='hf:<dir>' sets it)
+    from model_zoo.transfer import hf  # pylint: disable=g-import-not-at-top
+    return hf.HFTokenizer(kind[3:])
   if kind != 'sentencepiece':
     raise UserError(f'unknown tokenizer {kind!r} in config.dataset.tokenizer; known: {", ".join(TOKENIZERS)}')
   vocab_size = dataset_config.vocab_size

@@ -9,6 +9,11 @@ Data sets:
                  passages are unlabelled text for masked-LM pretraining only). Each passage goes to
                  test (20%), validation (10%) or train by a hash of its topic and index, so test
                  passages are seen by neither pretraining nor fine-tuning.
+  pydoc_topic_spans  offline token classification (the extractive-QA kind of head): a row holds
+                 two passages of different topics, back to back, and every token is labelled with
+                 its passage's topic, so the model must find where one passage ends and name both.
+                 Passage i of a split is followed by the next passage (in a fixed shuffle of the
+                 split) of another topic. `labels` [L] and `weights` [L] (0 on [CLS], [SEP], padding).
   glue/sst2, imdb_reviews   TFDS (on disk, or config.dataset.download=True).
 
 An example is `inputs` = [CLS] tokens [SEP] padded to `seq_len`, `segment_ids` (1 on real tokens,
@@ -101,6 +106,7 @@ def _tfds_text(name: str, text_key: str, splits: dict[str, str]):
 # name -> f(dataset_config, split, labelled) -> (texts, labels, class names)
 DATASETS = {
     'pydoc_topics': _pydoc_topics,
+    'pydoc_topic_spans': lambda config, split, labelled: _pydoc_topics(config, split, True),
     # glue/sst2's test labels are hidden (-1): evaluate on validation.
     'glue/sst2': _tfds_text('glue/sst2', 'sentence', {'train': 'train', 'validation': 'validation'}),
     'imdb_reviews': _tfds_text('imdb_reviews', 'text', {'train': 'train', 'test': 'test'}),
@@ -111,8 +117,7 @@ def tokenizer(dataset_config, workdir, train_texts):
   """`tokenizer='hf:<dir>'`: that Hugging Face tokenizer; else text.tokenizer_for's, with <mask>."""
   kind = dataset_config.tokenizer
   if kind.startswith('hf:'):
-    from model_zoo.transfer import hf  # pylint: disable=g-import-not-at-top
-    return hf.HFTokenizer(kind[3:])
+    return text.tokenizer_for(dataset_config, workdir, train_texts)
   if kind != 'sentencepiece':
     raise UserError(f"config.dataset.tokenizer must be 'sentencepiece' or 'hf:<directory>' for "
                     f'{dataset_config.name}, got {kind!r}')
@@ -151,6 +156,33 @@ def mask_tokens(example: dict, rng: np.random.Generator, *, probability: float, 
   return {**example, 'inputs': masked, 'targets': inputs, 'weights': weights}
 
 
+class _SpanExamples:
+  """pydoc_topic_spans rows: two passages of different topics, each token labelled with its topic."""
+
+  def __init__(self, texts, labels, tok, seq_len):
+    self.texts, self.labels, self.tok, self.seq_len = texts, labels, tok, seq_len
+    order = np.random.default_rng(0).permutation(len(texts))
+    self.partner = np.empty(len(texts), np.int64)
+    for rank, i in enumerate(order):  # the next passage in the shuffle whose topic differs
+      j = next(order[(rank + k) % len(order)] for k in range(1, len(order)) if labels[order[(rank + k) % len(order)]]
+               != labels[i])
+      self.partner[i] = j
+
+  def __len__(self):
+    return len(self.texts)
+
+  def __getitem__(self, i):
+    a, b = self.tok.encode(self.texts[i]), self.tok.encode(self.texts[self.partner[i]])
+    ex = encode(a + b, self.seq_len, self.tok)
+    labels = np.zeros(self.seq_len, np.int32)
+    labels[1:1 + len(a)] = self.labels[i]
+    labels[1 + len(a):1 + len(a) + len(b)] = self.labels[self.partner[i]]
+    weights = ex['segment_ids'].astype(np.float32)
+    weights[0] = 0.0
+    weights[int(ex['segment_ids'].sum()) - 1] = 0.0   # [SEP]
+    return {**ex, 'labels': labels, 'weights': weights}
+
+
 class _Examples:
   """Encoded examples of a split; with `mask` (evaluation), masked by a generator keyed by index."""
 
@@ -174,6 +206,8 @@ def load(dataset_config: ml_collections.ConfigDict, split: str, workdir: str | N
   read = DATASETS[name]
   texts, labels, classes = read(dataset_config, split, p == 0)  # first: a bad split fails before training
   tok = tokenizer(dataset_config, workdir, lambda: read(dataset_config, dataset_config.train_split, p == 0)[0])
+  if name == 'pydoc_topic_spans':
+    return Dataset(_SpanExamples(texts, labels, tok, seq_len), lambda ex: ex, len(classes), classes, tokenizer=tok)
   if p == 0:
     return Dataset(_Examples(texts, labels, tok, seq_len), lambda ex: ex, len(classes), classes, tokenizer=tok)
   if getattr(tok, 'mask_id', None) is None:

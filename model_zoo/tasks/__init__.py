@@ -1,7 +1,7 @@
 """Tasks by name: `config.task` -> a Task class."""
 from model_zoo.config import lookup
 from model_zoo.tasks.base import SupervisedTask, Task
-from model_zoo.tasks.classification import ClassificationTask, TextClassificationTask
+from model_zoo.tasks.classification import ClassificationTask, TextClassificationTask, TokenClassificationTask
 from model_zoo.tasks.gan import GANTask
 from model_zoo.tasks.language_modeling import LanguageModelingTask
 from model_zoo.tasks.masked_lm import MaskedLMTask
@@ -9,6 +9,7 @@ from model_zoo.tasks.reconstruction import AutoencoderTask, VAETask
 from model_zoo.tasks.translation import TranslationTask
 
 TASKS = {'classification': ClassificationTask, 'text_classification': TextClassificationTask,
+         'token_classification': TokenClassificationTask,
          'masked_lm': MaskedLMTask, 'language_modeling': LanguageModelingTask,
          'translation': TranslationTask, 'gan': GANTask,
          'autoencoder': AutoencoderTask, 'vae': VAETask}

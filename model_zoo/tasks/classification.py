@@ -1,7 +1,8 @@
 """Classification: softmax cross-entropy; accuracy, macro precision/recall/F1, confusion matrix.
 
 `classification` takes images (or any array input); `text_classification` takes token rows with a
-padding mask (`segment_ids`) and sentence types (`type_ids`), for BERT.
+padding mask (`segment_ids`) and sentence types (`type_ids`), for BERT; `token_classification`
+labels every token (`labels` and `weights` [B, L]), and its metrics count tokens.
 """
 import os
 
@@ -72,3 +73,30 @@ def text_vocab_size(config, data) -> int:
     raise UserError(f'the tokenizer has {data.tokenizer.vocab_size} tokens but config.dataset.vocab_size='
                     f'{config.dataset.vocab_size}; set them equal')
   return config.dataset.vocab_size
+
+
+class TokenClassificationTask(TextClassificationTask):
+  """A label per token: batches also hold `labels` and `weights` [B, L] (0 where a token has none)."""
+
+  def build_model(self):
+    return models.build(self.config.model, num_classes=self.data.num_classes, head='tokens',
+                        vocab_size=text_vocab_size(self.config, self.data))
+
+  def loss_fn(self, params, model_state, batch, rng):
+    logits_BxLxC, model_state = self.apply(params, model_state, self.model_inputs(batch), train=True, rng=rng,
+                                           **self.model_kwargs(batch))
+    w_BxL = batch['weights']
+    count = jnp.maximum(w_BxL.sum(), 1.0)
+    loss = jnp.sum(optax.softmax_cross_entropy_with_integer_labels(logits_BxLxC, batch['labels']) * w_BxL) / count
+    accuracy = jnp.sum((jnp.argmax(logits_BxLxC, -1) == batch['labels']) * w_BxL) / count
+    return loss, ({'loss': loss, 'accuracy': accuracy}, model_state)
+
+  def eval_step(self, state, batch):
+    logits_BxLxC, _ = self.apply(state.params, state.model_state, self.model_inputs(batch), train=False,
+                                 **self.model_kwargs(batch))
+    w_BxL = batch['weights'] * batch['mask'][:, None]
+    loss_BxL = optax.softmax_cross_entropy_with_integer_labels(logits_BxLxC, batch['labels'])
+    true_BxLxC = jax.nn.one_hot(batch['labels'], self.data.num_classes) * w_BxL[..., None]
+    pred_BxLxC = jax.nn.one_hot(jnp.argmax(logits_BxLxC, -1), self.data.num_classes)
+    return {'loss_sum': jnp.sum(loss_BxL * w_BxL), 'count': jnp.sum(w_BxL),
+            'confusion': jnp.einsum('blt,blp->tp', true_BxLxC, pred_BxLxC)}

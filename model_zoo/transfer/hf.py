@@ -320,6 +320,12 @@ class HFTokenizer:
   def decode(self, ids) -> str:
     return self._tok.decode([int(i) for i in np.asarray(ids).reshape(-1)], skip_special_tokens=True)
 
+  def token_bytes(self) -> np.ndarray:
+    """UTF-8 bytes of each token decoded alone (0 for special tokens), for bits per byte. Exact for
+    whole characters; a byte-level token holding part of a multi-byte character counts as 3 (U+FFFD)."""
+    texts = self._tok.decode_batch([[i] for i in range(self.vocab_size)], skip_special_tokens=True)
+    return np.array([len(t.encode('utf-8')) for t in texts], np.int32)
+
 
 def save(directory: str, params, model_config: dict):
   """Writes our BERT (its mlm head and pooler if present) or GPT parameters as a Hugging Face

@@ -82,6 +82,8 @@ def test_masking_follows_bert_rule():
     assert w.sum() == 7 and not w[0] and not w[49] and not w[50:].any()
     np.testing.assert_array_equal(out['targets'], example['inputs'])
     np.testing.assert_array_equal(out['inputs'][~w], example['inputs'][~w])
+    assert out['mlm_positions'].shape == (10,) and out['mlm_weights'].sum() == 7  # ceil(0.15 * 64) = 10
+    np.testing.assert_array_equal(out['mlm_positions'][:7], np.flatnonzero(w))
     chosen_total += w.sum()
     masked = out['inputs'][w] == 4
     kept = out['inputs'][w] == example['inputs'][w]
@@ -107,7 +109,7 @@ def test_mlm_loss_counts_masked_positions_only():
   data = type('D', (), {'tokenizer': _Tok})()
   task = MaskedLMTask(config, data)
   batch = {k: np.stack([_mask(_row(seed=s), np.random.default_rng(s))[k] for s in range(3)])
-           for k in ('inputs', 'targets', 'weights', 'segment_ids', 'type_ids')}
+           for k in ('inputs', 'targets', 'weights', 'segment_ids', 'type_ids', 'mlm_positions', 'mlm_weights')}
   state = task.init_state(jax.random.key(0), batch)
   params = nn.unbox(state.params)
   loss, (metrics, _) = task.loss_fn(params, {}, batch, jax.random.key(1))
@@ -195,7 +197,7 @@ def test_frozen_finetuning_trains_only_the_head(pretrained, tmp_path):
   proc = run_cli('train.py', '--config=configs/bert_finetune.py', f'--workdir={workdir}', *SMALL,
                  f'--config.init_from={pretrained}', '--config.freeze=backbone', '--config.num_train_steps=8',
                  '--config.eval_every_steps=8', '--config.checkpoint_every_steps=8', check=True)
-  assert 'backbone arrays restored; new: cls_head' in proc.stdout
+  assert 'arrays restored; new: cls_head' in proc.stdout
   before, after = _params(pretrained, 10), _params(workdir, 8)
   backbone = [k for k in after if not k.startswith('cls_head')]
   assert backbone and all(np.array_equal(before[k], after[k]) for k in backbone)
@@ -280,10 +282,26 @@ def test_topic_spans_label_two_passages_of_different_topics():
 
 def test_token_classification_finetuning(pretrained, tmp_path):
   workdir = str(tmp_path / 'tok')
-  args = ['--config=configs/bert_finetune.py:head=tokens', f'--workdir={workdir}', *SMALL]
+  args = ['--config=configs/bert_finetune.py:head=tokens', f'--workdir={workdir}', *SMALL, '--config.dataset.seq_len=96']
   proc = run_cli('train.py', *args, f'--config.init_from={pretrained}', '--config.num_train_steps=4',
                  '--config.eval_every_steps=4', '--config.checkpoint_every_steps=4', check=True)
   assert 'new: token_head' in proc.stdout
   run_cli('eval.py', *args, check=True)
   with open(os.path.join(workdir, 'eval.json')) as f:
     assert {'accuracy', 'f1_macro'} <= set(json.load(f))
+
+
+def test_init_from_takes_heads_it_has_and_refuses_a_freeze_that_trains_nothing(monkeypatch):
+  model = BERT(vocab_size=50, num_layers=1, d_model=8, num_heads=2, d_ff=16, head='classify', num_classes=3)
+  tokens = jnp.ones((1, 4), jnp.int32)
+  params = nn.unbox(model.init(jax.random.key(0), tokens, train=False))['params']
+  source = jax.tree.map(lambda x: np.full(x.shape, 7.0, np.float32), params)
+  del source['cls_head']['out']          # a pretrained model's pooler (as Hugging Face BERT has), no classifier
+  monkeypatch.setattr(finetune, '_source_params', lambda init_from, name: source)
+  config = tiny_config('bert_finetune', init_from='hf:x', freeze='backbone')
+  got = _flat(finetune.initial_params(config, params))
+  assert np.all(got['cls_head/pooler/kernel'] == 7.0) and np.all(got['block_0/mlp/wi/kernel'] == 7.0)
+  np.testing.assert_array_equal(got['cls_head/out/kernel'], _flat(params)['cls_head/out/kernel'])
+  source['cls_head']['out'] = jax.tree.map(lambda x: np.zeros(x.shape, np.float32), params['cls_head']['out'])
+  with pytest.raises(UserError, match='would train nothing'):
+    finetune.initial_params(config, params)

@@ -118,14 +118,17 @@ class SentencePieceTokenizer:
                       f'{len(sample)} documents: {reason}. Set config.dataset.vocab_size to fit: at least '
                       f'260 + the number of distinct characters, and a small corpus cannot fill a large '
                       f'vocabulary') from e
-    _write_atomically(path, model.getvalue())
+    write_atomically(path, model.getvalue())
     return cls(path)
 
   def encode(self, text: str) -> list[int]:
     return self._sp.encode(text)
 
-  def piece_id(self, piece: str) -> int:
-    return self._sp.piece_to_id(piece)
+  @property
+  def mask_id(self) -> int | None:
+    """The id of '<mask>' (BERT's [MASK]) if the model was trained with it, else None."""
+    i = self._sp.piece_to_id('<mask>')
+    return None if i == UNK_ID else i
 
   def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
     return self._sp.encode(list(texts), num_threads=os.cpu_count() or 1)
@@ -172,7 +175,7 @@ def _temp_path(path: str) -> str:
   return tmp
 
 
-def _write_atomically(path: str, data: bytes):
+def write_atomically(path: str, data: bytes):
   """Writes `data` to `path` so that a reader sees the whole file or none (several processes may)."""
   tmp = _temp_path(path)
   with open(tmp, 'wb') as f:

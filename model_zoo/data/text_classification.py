@@ -24,14 +24,16 @@ on the training split with a `<mask>` symbol (ids: pad 0, [CLS] = BOS 1, [SEP] =
 Masked LM (`config.dataset.mlm_probability` > 0; Devlin et al., 2019, sec. 3.1): that share of
 the real tokens of each row (rounded, at least one) is chosen; of those, 80% become <mask>, 10% a
 random token and 10% stay. `targets` are the original tokens and `weights` 1 on the chosen ones.
-The training split is masked by the training pipeline, from the seed and the example's position
-in the stream (new masks each epoch; resumable; the same for any number of processes); other
-splits in the source, from the example's index, so evaluation is fixed.
+Every split's source masks each example with a generator keyed by its index, so evaluation is
+fixed; the training pipeline masks again, from the original tokens, with the seed and the
+example's position in the stream (new masks every epoch; resumable; the same for any number of
+processes).
 """
 import collections
 import dataclasses
 import functools
 import hashlib
+import math
 
 import ml_collections
 import numpy as np
@@ -122,8 +124,7 @@ def tokenizer(dataset_config, workdir, train_texts):
     raise UserError(f"config.dataset.tokenizer must be 'sentencepiece' or 'hf:<directory>' for "
                     f'{dataset_config.name}, got {kind!r}')
   tok = text.tokenizer_for(dataset_config, workdir, train_texts, user_symbols=(MASK_PIECE,))
-  tok.mask_id = tok.piece_id(MASK_PIECE)
-  if tok.mask_id == text.UNK_ID:
+  if tok.mask_id is None:
     raise UserError(f'{tok.path} has no {MASK_PIECE} token: it was trained for another task; use a new --workdir')
   return tok
 
@@ -140,12 +141,14 @@ def encode(ids, seq_len: int, tok) -> dict:
 
 def mask_tokens(example: dict, rng: np.random.Generator, *, probability: float, mask_id: int,
                 vocab_size: int, special_ids: tuple[int, ...], first_random_id: int) -> dict:
-  """BERT's 80/10/10 masking of `example['inputs']` -> inputs, targets, weights (see the module doc).
+  """BERT's 80/10/10 masking of `example['inputs']` (see the module doc). Adds `targets` (the original
+  tokens), `weights` (1 where chosen) and, for a head that reads the chosen positions only,
+  `mlm_positions` and `mlm_weights`, padded to ceil(probability * seq_len) entries.
   Random replacements are drawn from [first_random_id, vocab_size)."""
-  inputs = example['inputs']
+  inputs = example.get('targets', example['inputs'])  # the original tokens, if already masked once
   candidates = np.flatnonzero((example['segment_ids'] != 0) & ~np.isin(inputs, special_ids))
   n = min(len(candidates), max(1, round(len(candidates) * probability)))
-  chosen = rng.permutation(candidates)[:n]
+  chosen = np.sort(rng.permutation(candidates)[:n])
   action = rng.random(n)
   masked = inputs.copy()
   masked[chosen[action < 0.8]] = mask_id
@@ -153,7 +156,11 @@ def mask_tokens(example: dict, rng: np.random.Generator, *, probability: float, 
   masked[random_at] = rng.integers(first_random_id, vocab_size, len(random_at))
   weights = np.zeros(len(inputs), np.float32)
   weights[chosen] = 1.0
-  return {**example, 'inputs': masked, 'targets': inputs, 'weights': weights}
+  width = math.ceil(probability * len(inputs))
+  positions, position_weights = np.zeros(width, np.int32), np.zeros(width, np.float32)
+  positions[:n], position_weights[:n] = chosen, 1.0
+  return {**example, 'inputs': masked, 'targets': inputs, 'weights': weights, 'mlm_positions': positions,
+          'mlm_weights': position_weights}
 
 
 class _SpanExamples:
@@ -207,6 +214,9 @@ def load(dataset_config: ml_collections.ConfigDict, split: str, workdir: str | N
   texts, labels, classes = read(dataset_config, split, p == 0)  # first: a bad split fails before training
   tok = tokenizer(dataset_config, workdir, lambda: read(dataset_config, dataset_config.train_split, p == 0)[0])
   if name == 'pydoc_topic_spans':
+    if p:
+      raise UserError('config.dataset.mlm_probability must be 0 for pydoc_topic_spans (a labelling task); '
+                      'pretrain on pydoc_topics')
     return Dataset(_SpanExamples(texts, labels, tok, seq_len), lambda ex: ex, len(classes), classes, tokenizer=tok)
   if p == 0:
     return Dataset(_Examples(texts, labels, tok, seq_len), lambda ex: ex, len(classes), classes, tokenizer=tok)
@@ -214,7 +224,5 @@ def load(dataset_config: ml_collections.ConfigDict, split: str, workdir: str | N
     raise UserError(f'masked-LM pretraining needs a tokenizer with a mask token; {dataset_config.tokenizer} has none')
   mask = functools.partial(mask_tokens, probability=p, mask_id=tok.mask_id, vocab_size=tok.vocab_size,
                            special_ids=(tok.pad_id, tok.bos_id, tok.eos_id, tok.mask_id),
-                           first_random_id=getattr(tok, 'first_random_id', tok.mask_id + 1))
-  if split == dataset_config.train_split:  # masked by the training pipeline, afresh every epoch
-    return Dataset(_Examples(texts, labels, tok, seq_len), lambda ex: ex, tokenizer=tok, augment=mask)
-  return Dataset(_Examples(texts, labels, tok, seq_len, mask=mask), lambda ex: ex, tokenizer=tok)
+                           first_random_id=tok.mask_id + 1)
+  return Dataset(_Examples(texts, labels, tok, seq_len, mask=mask), lambda ex: ex, tokenizer=tok, augment=mask)

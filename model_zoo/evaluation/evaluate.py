@@ -79,8 +79,7 @@ def export(config, workdir: str, output: str | None, *, step: int | None = None)
   """Writes the model of `workdir` for inference (model_zoo.transfer.export) to `output`."""
   from model_zoo.transfer import export as export_lib  # pylint: disable=g-import-not-at-top
   output = output or os.path.join(workdir, 'export')
-  config = finetune.resolve(config)
-  _, _, step, state = _restore(config, workdir, step)
-  export_lib.export(config, state.params, workdir, output)
+  _, exp, step, state = _restore(config, workdir, step)
+  export_lib.export(exp.config, state.params, workdir, output)
   print(f'exported step {step} of {workdir} to {output}', flush=True)
   return output

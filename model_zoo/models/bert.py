@@ -11,8 +11,9 @@
 (`config.init_from`) and can freeze (`config.freeze`). The pooler is part of `cls_head`: masked-LM
 pretraining never trains it, so it is initialised (or, from Hugging Face weights, imported) with
 the new head. `segment_ids` marks real tokens (1) and padding (0); `type_ids` is BERT's sentence
-A/B embedding. Dropout follows the paper except on attention probabilities, which the shared
-attention kernel does not drop.
+A/B embedding. Dropout is on the embeddings, each sublayer's output, the FFN's hidden activations
+(the shared MLP's, which the paper does not have) and the pooled vector; not on attention
+probabilities, which the shared attention kernel does not drop.
 """
 import flax.linen as nn
 import jax.numpy as jnp
@@ -32,8 +33,7 @@ class MLMHead(nn.Module):
 
   @nn.compact
   def __call__(self, x_BxTxD, embedding_VxD):
-    act = {'gelu': nn.gelu, 'gelu_exact': lambda y: nn.gelu(y, approximate=False), 'relu': nn.relu}[self.activation]
-    x_BxTxD = act(layers.dense(x_BxTxD.shape[-1], ('embed',), use_bias=True, dtype=self.dtype, name='transform',
+    x_BxTxD = layers.ACTIVATIONS[self.activation](layers.dense(x_BxTxD.shape[-1], ('embed',), use_bias=True, dtype=self.dtype, name='transform',
                                kernel_axes=(None, 'embed'))(x_BxTxD))
     x_BxTxD = layers.layer_norm(self.dtype, 'transform_norm', self.ln_epsilon)(x_BxTxD)
     bias_V = self.param('bias', nn.with_logical_partitioning(nn.initializers.zeros_init(), ('vocab',)),
@@ -84,8 +84,9 @@ class BERT(nn.Module):
   attention_impl: str = ''           # '' (JAX picks) | 'xla' | 'cudnn'
 
   @nn.compact
-  def __call__(self, tokens_BxT, *, train: bool, type_ids_BxT=None, segment_ids_BxT=None):
-    """Logits of the head: [B, T, V] (mlm), [B, C] (classify) or [B, T, C] (tokens), in float32."""
+  def __call__(self, tokens_BxT, *, train: bool, type_ids_BxT=None, segment_ids_BxT=None, mlm_positions_BxP=None):
+    """Logits of the head: [B, T, V] (mlm), [B, C] (classify) or [B, T, C] (tokens), in float32.
+    With `mlm_positions_BxP`, the masked-LM head runs on those positions only: [B, P, V]."""
     if self.head not in HEADS:
       raise ValueError(f'head must be one of {", ".join(HEADS)}, got {self.head!r}')
     if self.head != 'mlm' and self.num_classes < 2:
@@ -110,6 +111,8 @@ class BERT(nn.Module):
           ln_epsilon=self.ln_epsilon, lora_rank=self.lora_rank, lora_alpha=self.lora_alpha,
           attention_impl=self.attention_impl or None, name=f'block_{i}')(x_BxTxD, train, mask_Bx1xTxS=mask)
     if self.head == 'mlm':
+      if mlm_positions_BxP is not None:  # BERT's own trick: the V-wide output layer only where it is scored
+        x_BxTxD = jnp.take_along_axis(x_BxTxD, mlm_positions_BxP[..., None], axis=1)
       logits = MLMHead(self.ln_epsilon, self.activation, dtype, name='mlm_head')(x_BxTxD, embed.embedding)
     elif self.head == 'classify':
       segment_ids_BxT = jnp.ones_like(tokens_BxT) if segment_ids_BxT is None else segment_ids_BxT

@@ -164,6 +164,10 @@ class MultiHeadAttention(nn.Module):
     return cached_k.value, cached_v.value, mask_BxTxS[:, None]
 
 
+ACTIVATIONS: dict[str, Callable] = {'gelu': nn.gelu, 'gelu_exact': functools.partial(nn.gelu, approximate=False),
+                                    'relu': nn.relu}
+
+
 class MLP(nn.Module):
   """Position-wise feed-forward block: GELU (tanh approximation: GPT-2, ViT; 'gelu_exact', with
   erf: BERT), ReLU (the original) or SwiGLU."""
@@ -181,8 +185,7 @@ class MLP(nn.Module):
     if self.activation == 'swiglu':
       h_BxTxF = nn.silu(wi('wi_gate')(x_BxTxD)) * wi('wi')(x_BxTxD)
     else:
-      act: Callable = {'gelu': nn.gelu, 'gelu_exact': functools.partial(nn.gelu, approximate=False),
-                       'relu': nn.relu}[self.activation]
+      act = ACTIVATIONS[self.activation]
       h_BxTxF = act(wi('wi')(x_BxTxD))
     h_BxTxF = nn.Dropout(self.dropout_rate, deterministic=not train)(h_BxTxF)
     return dense(d, ('embed',), use_bias=self.use_bias, dtype=self.dtype, name='wo',

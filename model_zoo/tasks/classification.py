@@ -68,7 +68,16 @@ class TextClassificationTask(ClassificationTask):
 
 
 def text_vocab_size(config, data) -> int:
-  """config.dataset.vocab_size, checked against the tokenizer (a checkpoint's table may be larger)."""
+  """config.dataset.vocab_size, checked against the tokenizer (a checkpoint's table may be larger);
+  also checks that rows fit the model's position table."""
+  max_len = config.model.get('max_len', config.dataset.seq_len)
+  if config.dataset.seq_len > max_len:
+    raise UserError(f'config.dataset.seq_len={config.dataset.seq_len} is longer than the model\'s position table '
+                    f'(config.model.max_len={max_len}); shorten it')
+  for key, ok, want in (('pooling', lambda v: v in ('cls', 'mean'), "'cls' or 'mean'"),
+                        ('lora_rank', lambda v: v >= 0, 'an integer >= 0')):
+    if key in config.model and not ok(config.model[key]):
+      raise UserError(f'config.model.{key} must be {want}, got {config.model[key]!r}')
   if data.tokenizer.vocab_size > config.dataset.vocab_size:
     raise UserError(f'the tokenizer has {data.tokenizer.vocab_size} tokens but config.dataset.vocab_size='
                     f'{config.dataset.vocab_size}; set them equal')

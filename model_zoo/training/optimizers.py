@@ -17,6 +17,7 @@ import ml_collections
 import optax
 
 from model_zoo.config import lookup
+from model_zoo.errors import UserError
 
 
 def schedule(cfg: ml_collections.ConfigDict, num_train_steps: int) -> optax.Schedule:
@@ -45,7 +46,8 @@ def decay_mask(params):
   return jax.tree.map(lambda p: p.ndim >= 2, params)
 
 
-def _path(keys) -> tuple[str, ...]:
+def path_names(keys) -> tuple[str, ...]:
+  """A key path as its names: ('block_0', 'mlp', 'wi', 'kernel')."""
   return tuple(str(getattr(k, 'key', k)) for k in keys)
 
 
@@ -59,19 +61,25 @@ def layer_of(path: tuple[str, ...], num_layers: int) -> int:
 
 def finetuning(layer_decay: float = 1.0, frozen: Callable[[tuple[str, ...]], bool] | None = None
                ) -> optax.GradientTransformation:
-  """Scales each update by layer_decay^(top - depth), and zeroes those of frozen parameters.
+  """Zeroes what belongs to frozen parameters and scales the rest by layer_decay^(top - depth).
 
-  Stateless, and in every chain whatever its settings, so that the optimizer state has the same
-  structure with or without them: eval.py restores any run without knowing how it was trained.
+  Used twice, on the gradients (so frozen parameters neither count in the clipping norm nor fill
+  Adam's moments) and on the final updates (so weight decay cannot move them either). Stateless,
+  and in every chain whatever its settings, so that the optimizer state has the same structure
+  with or without them: eval.py restores any run without knowing how it was trained.
   """
 
   def update(updates, state, params=None):
     del params
-    paths = [_path(p) for p, _ in jax.tree_util.tree_flatten_with_path(updates)[0]]
-    num_layers = max([layer_of(p, 0) for p in paths if any(part.startswith('block_') for part in p)], default=0)
+    paths = [path_names(p) for p, _ in jax.tree_util.tree_flatten_with_path(updates)[0]]
+    blocks = [layer_of(p, 0) for p in paths if any(part.startswith('block_') for part in p)]
+    if layer_decay != 1.0 and not blocks:
+      raise UserError('config.optimizer.layer_decay needs a model whose layers are named block_<i> '
+                      '(bert, gpt); set it to 1.0 for this one')
+    num_layers = max(blocks, default=0)
 
     def scale(keys, u):
-      path = _path(keys)
+      path = path_names(keys)
       if frozen is not None and frozen(path):
         return jax.numpy.zeros_like(u)
       return u * layer_decay ** (num_layers + 1 - layer_of(path, num_layers)) if layer_decay != 1.0 else u
@@ -100,4 +108,4 @@ def build(cfg: ml_collections.ConfigDict, num_train_steps: int,
     parts.append(optax.clip_by_global_norm(cfg.grad_clip_norm))
   if wd > 0 and cfg.name not in ('adamw', 'lion'):
     parts.append(optax.add_decayed_weights(wd, mask=decay_mask))
-  return optax.chain(*parts, tx, finetuning(cfg.get('layer_decay', 1.0), frozen))
+  return optax.chain(finetuning(frozen=frozen), *parts, tx, finetuning(cfg.get('layer_decay', 1.0), frozen))

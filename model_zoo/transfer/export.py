@@ -39,9 +39,9 @@ def merge_lora(params: dict, alpha: float) -> dict:
 def export(config: ml_collections.ConfigDict, params, workdir: str, outdir: str) -> str:
   """Writes the inference artifact of `params` (see the module doc) to `outdir`; returns it."""
   from safetensors.numpy import save_file  # pylint: disable=g-import-not-at-top
-  if os.path.exists(outdir) and os.listdir(outdir):
+  if os.path.exists(outdir) and (not os.path.isdir(outdir) or os.listdir(outdir)):
     raise UserError(f'--output={outdir} exists and is not empty; give a new directory')
-  merged = merge_lora(params, config.model.get('lora_alpha', 1.0)) if config.model.get('lora_rank', 0) else \
+  merged = merge_lora(params, config.model.lora_alpha) if config.model.get('lora_rank', 0) else \
       jax.tree.map(np.asarray, jax.device_get(params))
   os.makedirs(outdir, exist_ok=True)
   flat = {'/'.join(k): np.ascontiguousarray(v) for k, v in traverse_util.flatten_dict(merged).items()}

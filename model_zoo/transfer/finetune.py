@@ -7,23 +7,21 @@
 
 A parameter belongs to a head when a module on its path is named `*_head`, and to a LoRA adapter
 when one is named `*_lora_*` (models.bert.is_head). A fresh run takes every other parameter from
-init_from, which must hold it with the same shape; heads and adapters start from their
-initialisation. What init_from holds beyond that (a pretraining head) is left out. Once the run
-has checkpoints of its own, it resumes from those and init_from is not read again.
+init_from, which must hold it with the same shape. Heads and adapters are taken too where
+init_from has them with the same shape (a Hugging Face BERT's pooler), and start from their
+initialisation otherwise. What init_from holds beyond that (a pretraining head) is left out. Once
+the run has checkpoints of its own, it resumes from those and init_from's weights are not read again.
 """
 import os
-import shutil
 
 import jax
 import ml_collections
 import numpy as np
 
+from model_zoo.data import text
 from model_zoo.errors import UserError
 from model_zoo.models.bert import is_head
-
-
-def _path(keys) -> tuple[str, ...]:
-  return tuple(str(getattr(k, 'key', k)) for k in keys)
+from model_zoo.training.optimizers import path_names
 
 
 def resolve(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
@@ -61,10 +59,19 @@ def prepare_workdir(config: ml_collections.ConfigDict, workdir: str):
   if not os.path.isdir(os.path.join(source, 'checkpoints')):
     raise UserError(f'config.init_from={source!r} is not a workdir with checkpoints: train it first, or give '
                     f"'hf:<directory>' for Hugging Face weights")
-  tokenizer = os.path.join(source, 'tokenizer.model')
-  if os.path.exists(tokenizer) and not os.path.exists(os.path.join(workdir, 'tokenizer.model')):
-    os.makedirs(workdir, exist_ok=True)
-    shutil.copyfile(tokenizer, os.path.join(workdir, 'tokenizer.model'))
+  source_path, path = os.path.join(source, 'tokenizer.model'), os.path.join(workdir, 'tokenizer.model')
+  if not os.path.exists(source_path):
+    return
+  with open(source_path, 'rb') as f:
+    wanted = f.read()
+  if os.path.exists(path):
+    with open(path, 'rb') as f:
+      if f.read() != wanted:
+        raise UserError(f'{path} is not the tokenizer of config.init_from={source!r}: this workdir was started '
+                        f'from something else; use a new --workdir')
+    return
+  os.makedirs(workdir, exist_ok=True)
+  text.write_atomically(path, wanted)  # every process may do this: each writes the same bytes
 
 
 def _source_params(init_from: str, model_name: str) -> dict:
@@ -84,22 +91,22 @@ def _source_params(init_from: str, model_name: str) -> dict:
 
 def initial_params(config: ml_collections.ConfigDict, params):
   """`params` (a fresh initialisation) with every non-head parameter taken from config.init_from."""
-  source = {_path(k): v for k, v in jax.tree_util.tree_flatten_with_path(_source_params(
+  source = {path_names(k): v for k, v in jax.tree_util.tree_flatten_with_path(_source_params(
       config.init_from, config.model.name))[0]}
-  missing, mismatched, taken = [], [], 0
+  missing, mismatched, taken = [], [], set()
 
   def take(keys, value):
-    nonlocal taken
-    path = _path(keys)
-    if is_head(path):
+    path = path_names(keys)
+    fits = path in source and tuple(source[path].shape) == tuple(value.shape)
+    if is_head(path) and not fits:
       return value
     if path not in source:
       missing.append('/'.join(path))
       return value
-    if tuple(source[path].shape) != tuple(value.shape):
+    if not fits:
       mismatched.append(f'{"/".join(path)}: {tuple(source[path].shape)} there, {tuple(value.shape)} here')
       return value
-    taken += 1
+    taken.add(path)
     return np.asarray(source[path], value.dtype)
 
   params = jax.tree_util.tree_map_with_path(take, jax.device_get(params))
@@ -108,9 +115,13 @@ def initial_params(config: ml_collections.ConfigDict, params):
     raise UserError(f'config.init_from={config.init_from!r} does not hold this model\'s backbone '
                     f'({len(missing)} parameters missing, {len(mismatched)} of another shape; first: {first}). '
                     f'Use the same model shape as the pretrained one')
-  new = [p for p in (_path(k) for k, _ in jax.tree_util.tree_flatten_with_path(params)[0]) if is_head(p)]
+  new = [p for p in (path_names(k) for k, _ in jax.tree_util.tree_flatten_with_path(params)[0])
+         if is_head(p) and p not in taken]
+  if config.freeze == 'backbone' and not new:
+    raise UserError(f'config.freeze=backbone would train nothing: every parameter of {config.model.name!r} comes '
+                    f'from config.init_from (it has no new head, and model.lora_rank adds no adapters)')
   heads = sorted({part for p in new for part in p if part.endswith('_head')})
   lora = sum(any('_lora_' in part for part in p) for p in new)
-  print(f'init_from {config.init_from}: {taken} backbone arrays restored; new: {", ".join(heads) or "no head"}'
+  print(f'init_from {config.init_from}: {len(taken)} arrays restored; new: {", ".join(heads) or "no head"}'
         f'{f" and {lora} LoRA arrays" if lora else ""}', flush=True)
   return params

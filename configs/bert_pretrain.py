@@ -23,6 +23,7 @@ def bert_config(size: str, task: str):
   config.dataset.vocab_size = 2048 if size == 'tiny' else 30522
   config.dataset.seq_len = 96 if size == 'tiny' else 128
   config.dataset.mlm_probability = 0.0
+  config.dataset.labels_per_class = 0           # pydoc_topics: > 0 keeps that many labelled training passages a class
   config.model.name = 'bert'
   config.model.num_layers = num_layers
   config.model.d_model = d_model
@@ -46,15 +47,15 @@ def get_config(arg: str = ''):
   config.dataset.train_split = 'train'
   config.dataset.eval_split = 'validation'
   config.dataset.mlm_probability = 0.15
-  config.batch_size = 32 if size == 'tiny' else 256
-  config.num_train_steps = 2000 if size == 'tiny' else 1_000_000
+  config.batch_size = 64 if size == 'tiny' else 256
+  config.num_train_steps = 1500 if size == 'tiny' else 1_000_000
   config.log_every_steps = 100
   config.eval_every_steps = 500 if size == 'tiny' else 10_000
   config.checkpoint_every_steps = 500 if size == 'tiny' else 10_000
   config.optimizer.name = 'adamw'
-  config.optimizer.learning_rate = 1e-3 if size == 'tiny' else 1e-4
+  config.optimizer.learning_rate = 5e-4 if size == 'tiny' else 1e-4
   config.optimizer.schedule = 'warmup_linear'
-  config.optimizer.warmup_steps = 200 if size == 'tiny' else 10_000
+  config.optimizer.warmup_steps = 150 if size == 'tiny' else 10_000
   config.optimizer.weight_decay = 0.01
   config.optimizer.b2 = 0.999
   config.lock()

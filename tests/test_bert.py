@@ -305,3 +305,14 @@ def test_init_from_takes_heads_it_has_and_refuses_a_freeze_that_trains_nothing(m
   source['cls_head']['out'] = jax.tree.map(lambda x: np.zeros(x.shape, np.float32), params['cls_head']['out'])
   with pytest.raises(UserError, match='would train nothing'):
     finetune.initial_params(config, params)
+
+
+@pytest.mark.parametrize('size, hf_count', [('base', 109_482_240), ('large', 335_141_888)])
+def test_bert_sizes_have_the_papers_parameter_counts(size, hf_count):
+  """Hugging Face's bert-{base,large}-uncased BertModel (with pooler), plus our 2-class output layer."""
+  from model_zoo.models.bert import SIZES  # pylint: disable=g-import-not-at-top
+  num_layers, d_model, num_heads, d_ff = SIZES[size]
+  model = BERT(vocab_size=30522, num_layers=num_layers, d_model=d_model, num_heads=num_heads, d_ff=d_ff,
+               head='classify', num_classes=2)
+  shapes = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.ones((1, 8), jnp.int32), train=False))
+  assert sum(np.prod(x.shape) for x in jax.tree.leaves(nn.unbox(shapes['params']))) == hf_count + d_model * 2 + 2

@@ -88,6 +88,14 @@ def _pydoc_topics(config, split: str, labelled: bool):
   passages, classes = pydoc_passages()
   index = {c: i for i, c in enumerate(classes)}
   chosen = [p for p in passages if p.split == split and (p.topic in index or not labelled)]
+  k = config.get('labels_per_class', 0)
+  if labelled and k and split == config.train_split:  # few labels: k passages a class, a fixed choice
+    ordered = sorted(chosen, key=lambda p: hashlib.sha256(p.text.encode('utf-8')).digest())
+    count, chosen = collections.Counter(), []
+    for p in ordered:
+      count[p.topic] += 1
+      if count[p.topic] <= k:
+        chosen.append(p)
   return [p.text for p in chosen], np.array([index.get(p.topic, -1) for p in chosen], np.int32), classes
 
 
@@ -212,7 +220,9 @@ def load(dataset_config: ml_collections.ConfigDict, split: str, workdir: str | N
     raise UserError(f'config.dataset.mlm_probability must be in [0, 1), got {p}')
   read = DATASETS[name]
   texts, labels, classes = read(dataset_config, split, p == 0)  # first: a bad split fails before training
-  tok = tokenizer(dataset_config, workdir, lambda: read(dataset_config, dataset_config.train_split, p == 0)[0])
+  # The tokenizer learns from all the training split's text, labelled or not: pretraining and
+  # fine-tuning (from scratch or not, with few labels or all) get the same one.
+  tok = tokenizer(dataset_config, workdir, lambda: read(dataset_config, dataset_config.train_split, False)[0])
   if name == 'pydoc_topic_spans':
     if p:
       raise UserError('config.dataset.mlm_probability must be 0 for pydoc_topic_spans (a labelling task); '

@@ -54,8 +54,8 @@ def prepare_workdir(config: ml_collections.ConfigDict, workdir: str):
   """A fine-tuning run from one of our workdirs uses that run's SentencePiece tokenizer: it is
   copied into `workdir` before the data is read (so no new one is trained)."""
   source = config.init_from
-  if not source or source.startswith('hf:'):
-    return
+  if not source or source.startswith('hf:') or os.path.isdir(os.path.join(workdir, 'checkpoints')):
+    return  # nothing to start from, or a run that resumes from its own checkpoints
   if not os.path.isdir(os.path.join(source, 'checkpoints')):
     raise UserError(f'config.init_from={source!r} is not a workdir with checkpoints: train it first, or give '
                     f"'hf:<directory>' for Hugging Face weights")

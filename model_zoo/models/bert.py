@@ -94,7 +94,7 @@ class BERT(nn.Module):
     if self.pooling not in ('cls', 'mean'):
       raise ValueError(f"pooling must be 'cls' or 'mean', got {self.pooling!r}")
     dtype = jnp.dtype(self.dtype)
-    b, t = tokens_BxT.shape
+    t = tokens_BxT.shape[1]
     type_ids_BxT = jnp.zeros_like(tokens_BxT) if type_ids_BxT is None else type_ids_BxT
     embed = layers.Embed(self.vocab_size, self.d_model, dtype, name='embed')
     table = lambda name, n: self.param(name, nn.with_logical_partitioning(

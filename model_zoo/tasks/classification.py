@@ -53,12 +53,27 @@ class ClassificationTask(SupervisedTask):
                            os.path.join(outdir, 'confusion_matrix.png'))
 
 
-class TextClassificationTask(ClassificationTask):
-  """Batches hold `inputs`, `segment_ids`, `type_ids` [B, L] and `label` [B] (data.text_classification)."""
+class TextModel:
+  """What every BERT task shares: its model inputs, and building the model with the task's head."""
+  head = ''
 
   def build_model(self):
-    return models.build(self.config.model, num_classes=self.data.num_classes, head='classify',
-                        vocab_size=text_vocab_size(self.config, self.data))
+    """The model with this task's head, after checking the config against the data and the model."""
+    config, data = self.config, self.data
+    max_len = config.model.get('max_len', config.dataset.seq_len)
+    if config.dataset.seq_len > max_len:
+      raise UserError(f'config.dataset.seq_len={config.dataset.seq_len} is longer than the model\'s position '
+                      f'table (config.model.max_len={max_len}); shorten it')
+    for key, ok, want in (('pooling', lambda v: v in ('cls', 'mean'), "'cls' or 'mean'"),
+                          ('lora_rank', lambda v: v >= 0, 'an integer >= 0')):
+      if key in config.model and not ok(config.model[key]):
+        raise UserError(f'config.model.{key} must be {want}, got {config.model[key]!r}')
+    # config.dataset.vocab_size may exceed the tokenizer's: a checkpoint's table can be padded.
+    if data.tokenizer.vocab_size > config.dataset.vocab_size:
+      raise UserError(f'the tokenizer has {data.tokenizer.vocab_size} tokens but config.dataset.vocab_size='
+                      f'{config.dataset.vocab_size}; set them equal')
+    classes = {'num_classes': data.num_classes} if self.head != 'mlm' else {}
+    return models.build(config.model, head=self.head, vocab_size=config.dataset.vocab_size, **classes)
 
   def model_inputs(self, batch):
     return (batch['inputs'],)
@@ -67,29 +82,14 @@ class TextClassificationTask(ClassificationTask):
     return {'type_ids_BxT': batch['type_ids'], 'segment_ids_BxT': batch['segment_ids']}
 
 
-def text_vocab_size(config, data) -> int:
-  """config.dataset.vocab_size, checked against the tokenizer (a checkpoint's table may be larger);
-  also checks that rows fit the model's position table."""
-  max_len = config.model.get('max_len', config.dataset.seq_len)
-  if config.dataset.seq_len > max_len:
-    raise UserError(f'config.dataset.seq_len={config.dataset.seq_len} is longer than the model\'s position table '
-                    f'(config.model.max_len={max_len}); shorten it')
-  for key, ok, want in (('pooling', lambda v: v in ('cls', 'mean'), "'cls' or 'mean'"),
-                        ('lora_rank', lambda v: v >= 0, 'an integer >= 0')):
-    if key in config.model and not ok(config.model[key]):
-      raise UserError(f'config.model.{key} must be {want}, got {config.model[key]!r}')
-  if data.tokenizer.vocab_size > config.dataset.vocab_size:
-    raise UserError(f'the tokenizer has {data.tokenizer.vocab_size} tokens but config.dataset.vocab_size='
-                    f'{config.dataset.vocab_size}; set them equal')
-  return config.dataset.vocab_size
+class TextClassificationTask(TextModel, ClassificationTask):
+  """Batches hold `inputs`, `segment_ids`, `type_ids` [B, L] and `label` [B] (data.text_classification)."""
+  head = 'classify'
 
 
 class TokenClassificationTask(TextClassificationTask):
   """A label per token: batches also hold `labels` and `weights` [B, L] (0 where a token has none)."""
-
-  def build_model(self):
-    return models.build(self.config.model, num_classes=self.data.num_classes, head='tokens',
-                        vocab_size=text_vocab_size(self.config, self.data))
+  head = 'tokens'
 
   def loss_fn(self, params, model_state, batch, rng):
     logits_BxLxC, model_state = self.apply(params, model_state, self.model_inputs(batch), train=True, rng=rng,

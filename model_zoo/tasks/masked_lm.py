@@ -10,25 +10,21 @@ import math
 import jax.numpy as jnp
 import optax
 
-from model_zoo import models
 from model_zoo.errors import UserError
 from model_zoo.tasks.base import SupervisedTask
-from model_zoo.tasks.classification import text_vocab_size
+from model_zoo.tasks.classification import TextModel
 
 
-class MaskedLMTask(SupervisedTask):
+class MaskedLMTask(TextModel, SupervisedTask):
+  head = 'mlm'
 
   def build_model(self):
     if not self.config.dataset.get('mlm_probability', 0) > 0:
       raise UserError('task masked_lm needs config.dataset.mlm_probability > 0 (0.15 in BERT)')
-    return models.build(self.config.model, head='mlm', vocab_size=text_vocab_size(self.config, self.data))
-
-  def model_inputs(self, batch):
-    return (batch['inputs'],)
+    return super().build_model()
 
   def model_kwargs(self, batch):
-    return {'type_ids_BxT': batch['type_ids'], 'segment_ids_BxT': batch['segment_ids'],
-            'mlm_positions_BxP': batch['mlm_positions']}
+    return {**super().model_kwargs(batch), 'mlm_positions_BxP': batch['mlm_positions']}
 
   def _sums(self, logits_BxPxV, batch, w_BxP):
     targets_BxP = jnp.take_along_axis(batch['targets'], batch['mlm_positions'], axis=1)

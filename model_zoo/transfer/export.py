@@ -55,11 +55,10 @@ def export(config: ml_collections.ConfigDict, params, workdir: str, outdir: str)
     f.write(config.to_json_best_effort(indent=2, sort_keys=True))
   if os.path.exists(os.path.join(workdir, 'tokenizer.model')):
     shutil.copyfile(os.path.join(workdir, 'tokenizer.model'), os.path.join(outdir, 'tokenizer.model'))
-  hf_fields = {k: v for k, v in config.model.items()}
-  if config.model.name == 'bert' and 'mlm_head' in merged or config.model.name == 'gpt':
+  if (config.model.name == 'bert' and 'mlm_head' in merged) or config.model.name == 'gpt':
     from model_zoo.transfer import hf  # pylint: disable=g-import-not-at-top
     try:
-      hf.save(os.path.join(outdir, 'hf'), merged, hf_fields)
+      hf.save(os.path.join(outdir, 'hf'), merged, dict(config.model))
     except UserError as e:
       print(f'not written in Hugging Face format: {e}', flush=True)
   return outdir

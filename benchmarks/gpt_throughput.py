@@ -4,11 +4,10 @@
   python benchmarks/gpt_throughput.py --sizes=124m --dtype=bfloat16 # GPU
 
 The peak is measured in the same run (the best of large square matmuls, float32 and bfloat16);
-model FLOPs are 6 N + 12 L d T per token (model_zoo.tasks.language_modeling.model_flops_per_token).
+model FLOPs are 6 N + 12 L d T per token, counted by model_zoo.models.protocol.flops_per_example.
 Writes benchmarks/results/gpt_throughput_<platform>.json and prints a table. Not a test.
 """
 import argparse
-import importlib.util
 import json
 import os
 import platform
@@ -18,9 +17,11 @@ import flax.linen as nn
 import jax
 import numpy as np
 
-from model_zoo.data.sources import Dataset
-from model_zoo.data.text import ByteTokenizer
-from model_zoo.tasks.language_modeling import LanguageModelingTask, model_flops_per_token
+from model_zoo import config as config_lib
+from model_zoo.data.base import DataInfo
+from model_zoo.data.tokenizers import ByteTokenizer
+from model_zoo.models import protocol
+from model_zoo.tasks.language_modeling import LanguageModelingTask
 from model_zoo.training import perf
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -34,10 +35,7 @@ class _Vocab(ByteTokenizer):
 
 
 def gpt_config(size: str, overrides: dict):
-  spec = importlib.util.spec_from_file_location('gpt_config', os.path.join(ROOT, 'configs', 'gpt.py'))
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  config = module.get_config(f'size={size}')
+  config = config_lib.load(os.path.join(ROOT, 'configs', f'gpt.py:size={size}'))
   for key, value in overrides.items():
     *path, leaf = key.split('.')
     node = config
@@ -50,11 +48,11 @@ def gpt_config(size: str, overrides: dict):
 def measure(size: str, overrides: dict, steps: int) -> dict:
   config = gpt_config(size, overrides)
   v, t, b = config.dataset.vocab_size, config.dataset.seq_len, config.batch_size
-  task = LanguageModelingTask(config, Dataset(source=None, preprocess=None, tokenizer=_Vocab(v)))
   rng = np.random.default_rng(0)
   batch = {'inputs': rng.integers(3, v, (b, t), dtype=np.int32), 'targets': rng.integers(3, v, (b, t), dtype=np.int32),
            'positions': np.broadcast_to(np.arange(t, dtype=np.int32), (b, t)).copy(),
            'segment_ids': np.ones((b, t), np.int32), 'weights': np.ones((b, t), np.float32)}
+  task = LanguageModelingTask(config, DataInfo({k: x[0] for k, x in batch.items()}, tokenizer=_Vocab(v)))
   batch = jax.device_put(batch)
   state = jax.jit(lambda: nn.unbox(task.init_state(jax.random.key(0), batch)))()
   step = jax.jit(task.train_step, donate_argnums=0)
@@ -69,9 +67,9 @@ def measure(size: str, overrides: dict, steps: int) -> dict:
     jax.block_until_ready(metrics)
     times.append(time.perf_counter() - start)
   sec = float(np.median(times))
-  flops = model_flops_per_token(state.params, config) * b * t
+  flops = task.flops_per_token(state) * b * t
   return {'size': size, 'dtype': config.model.dtype, 'batch_size': b, 'seq_len': t,
-          'params': int(sum(np.prod(x.shape) for x in jax.tree.leaves(state.params))),
+          'params': protocol.param_count(state.params),
           'step_s': sec, 'first_step_s': compile_s, 'tokens_per_s': b * t / sec, 'model_flops_per_step': float(flops),
           'achieved_tflops': float(flops / sec / 1e12)}
 

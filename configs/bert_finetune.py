@@ -15,20 +15,12 @@ directory, so the size preset does not matter.
 
   python train.py --config=configs/bert_finetune.py:head=tokens --config.init_from=runs/bert   # per-token labels
 """
-import importlib.util
-import os
-
+from configs import bert_pretrain
 from model_zoo.config import options
-from model_zoo.models.bert import SIZES
-
-_spec = importlib.util.spec_from_file_location('bert_pretrain', os.path.join(os.path.dirname(__file__),
-                                                                             'bert_pretrain.py'))
-bert_pretrain = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(bert_pretrain)
 
 
 def get_config(arg: str = ''):
-  chosen = options(arg, 'configs/bert_finetune.py', size=SIZES, head=('classify', 'tokens'))
+  chosen = options(arg, 'configs/bert_finetune.py', size=bert_pretrain.SIZES, head=('classify', 'tokens'))
   size = chosen['size']
   if chosen['head'] == 'tokens':  # a label per token: pydoc_topic_spans, rows of two passages
     config = bert_pretrain.bert_config(size, 'token_classification')

@@ -10,7 +10,9 @@ fine-tuning from this workdir reuses it. 15% of tokens are masked, 80/10/10 (see
 model_zoo/data/text_classification.py).
 """
 from model_zoo.config import base_config, options
-from model_zoo.models.bert import SIZES
+
+# num_layers, d_model, num_heads, d_ff: tiny for CPUs and tests; base and large are the paper's.
+SIZES = {'tiny': (4, 128, 4, 512), 'base': (12, 768, 12, 3072), 'large': (24, 1024, 16, 4096)}
 
 
 def bert_config(size: str, task: str):

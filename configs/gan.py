@@ -4,19 +4,11 @@
   python eval.py  --config=configs/gan.py --workdir=runs/gan      # samples.png, confident_share, class_spread
   python train.py --config=configs/gan.py --workdir=runs/gan_mnist --config.dataset.name=mnist
 
-`config.optimizer` trains the generator, `config.discriminator_optimizer` the discriminator.
+`config.optimizer` trains the generator, `config.discriminator_optimizer` the discriminator;
+`--config.classifier_workdir=runs/cnn` scores samples with a classifier trained elsewhere.
 """
-import importlib.util
-import os
-
+from configs import cnn
 from model_zoo.config import base_config
-
-
-def _cnn_config():
-  spec = importlib.util.spec_from_file_location('cnn_config', os.path.join(os.path.dirname(__file__), 'cnn.py'))
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config()
 
 
 def get_config():
@@ -40,8 +32,9 @@ def get_config():
   config.discriminator_optimizer = config.optimizer.copy_and_resolve_references()
 
   config.eval_samples = 1000
-  # The classifier that scores samples: configs/cnn.py, trained on this config's data set
-  # into <workdir>/classifier the first time eval.py runs.
-  config.classifier = _cnn_config()
+  # The classifier that scores samples: configs/cnn.py on this config's data set, the run in
+  # classifier_workdir ('' = <workdir>/classifier), which eval.py trains first if it has no checkpoint.
+  config.classifier = cnn.get_config()
+  config.classifier_workdir = ''
   config.lock()
   return config

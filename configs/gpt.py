@@ -44,6 +44,8 @@ def get_config(arg: str = ''):
   config.model.dtype = 'float32' if size in ('tiny', 'small') else 'bfloat16'
   config.model.remat = size in ('350m', '1b')
   config.model.attention_impl = ''              # '' (JAX chooses) | xla | cudnn
+  config.model.lora_rank = 0                    # > 0: LoRA adapters on the attention projections
+  config.model.lora_alpha = 16.0
 
   config.batch_size = batch_size
   config.num_train_steps = 400 if size == 'tiny' else 100_000

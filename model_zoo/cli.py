@@ -1,6 +1,5 @@
 """What train.py and eval.py share: flags, one-line errors, multi-host start-up."""
 import difflib
-import importlib.util
 import os
 import sys
 import traceback
@@ -9,10 +8,9 @@ import ml_collections
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+from model_zoo import config as config_lib
 from model_zoo.errors import UserError
 
-CONFIG = config_flags.DEFINE_config_file('config', None, 'Path to a config file, optionally `file.py:arg`.',
-                                         lock_config=True)
 WORKDIR = flags.DEFINE_string('workdir', None, 'Work directory; default runs/<config file name>.')
 VERBOSE = flags.DEFINE_bool('verbose', False, 'Show the full traceback on errors.')
 COORDINATOR = flags.DEFINE_string('coordinator_address', None,
@@ -26,27 +24,25 @@ def _fail(message: str, code: int):
   sys.exit(code)
 
 
-def _load_config(path_and_arg: str):
-  """The config a `--config=file.py[:arg]` names, loaded the way config_flags will load it."""
-  path, _, arg = path_and_arg.partition(':')
-  if not os.path.isfile(path):
-    raise UserError(f'config file {path!r} not found; the configs are in configs/, e.g. --config=configs/mlp.py')
-  spec = importlib.util.spec_from_file_location('_model_zoo_config', path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  try:
-    return module.get_config(arg) if arg else module.get_config()
-  except (ValueError, TypeError, KeyError) as e:
-    raise UserError(f'{path_and_arg}: {e}') from e
-
-
-def _check_override_keys(argv):
-  """Every `--config.a.b=...` must name a field of the config: a typo is an error, with a suggestion."""
-  config_args = [a.split('=', 1)[1] for a in argv if a.startswith('--config=')] + [
-      value for flag, value in zip(argv, argv[1:]) if flag == '--config']
-  if not config_args:
+def _config_spec(argv) -> tuple[str, list[str]]:
+  """The value of --config (`file.py[:arg]`), and argv without it."""
+  rest, spec, skip = [], None, False
+  for i, a in enumerate(argv):
+    if skip:
+      skip = False
+    elif a.startswith('--config='):
+      spec = a.split('=', 1)[1]
+    elif a == '--config' and i + 1 < len(argv):
+      spec, skip = argv[i + 1], True
+    else:
+      rest.append(a)
+  if spec is None:
     raise UserError('--config is required, e.g. --config=configs/mlp.py')
-  config = _load_config(config_args[-1])
+  return spec, rest
+
+
+def _check_override_keys(config, argv):
+  """Every `--config.a.b=...` must name a field of the config: a typo is an error, with a suggestion."""
   known = {k for k, _ in _flatten(config)}
   for a in argv:
     if a.startswith(('--config.', '--noconfig.')):
@@ -64,12 +60,23 @@ def _flatten(config, prefix=''):
       yield from _flatten(v, prefix + k + '.')
 
 
+_SPEC = []  # the --config value, once parsed
+
+
 def _parse_flags(argv):
-  """absl's parser, with config mistakes (unknown key, wrong type, bad file) as one line."""
+  """absl's parser, with the config read by model_zoo.config.load and its mistakes (a missing or
+  broken file, an unknown key, a wrong type) as one line. `--config.a.b=value` overrides go through
+  ml_collections' config flag, which checks each value's type against the config's."""
   try:
-    if not any(a in ('--help', '--helpshort', '--helpfull') for a in argv):
-      _check_override_keys(argv)
-    return flags.FLAGS(argv)
+    if any(a in ('--help', '--helpshort', '--helpfull') for a in argv):
+      return flags.FLAGS(argv)
+    spec, rest = _config_spec(argv)
+    config = config_lib.load(spec)
+    _check_override_keys(config, rest)
+    config_flags.DEFINE_config_dict('config', config, 'The config of --config=file.py[:arg], with overrides.',
+                                    lock_config=True, sys_argv=rest)
+    _SPEC.append(spec)
+    return flags.FLAGS(rest)
   except (UserError, flags.Error) as e:
     if '--verbose' in argv:
       traceback.print_exc()
@@ -79,8 +86,7 @@ def _parse_flags(argv):
 def workdir() -> str:
   if WORKDIR.value:
     return WORKDIR.value
-  config_arg = flags.FLAGS['config'].config_filename
-  return os.path.join('runs', os.path.splitext(os.path.basename(config_arg.split(':')[0]))[0])
+  return os.path.join('runs', os.path.splitext(os.path.basename(_SPEC[-1].split(':')[0]))[0])
 
 
 def run(main):
@@ -97,7 +103,7 @@ def run(main):
     try:
       if os.path.exists(workdir()) and not os.path.isdir(workdir()):
         raise UserError(f'--workdir={workdir()} is a file, not a directory')
-      main(CONFIG.value, workdir())
+      main(flags.FLAGS.config, workdir())
     except UserError as e:
       if VERBOSE.value:
         traceback.print_exc()

@@ -1,9 +1,17 @@
-"""Config keys shared by every experiment, and their validation.
+"""Config keys shared by every experiment, their validation, and the one config loader.
 
 Each `configs/*.py` starts from `base_config()` and fills in `model`, `dataset`
 and `optimizer`. `validate()` checks ranges and names before anything is built;
 types are already enforced by `ml_collections` when a field is overridden.
+`load('configs/gpt.py:size=124m')` is how every config file is read (train.py, eval.py, the
+configs that build on others, the tests): `configs/` is a package, so a config imports another
+with `from configs import cnn`.
 """
+import importlib
+import importlib.util
+import os
+import sys
+
 import ml_collections
 
 from model_zoo.errors import UserError
@@ -31,6 +39,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.dataset.train_split = 'train'
   c.dataset.eval_split = 'test'
   c.dataset.prefetch = 4            # batches prepared ahead by background threads
+  c.dataset.classes = ''            # image classification: class indices to keep, e.g. '6,7,8,9' ('' = all)
 
   c.model = ml_collections.ConfigDict()
   c.model.name = ''
@@ -109,3 +118,42 @@ def options(arg: str, config_file: str, **choices) -> dict[str, str]:
     takes = ' and '.join(f'{key}=one of {", ".join(values)}' for key, values in choices.items())
     raise ValueError(f'{config_file} takes {takes}; got {arg!r}')
   return chosen
+
+
+def load(spec: str) -> ml_collections.ConfigDict:
+  """The config of `path.py` or `path.py:arg` (the argument of its `get_config`)."""
+  path, _, arg = spec.partition(':')
+  if not os.path.isfile(path):
+    raise UserError(f'config file {path!r} not found; the configs are in configs/, e.g. --config=configs/mlp.py')
+  module = _import(path)
+  if not callable(getattr(module, 'get_config', None)):
+    raise UserError(f'{path} has no get_config(): a config file defines get_config() returning a ConfigDict')
+  try:
+    return module.get_config(arg) if arg else module.get_config()
+  except (ValueError, TypeError, KeyError) as e:
+    raise UserError(f'{spec}: {e}') from e
+
+
+def _import(path: str):
+  """The module of a config file; one inside a package directory (configs/) is imported as part of it."""
+  path = os.path.abspath(path)
+  directory, stem = os.path.dirname(path), os.path.splitext(os.path.basename(path))[0]
+  try:
+    if os.path.isfile(os.path.join(directory, '__init__.py')):
+      package = os.path.basename(directory)
+      loaded = sys.modules.get(package)
+      if loaded is None or os.path.dirname(os.path.abspath(getattr(loaded, '__file__', '') or '')) != directory:
+        spec = importlib.util.spec_from_file_location(package, os.path.join(directory, '__init__.py'),
+                                                      submodule_search_locations=[directory])
+        loaded = importlib.util.module_from_spec(spec)
+        sys.modules[package] = loaded
+        spec.loader.exec_module(loaded)
+      return importlib.import_module(f'{package}.{stem}')
+    spec = importlib.util.spec_from_file_location(f'_model_zoo_config_{stem}', path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+  except SyntaxError as e:
+    raise UserError(f'{path} line {e.lineno}: syntax error: {e.msg}') from e
+  except ImportError as e:
+    raise UserError(f'{path}: {e}') from e

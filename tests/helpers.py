@@ -12,13 +12,15 @@ TINY = ['--config.batch_size=32', '--config.model.hidden_sizes=(32,)', '--config
         '--config.optimizer.warmup_steps=5']
 
 
+def preset(name, arg=''):
+  """configs/<name>.py:<arg>, as train.py reads it."""
+  from model_zoo import config as config_lib  # pylint: disable=g-import-not-at-top
+  return config_lib.load(os.path.join(ROOT, 'configs', f'{name}.py' + (f':{arg}' if arg else '')))
+
+
 def tiny_config(name='mlp', **overrides):
   """configs/<name>.py made tiny, with `overrides` as dotted keys ('optimizer.name': 'sgd')."""
-  import importlib.util  # pylint: disable=g-import-not-at-top
-  spec = importlib.util.spec_from_file_location(f'cfg_{name}', os.path.join(ROOT, 'configs', f'{name}.py'))
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  config = module.get_config()
+  config = preset(name)
   defaults = {'batch_size': 32, 'num_train_steps': 30, 'log_every_steps': 10, 'eval_every_steps': 30,
               'checkpoint_every_steps': 30, 'optimizer.warmup_steps': 5,
               'optimizer.learning_rate': 1e-2}

@@ -8,11 +8,12 @@ import pytest
 from scipy import stats
 
 from helpers import run_cli, tiny_config
-from model_zoo.data import sources
+from model_zoo.data import registry
 from model_zoo.errors import UserError
 from model_zoo.evaluation import evaluate
+from model_zoo.experiment import build_experiment
 from model_zoo.models import autoencoder, vae
-from model_zoo.tasks import reconstruction
+from model_zoo.tasks import losses, reconstruction
 from model_zoo.training import loop, sharding
 
 TINY_AE = {'model.latent_dim': 4, 'model.hidden_sizes': (32,)}
@@ -24,7 +25,7 @@ PNGS = ('reconstructions.png', 'samples.png', 'interpolation.png')
 
 
 def _images(n, split='train'):
-  return sources.load(tiny_config('vae').dataset, split).source.arrays['image'][:n]
+  return registry.load(tiny_config('vae').dataset, split).source.arrays['image'][:n]
 
 
 def test_shapes_and_the_reparameterisation():
@@ -48,7 +49,7 @@ def test_shapes_and_the_reparameterisation():
 def test_kl_closed_form_matches_monte_carlo():
   rng = np.random.default_rng(0)
   mu, log_var = rng.normal(0, 1, (3, 4)), rng.normal(0, 0.7, (3, 4))
-  kl = np.asarray(vae.kl_to_standard_normal(mu.astype(np.float32), log_var.astype(np.float32)))
+  kl = np.asarray(losses.kl_to_standard_normal(mu.astype(np.float32), log_var.astype(np.float32)))
   sigma = np.exp(log_var / 2)
   z = mu + sigma * rng.standard_normal((200_000, 3, 4))
   log_ratio = (stats.norm.logpdf(z, mu, sigma) - stats.norm.logpdf(z)).sum(-1)   # log q(z|x) - log p(z)
@@ -64,15 +65,15 @@ def test_reconstruction_terms_by_hand():
   l64, x64 = logits.astype(np.float64), x.astype(np.float64)
   log_p, log_1mp = -np.logaddexp(0, -l64), -np.logaddexp(0, l64)    # log sigmoid(l), log(1 - sigmoid(l))
   expected = -(x64 * log_p + (1 - x64) * log_1mp).sum((1, 2, 3))
-  np.testing.assert_allclose(vae.bernoulli_nll(x, logits), expected, rtol=1e-5)
+  np.testing.assert_allclose(losses.bernoulli_nll(x, logits), expected, rtol=1e-5)
   mean = rng.random(x.shape).astype(np.float32)
-  np.testing.assert_allclose(vae.gaussian_nll(x, mean, 0.3), -stats.norm.logpdf(x64, mean, 0.3).sum((1, 2, 3)),
+  np.testing.assert_allclose(losses.gaussian_nll(x, mean, 0.3), -stats.norm.logpdf(x64, mean, 0.3).sum((1, 2, 3)),
                              rtol=1e-5)
 
 
 def _experiment(name, overrides):
   config = tiny_config(name, **{'optimizer.schedule': 'constant', 'optimizer.learning_rate': 3e-3, **overrides})
-  exp = loop.build_experiment(config, sources.load(config.dataset, 'train'))
+  exp = build_experiment(config, registry.load(config.dataset, 'train').info)
   batch = sharding.to_global({'image': _images(32)}, exp.mesh)    # over 8 devices
   return config, exp, exp.init_state(), batch
 
@@ -102,14 +103,14 @@ def test_vae_noise_comes_from_the_step_rng():
   mu, log_var = task.model.apply({'params': state.params}, x, method='encode')
   eps = jax.random.normal(jax.random.key(1), (32, config.model.latent_dim))
   logits = task.model.apply({'params': state.params}, mu + np.exp(log_var / 2) * eps, method='decode')
-  assert float(a['reconstruction']) == pytest.approx(float(vae.bernoulli_nll(x, logits).mean()), rel=1e-5)
-  assert float(a['kl']) == pytest.approx(float(vae.kl_to_standard_normal(mu, log_var).mean()), rel=1e-5)
+  assert float(a['reconstruction']) == pytest.approx(float(losses.bernoulli_nll(x, logits).mean()), rel=1e-5)
+  assert float(a['kl']) == pytest.approx(float(losses.kl_to_standard_normal(mu, log_var).mean()), rel=1e-5)
 
 
 def test_config_errors():
   config = tiny_config('vae', likelihood='poisson')
   with pytest.raises(UserError, match='likelihood'):
-    reconstruction.VAETask(config, sources.load(config.dataset, 'train'))
+    reconstruction.VAETask(config, registry.load(config.dataset, 'train').info)
 
 
 def test_autoencoder_train_and_eval(tmp_path):
@@ -119,9 +120,9 @@ def test_autoencoder_train_and_eval(tmp_path):
   metrics = evaluate.evaluate(config, workdir)
   assert json.load(open(os.path.join(workdir, 'eval.json'))) == {'step': 30, **metrics}
   # per pixel, over the whole test split (355 images, the last eval batch padded): a plain forward pass
-  data, exp, _, state = evaluate._restore(config, workdir, None)
-  x = data.source.arrays['image']
-  x_hat = exp.task.model.apply({'params': jax.device_get(state.params)}, x)
+  run, _, state = evaluate._restore(config, workdir, None)
+  x = run.data['test'].source.arrays['image']
+  x_hat = run.experiment.task.model.apply({'params': jax.device_get(state.params)}, x)
   assert metrics['mse'] == pytest.approx(float(np.mean((np.asarray(x_hat, np.float64) - x) ** 2)), rel=1e-4)
   for png in ('reconstructions.png', 'interpolation.png'):
     assert open(os.path.join(workdir, png), 'rb').read(8) == b'\x89PNG\r\n\x1a\n'
@@ -148,9 +149,9 @@ def test_vae_commands_and_deterministic_eval(tmp_path):
   for key in ('elbo', 'kl', 'reconstruction', 'mse'):
     assert first[key] == pytest.approx(on_one_device[key], rel=1e-5), key
   assert all(open(os.path.join(workdir, png), 'rb').read() == pngs[png] for png in PNGS)
-  data, exp, _, state = evaluate._restore(config, workdir, None)
-  mu, log_var = exp.task.model.apply({'params': jax.device_get(state.params)}, data.source.arrays['image'],
-                                     method='encode')
+  run, _, state = evaluate._restore(config, workdir, None)
+  mu, log_var = run.experiment.task.model.apply({'params': jax.device_get(state.params)},
+                                                run.data['test'].source.arrays['image'], method='encode')
   mu, log_var = np.asarray(mu, np.float64), np.asarray(log_var, np.float64)
   kl = 0.5 * np.sum(mu ** 2 + np.exp(log_var) - log_var - 1, -1)
   assert first['kl'] == pytest.approx(kl.mean(), rel=1e-5)

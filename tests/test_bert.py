@@ -16,7 +16,8 @@ import pytest
 from helpers import read_metrics, run_cli, tiny_config
 from model_zoo.data import text_classification as tc
 from model_zoo.errors import UserError
-from model_zoo.models.bert import BERT, is_head
+from model_zoo.models.bert import BERT
+from model_zoo.transfer.finetune import trains_when_frozen as is_head
 from model_zoo.training import optimizers
 from model_zoo.transfer import export, finetune
 
@@ -34,7 +35,7 @@ def _params(workdir, step):
   from model_zoo.training.checkpoints import Checkpoints  # pylint: disable=g-import-not-at-top
   ckpt = Checkpoints(os.path.join(workdir, 'checkpoints'))
   try:
-    return _flat(ckpt.restore_params(step))
+    return _flat(ckpt.restore_tree(step)['params'])
   finally:
     ckpt.close()
 
@@ -264,11 +265,11 @@ def test_finetuning_bad_input(tmp_path, args, message):
 
 
 def test_topic_spans_label_two_passages_of_different_topics():
-  from model_zoo.data import sources  # pylint: disable=g-import-not-at-top
+  from model_zoo.data import registry  # pylint: disable=g-import-not-at-top
   config = tiny_config('bert_finetune', **{'dataset.vocab_size': 600}).dataset
   config.unlock()
   config.name, config.seq_len = 'pydoc_topic_spans', 192
-  data = sources.load(config, 'test', None)
+  data = registry.load(config, 'test', None)
   texts = data.source.texts
   for i in range(0, len(texts), 17):
     ex = data.source[i]
@@ -297,20 +298,20 @@ def test_init_from_takes_heads_it_has_and_refuses_a_freeze_that_trains_nothing(m
   params = nn.unbox(model.init(jax.random.key(0), tokens, train=False))['params']
   source = jax.tree.map(lambda x: np.full(x.shape, 7.0, np.float32), params)
   del source['cls_head']['out']          # a pretrained model's pooler (as Hugging Face BERT has), no classifier
-  monkeypatch.setattr(finetune, '_source_params', lambda init_from, name: source)
+  monkeypatch.setattr(finetune, '_source_variables', lambda init_from, name: {'params': source})
   config = tiny_config('bert_finetune', init_from='hf:x', freeze='backbone')
-  got = _flat(finetune.initial_params(config, params))
+  got = _flat(finetune.initial_variables(config, {'params': params})['params'])
   assert np.all(got['cls_head/pooler/kernel'] == 7.0) and np.all(got['block_0/mlp/wi/kernel'] == 7.0)
   np.testing.assert_array_equal(got['cls_head/out/kernel'], _flat(params)['cls_head/out/kernel'])
   source['cls_head']['out'] = jax.tree.map(lambda x: np.zeros(x.shape, np.float32), params['cls_head']['out'])
   with pytest.raises(UserError, match='would train nothing'):
-    finetune.initial_params(config, params)
+    finetune.initial_variables(config, {'params': params})
 
 
 @pytest.mark.parametrize('size, hf_count', [('base', 109_482_240), ('large', 335_141_888)])
 def test_bert_sizes_have_the_papers_parameter_counts(size, hf_count):
   """Hugging Face's bert-{base,large}-uncased BertModel (with pooler), plus our 2-class output layer."""
-  from model_zoo.models.bert import SIZES  # pylint: disable=g-import-not-at-top
+  from configs.bert_pretrain import SIZES  # pylint: disable=g-import-not-at-top
   num_layers, d_model, num_heads, d_ff = SIZES[size]
   model = BERT(vocab_size=30522, num_layers=num_layers, d_model=d_model, num_heads=num_heads, d_ff=d_ff,
                head='classify', num_classes=2)

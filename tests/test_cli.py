@@ -79,7 +79,7 @@ def test_checkpoint_that_does_not_fit_leaves_the_workdir_alone(trained):
   proc = run_cli('eval.py', MLP, f'--workdir={trained}', *tiny, *changed)
   assert proc.returncode == 1, proc.stderr
   assert proc.stderr.strip().startswith('error: the checkpoint at step 60') and 'does not fit' in proc.stderr
-  assert 'Dense_0/bias: checkpoint (32,) vs model (48,)' in proc.stderr
+  assert 'block_0/bias: checkpoint (32,) vs model (48,)' in proc.stderr
   proc = run_cli('eval.py', MLP, f'--workdir={trained}', *TINY, '--config.optimizer.name=sgd')
   assert proc.returncode == 1 and 'not in checkpoint' in proc.stderr, proc.stderr
   assert _snapshot(trained) == before

@@ -6,12 +6,13 @@ import pytest
 import tensorflow_datasets as tfds
 
 from model_zoo.config import base_config
-from model_zoo.data import pipeline, sources
+from model_zoo.data import pipeline, registry
+from model_zoo.data.base import ArraySource, Dataset
 from model_zoo.errors import UserError
 
 
 def _digits(split):
-  return sources.load(base_config().dataset, split)
+  return registry.load(base_config().dataset, split)
 
 
 def _take(it, n):
@@ -43,7 +44,7 @@ def test_training_stream_is_deterministic_and_seeded():
 
 
 def test_epochs_are_reshuffled_and_complete():
-  data = sources.Dataset(sources.ArraySource({'x': np.arange(10)}), lambda ex: ex, 1, ('a',))
+  data = Dataset(ArraySource({'x': np.arange(10)}), lambda ex: ex, 1, ('a',))
   xs = np.concatenate([b['x'] for b in _take(pipeline.train_iterator(data, batch_size=5, seed=0), 4)])
   assert sorted(xs[:10]) == list(range(10)) and sorted(xs[10:]) == list(range(10))
   assert list(xs[:10]) != list(xs[10:])
@@ -91,7 +92,7 @@ def test_tfds_source_reads_mock_data():
   with tfds.testing.mock_data(num_examples=24):
     cfg = base_config().dataset
     cfg.name = 'fashion_mnist'
-    data = sources.load(cfg, 'train')
+    data = registry.load(cfg, 'train')
     batch = next(pipeline.train_iterator(data, batch_size=8, seed=0))
   assert data.num_classes == 10 and data.class_names[0] == 'T-shirt/top'
   assert batch['image'].shape == (8, 28, 28, 1) and batch['image'].dtype == np.float32
@@ -104,7 +105,7 @@ def test_absent_tfds_data_fails_fast_with_advice(tmp_path):
   cfg.name, cfg.data_dir = 'cifar10', str(tmp_path)
   start = time.time()
   with pytest.raises(UserError, match='not available offline.*download=True'):
-    sources.load(cfg, 'train')
+    registry.load(cfg, 'train')
   assert time.time() - start < 30
   assert not any(tmp_path.rglob('*.array_record*'))
 
@@ -112,7 +113,7 @@ def test_absent_tfds_data_fails_fast_with_advice(tmp_path):
 def test_unknown_dataset_and_split():
   cfg = base_config().dataset
   with pytest.raises(UserError, match='no split'):
-    sources.load(cfg, 'validation')
+    registry.load(cfg, 'validation')
   cfg.name = 'mnits'
   with pytest.raises(UserError, match='unknown data set .*known: cifar10, digits'):
-    sources.load(cfg, 'train')
+    registry.load(cfg, 'train')

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from helpers import run_cli, tiny_config
-from model_zoo.data import sources
+from model_zoo.data import registry
 from model_zoo.models.gan import Discriminator
 from model_zoo.tasks import gan
 
@@ -24,8 +24,8 @@ TINY = ['--config.model.latent_dim=8', '--config.model.generator_features=8',
 def _task():
   cfg = tiny_config('gan', **{'model.latent_dim': 8, 'model.generator_features': 8,
                               'model.discriminator_features': 8})
-  data = sources.load(cfg.dataset, 'train')
-  task = gan.GANTask(cfg, data)
+  data = registry.load(cfg.dataset, 'train')
+  task = gan.GANTask(cfg, data.info)
   batch = {'image': np.stack([data.source[i]['image'] for i in range(16)])}
   state = nn.unbox(task.init_state(jax.random.key(0), batch))
   return task, state, batch
@@ -61,7 +61,7 @@ def test_one_step_follows_the_definitions_and_g_sees_the_updated_d():
 def test_discriminator_and_its_minibatch_std_channel_by_hand():
   d = Discriminator(features=4)
   x_same = np.tile(np.random.default_rng(0).random((1, 8, 8, 1), np.float32), (6, 1, 1, 1))
-  params = d.init(jax.random.key(0), x_same, train=False)
+  params = nn.unbox(d.init(jax.random.key(0), x_same, train=False))
   assert _std_by_hand(d, params, x_same) == pytest.approx(1e-4)   # a collapsed batch: no spread
   assert _std_by_hand(d, params, np.random.default_rng(1).random((6, 8, 8, 1), np.float32)) > 0.01
 
@@ -74,10 +74,11 @@ def _std_by_hand(d, params, x):
     return np.asarray(out, np.float64) + np.asarray(p['bias'], np.float64)[None, None, None]
   leaky = lambda y: np.where(y > 0, y, 0.2 * y)
   p = params['params']
-  h = leaky(conv(p['Conv_0'], x))
+  h = leaky(conv(p['block_0'], x))
   std = np.mean(np.sqrt(np.var(h, axis=0) + 1e-8))
-  h = leaky(conv(p['Conv_1'], np.concatenate([h, np.full(h.shape[:3] + (1,), std)], -1)))
-  logits = h.reshape(len(x), -1) @ np.asarray(p['Dense_0']['kernel'], np.float64)[:, 0] + float(p['Dense_0']['bias'][0])
+  h = leaky(conv(p['block_1'], np.concatenate([h, np.full(h.shape[:3] + (1,), std)], -1)))
+  logits = (h.reshape(len(x), -1) @ np.asarray(p['logit_head']['kernel'], np.float64)[:, 0]
+            + float(p['logit_head']['bias'][0]))
   np.testing.assert_allclose(np.asarray(d.apply(params, x, train=False)), logits, rtol=1e-4, atol=1e-5)
   return std
 

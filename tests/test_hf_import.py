@@ -25,6 +25,7 @@ import safetensors.torch  # pylint: disable=g-import-not-at-top,wrong-import-pos
 from model_zoo.errors import UserError  # pylint: disable=wrong-import-position
 from model_zoo.models.bert import BERT  # pylint: disable=wrong-import-position
 from model_zoo.models.gpt import GPT  # pylint: disable=wrong-import-position
+from model_zoo.data import tokenizers  # pylint: disable=wrong-import-position
 from model_zoo.transfer import hf  # pylint: disable=wrong-import-position
 
 TOL = 1e-4
@@ -187,7 +188,7 @@ def _check_tokenizer(ours, theirs, special):
 def test_bert_tokenizer(tmp_path):
   (tmp_path / 'vocab.txt').write_text('\n'.join(_bert_vocab()) + '\n', encoding='utf-8')
   theirs = transformers.BertTokenizerFast.from_pretrained(str(tmp_path))
-  ours = hf.HFTokenizer(str(tmp_path))   # from vocab.txt
+  ours = tokenizers.HFTokenizer(str(tmp_path))   # from vocab.txt
   assert (ours.pad_id, ours.unk_id, ours.bos_id, ours.eos_id, ours.mask_id) == (0, 1, 2, 3, 4)
   assert ours.vocab_size == len(_bert_vocab()) == theirs.vocab_size
   assert ours.encode('Hello cats') == [5, 8, 59]  # hello, cat, ##s
@@ -195,7 +196,7 @@ def test_bert_tokenizer(tmp_path):
   fast = tmp_path / 'fast'
   theirs.save_pretrained(str(fast))
   assert (fast / 'tokenizer.json').exists()
-  ours = hf.HFTokenizer(str(fast))     # from tokenizer.json
+  ours = tokenizers.HFTokenizer(str(fast))     # from tokenizer.json
   assert (ours.pad_id, ours.unk_id, ours.bos_id, ours.eos_id, ours.mask_id) == (0, 1, 2, 3, 4)
   _check_tokenizer(ours, theirs, (ours.bos_id, ours.eos_id, ours.pad_id))
 
@@ -211,7 +212,7 @@ def test_gpt2_tokenizer(tmp_path):
     if directory != tmp_path:
       theirs.save_pretrained(str(directory))
       assert (directory / 'tokenizer.json').exists()
-    ours = hf.HFTokenizer(str(directory))
+    ours = tokenizers.HFTokenizer(str(directory))
     end = ours.encode('<|endoftext|>')
     assert end == [0] and (ours.pad_id, ours.bos_id, ours.eos_id, ours.unk_id, ours.mask_id) == (0, 0, 0, 0, None)
     assert ours.vocab_size == theirs.vocab_size
@@ -261,7 +262,7 @@ def test_errors(bert_dir, tmp_path, monkeypatch):
   with pytest.raises(UserError, match='pip install torch'):
     hf.load_params(str(tmp_path / 'torch'), 'bert')
   with pytest.raises(UserError, match='no tokenizer'):
-    hf.HFTokenizer(str(tmp_path))
+    tokenizers.HFTokenizer(str(tmp_path))
 
 
 def _perturb(params, seed):
@@ -319,7 +320,7 @@ def test_train_bert_classifier_from_hf_directory(bert_dir, tmp_path):
   assert saved['model']['d_model'] == 32 and saved['dataset']['tokenizer'] == f'hf:{directory}'
   from model_zoo.training.checkpoints import Checkpoints  # pylint: disable=g-import-not-at-top
   ckpt = Checkpoints(os.path.join(workdir, 'checkpoints'))
-  trained = ckpt.restore_params(3)
+  trained = ckpt.restore_tree(3)['params']
   ckpt.close()
   imported = hf.load_params(str(directory), 'bert')
   flat = lambda t: {'/'.join(str(getattr(k, 'key', k)) for k in p): v for p, v in jax.tree_util.tree_flatten_with_path(t)[0]}

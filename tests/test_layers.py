@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 
 from model_zoo.models import layers
-from model_zoo.models.gpt import GPT, init_cache
+from model_zoo.models.gpt import GPT
+from model_zoo.models.protocol import init_cache
 
 
 def naive_attention(q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, allowed_BxTxS):
@@ -118,7 +119,7 @@ def test_mlp_matches_numpy(activation):
 def test_block_orders_norm_and_residual_as_named(pre_ln):
   """Pre-LN: x + F(LN(x)); post-LN: LN(x + F(x)), built here from the block's own sublayers."""
   x = jax.random.normal(jax.random.key(0), (2, 4, 16))
-  block = layers.TransformerBlock(num_heads=2, head_dim=8, d_ff=32, pre_ln=pre_ln, causal=True)
+  block = layers.TransformerBlock(layers.BlockConfig(num_heads=2, head_dim=8, d_ff=32, pre_ln=pre_ln), causal=True)
   params = nn.unbox(block.init(jax.random.key(1), x, train=False)['params'])
   got = block.apply({'params': params}, x, train=False)
   attn = lambda y: layers.MultiHeadAttention(2, 8).apply({'params': params['self_attention']}, y, causal=True)
@@ -141,7 +142,7 @@ def test_cached_decoding_equals_the_full_forward_pass(positional, num_kv_heads):
   tokens = jax.random.randint(jax.random.key(1), (2, 11), 0, 40)
   params = nn.unbox(model.init(jax.random.key(0), tokens, train=False)['params'])
   full = model.apply({'params': params}, tokens, train=False)
-  decoder, cache = model.clone(decode=True), init_cache(model, 2, 16)
+  decoder, cache = model.clone(decode=True), init_cache(model, jnp.zeros((2, 16), jnp.int32))
   positions = jnp.broadcast_to(jnp.arange(11), (2, 11))
   logits = []
   for start, stop in [(0, 4)] + [(i, i + 1) for i in range(4, 11)]:  # a prompt, then one token at a time

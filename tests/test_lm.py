@@ -9,11 +9,12 @@ import numpy as np
 import pytest
 
 from helpers import tiny_config
-from model_zoo.data import pipeline, sources
+from model_zoo.data import pipeline, registry
 from model_zoo.evaluation import evaluate
 from model_zoo.inference import sampling
+from model_zoo.experiment import build_experiment
+from model_zoo.models import protocol
 from model_zoo.models.gpt import GPT
-from model_zoo.tasks.language_modeling import model_flops_per_token
 from model_zoo.training import loop, sharding
 
 GPT_TINY = {'model.num_layers': 1, 'model.d_model': 32, 'model.num_heads': 2, 'model.d_ff': 64,
@@ -50,11 +51,12 @@ def test_bits_per_byte_counts_every_byte_of_the_split(tmp_path):
   from model_zoo.data import text
   config = tiny_config('gpt', num_train_steps=5, **GPT_TINY)
   loop.train_and_evaluate(config, str(tmp_path))
-  data = sources.load(config.dataset, 'validation', str(tmp_path))
-  exp = loop.build_experiment(config, data)
+  from model_zoo.workdir import Workdir
+  data = registry.load(config.dataset, 'validation', Workdir(str(tmp_path)).data_files())
+  exp = build_experiment(config, data.info)
   state = exp.checkpoints(str(tmp_path)).restore(5, exp.abstract_state)
   _, stats = loop.make_eval_fn(exp)(state, data)
-  docs = text.documents(config.dataset, 'validation')
+  docs = text.pydoc(config.dataset, 'validation')
   assert stats['bytes'] == sum(len(d.encode()) for d in docs)
   assert stats['tokens'] == sum(len(data.tokenizer.encode(d)) + 1 for d in docs)  # + EOS per document
 
@@ -113,22 +115,25 @@ def test_sampling_rules_on_a_fixed_distribution():
   np.testing.assert_allclose(hot, p / p.sum(), atol=0.04)
 
 
-def test_model_flops_follow_the_formula():
-  config = tiny_config('gpt', **GPT_TINY)
-  model = GPT(vocab_size=384, num_layers=1, d_model=32, num_heads=2, d_ff=64, max_len=64)
-  params = nn.unbox(model.init(jax.random.key(0), jnp.zeros((1, 4), jnp.int32), train=False)['params'])
-  d, f, v, t = 32, 64, 384, 32
-  matmul_params = 4 * d * d + 2 * d * f + f + d + 4 * d  # attention, MLP kernels and biases, two norms
-  matmul_params += 2 * d + v * d                          # final norm, tied output projection
-  assert model_flops_per_token(params, config) == 6 * matmul_params + 12 * 1 * d * t
+@pytest.mark.parametrize('attention_impl', ['', 'cudnn'])
+def test_model_flops_follow_the_formula(attention_impl):
+  """6 N + 12 L d T per token (Kaplan et al., 2020; PaLM appendix B), N the matmul parameters: the
+  count does not depend on the attention kernel (a fused one hides its matmuls in one call)."""
+  model = GPT(vocab_size=384, num_layers=2, d_model=32, num_heads=2, d_ff=64, max_len=64,
+              attention_impl=attention_impl, tie_embeddings=False)
+  tokens = jnp.zeros((3, 32), jnp.int32)
+  variables = jax.eval_shape(lambda: model.clone(attention_impl='').init(jax.random.key(0), tokens, train=False))
+  d, f, v, t, layers = 32, 64, 384, 32, 2
+  matmul_params = layers * (4 * d * d + 2 * d * f) + v * d   # attention and MLP kernels, the output layer
+  assert protocol.flops_per_example(model, variables, tokens) == (6 * matmul_params + 12 * layers * d * t) * t
 
 
 def test_fsdp_and_tensor_parallel_layouts_shard_parameters_and_agree():
   losses = {}
   for mesh in [(8, 1, 1), (2, 2, 2)]:
     config = tiny_config('gpt', **GPT_TINY, **dict(zip(['mesh.data', 'mesh.fsdp', 'mesh.tensor'], mesh)))
-    data = sources.load(config.dataset, 'train', None)
-    exp = loop.build_experiment(config, data)
+    data = registry.load(config.dataset, 'train', None)
+    exp = build_experiment(config, data.info)
     specs = {jax.tree_util.keystr(p): s.spec for p, s in
              jax.tree_util.tree_flatten_with_path(exp.state_shardings.params)[0]}
     if mesh == (2, 2, 2):

@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 from sklearn.metrics import precision_recall_fscore_support
 
-from model_zoo.evaluation.metrics import classification_metrics
+from model_zoo.tasks.losses import classification_metrics
 
 
 def test_hand_computed_confusion():

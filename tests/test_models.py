@@ -1,4 +1,5 @@
 """MLP and CNN against naive numpy implementations of the same equations."""
+import flax.linen as nn
 import jax
 import numpy as np
 import pytest
@@ -33,12 +34,12 @@ def _max_pool_2x2(x):
 def test_mlp_matches_numpy():
   model = MLP(num_classes=10, hidden_sizes=(16, 12), dropout_rate=0.5)
   x = np.random.default_rng(0).normal(size=(4, 8, 8, 1)).astype(np.float32)
-  params = model.init(jax.random.key(0), x, train=False)['params']
+  params = nn.unbox(model.init(jax.random.key(0), x, train=False)['params'])
   p = jax.tree.map(np.asarray, params)
   h = x.reshape(4, -1)
   for i in range(2):
-    h = _relu(h @ p[f'Dense_{i}']['kernel'] + p[f'Dense_{i}']['bias'])
-  want = h @ p['Dense_2']['kernel'] + p['Dense_2']['bias']
+    h = _relu(h @ p[f'block_{i}']['kernel'] + p[f'block_{i}']['bias'])
+  want = h @ p['cls_head']['kernel'] + p['cls_head']['bias']
   got = model.apply({'params': params}, x, train=False)
   np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
   assert sum(v.size for v in jax.tree.leaves(p)) == (64 + 1) * 16 + (16 + 1) * 12 + (12 + 1) * 10
@@ -48,13 +49,13 @@ def test_mlp_matches_numpy():
 def test_cnn_matches_numpy(shape):
   model = CNN(num_classes=5, features=(4, 6), dense_size=7)
   x = np.random.default_rng(1).normal(size=shape).astype(np.float32)
-  params = model.init(jax.random.key(0), x, train=False)['params']
+  params = nn.unbox(model.init(jax.random.key(0), x, train=False)['params'])
   p = jax.tree.map(np.asarray, params)
   h = x
   for i in range(2):
-    h = _max_pool_2x2(_relu(_conv_same(h, p[f'Conv_{i}']['kernel'], p[f'Conv_{i}']['bias'])))
-  h = _relu(h.reshape(shape[0], -1) @ p['Dense_0']['kernel'] + p['Dense_0']['bias'])
-  want = h @ p['Dense_1']['kernel'] + p['Dense_1']['bias']
+    h = _max_pool_2x2(_relu(_conv_same(h, p[f'block_{i}']['kernel'], p[f'block_{i}']['bias'])))
+  h = _relu(h.reshape(shape[0], -1) @ p['block_2']['kernel'] + p['block_2']['bias'])
+  want = h @ p['cls_head']['kernel'] + p['cls_head']['bias']
   got = model.apply({'params': params}, x, train=False)
   assert got.shape == (shape[0], 5)
   np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)

@@ -1,34 +1,27 @@
 """ResNet and ViT against numpy references and published parameter counts; synchronised batch norm;
 checkpoints with batch statistics; training-time augmentation."""
-import importlib.util
 import json
-import os
 
 import flax.linen as nn
 import jax
 import numpy as np
 import pytest
 
-from conftest import ROOT
+from helpers import preset as _preset
 from helpers import tiny_config
-from model_zoo import models
 from model_zoo.config import base_config
-from model_zoo.data import pipeline, sources
+from model_zoo.data import pipeline, registry
+from model_zoo.data.base import ArraySource, Dataset
 from model_zoo.errors import UserError
 from model_zoo.evaluation import evaluate
+from model_zoo.experiment import build_experiment
+from model_zoo.models import registry as models
 from model_zoo.models.resnet import ResNet
 from model_zoo.models.vit import ViT
 from model_zoo.training import loop, sharding
 
 RESNET = {'model.stage_sizes': (1, 1), 'model.width': 8}
 VIT = {'model.d_model': 32, 'model.num_layers': 1, 'model.num_heads': 2, 'model.d_ff': 64}
-
-
-def _preset(name, arg):
-  spec = importlib.util.spec_from_file_location(f'cfg_{name}', os.path.join(ROOT, 'configs', f'{name}.py'))
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config(arg)
 
 
 def _count(tree):
@@ -50,8 +43,8 @@ def _conv(x_BxHxWxC, kernel_KxKxCxF, stride=1, pad=None):
   return out
 
 
-def _resnet_reference(p, s, x, block, train):
-  """Logits, and the mean and variance of each BN's input, in float64."""
+def _resnet_reference(p, s, x, block, train, stage_starts=(0, 1)):
+  """Logits, and the mean and variance of each BN's input, in float64 (one block per stage)."""
   seen = {}
 
   def bn(h, scope, name):
@@ -62,9 +55,10 @@ def _resnet_reference(p, s, x, block, train):
 
   relu = lambda h: np.maximum(h, 0)
   h = relu(bn(_conv(x, p['stem_conv']['kernel']), None, 'stem_bn'))
-  for name in sorted(k for k in p if k.startswith('stage')):
+  for k in range(len([name for name in p if name.startswith('block_')])):
+    name = f'block_{k}'
     q = p[name]
-    stride = 2 if name.startswith('stage2') else 1
+    stride = 2 if k in stage_starts[1:] else 1
     if block == 'basic':
       y = relu(bn(_conv(h, q['Conv_0']['kernel'], stride), name, 'BatchNorm_0'))
       y = bn(_conv(y, q['Conv_1']['kernel']), name, 'BatchNorm_1')
@@ -74,7 +68,7 @@ def _resnet_reference(p, s, x, block, train):
       y = bn(_conv(y, q['Conv_2']['kernel']), name, 'BatchNorm_2')
     short = bn(_conv(h, q['proj_conv']['kernel'], stride), name, 'proj_bn') if 'proj_conv' in q else h
     h = relu(y + short)
-  return h.mean((1, 2)) @ p['head']['kernel'] + p['head']['bias'], seen
+  return h.mean((1, 2)) @ p['cls_head']['kernel'] + p['cls_head']['bias'], seen
 
 
 def _jiggle(tree, seed, scale=0.3):
@@ -89,7 +83,7 @@ def _jiggle(tree, seed, scale=0.3):
 def test_resnet_matches_numpy(block, train):
   model = ResNet(num_classes=5, stage_sizes=(1, 1), block=block, width=4, stem='cifar')
   x = np.random.default_rng(0).normal(size=(3, 6, 6, 3))
-  variables = model.init(jax.random.key(0), x.astype(np.float32), train=False)
+  variables = nn.unbox(model.init(jax.random.key(0), x.astype(np.float32), train=False))
   p = _jiggle(variables['params'], 1)
   s = jax.tree.map(lambda a: np.abs(a) + 0.5, _jiggle(variables['batch_stats'], 2))  # positive variances
   cast = lambda t: jax.tree.map(lambda a: a.astype(np.float32), t)
@@ -117,13 +111,14 @@ def test_resnet_presets_have_the_published_sizes(depth, stem, num_classes, size,
   config.model.stem = stem
   model = models.build(config.model, num_classes=num_classes)
   x = jax.ShapeDtypeStruct((2, size, size, 3), np.float32)
-  variables = jax.eval_shape(lambda x: model.init(jax.random.key(0), x, train=False), x)
+  variables = jax.eval_shape(lambda x: nn.unbox(model.init(jax.random.key(0), x, train=False)), x)
   assert _count(variables['params']) == want
   out, state = jax.eval_shape(lambda v, x: model.apply(v, x, train=False, capture_intermediates=True,
                                                        mutable=['intermediates']), variables, x)
   assert out.shape == (2, num_classes)
   # Table 1 of the paper: stages at 56, 28, 14, 7 for 224 images; CIFAR stem: 32, 16, 8, 4.
-  sides = [v['__call__'][0].shape[1] for k, v in sorted(state['intermediates'].items()) if k.endswith('block1')]
+  stage_starts = np.cumsum([0] + list(config.model.stage_sizes[:-1]))
+  sides = [state['intermediates'][f'block_{k}']['__call__'][0].shape[1] for k in stage_starts]
   assert sides == ([56, 28, 14, 7] if stem == 'imagenet' else [32, 16, 8, 4])
 
 
@@ -139,11 +134,11 @@ def _vit_reference(p, x, patch, pool, num_heads):
   kernel = p['patch_embed']['kernel']
   z = patches_BxNxPPC @ kernel.reshape(-1, kernel.shape[-1]) + p['patch_embed']['bias']
   if pool == 'cls':
-    z = np.concatenate([np.broadcast_to(p['cls'], (b, 1, z.shape[-1])), z], axis=1)
+    z = np.concatenate([np.broadcast_to(p['cls_embedding'], (b, 1, z.shape[-1])), z], axis=1)
   z = z + p['pos_embedding']
   gelu = lambda u: 0.5 * u * (1 + np.tanh(np.sqrt(2 / np.pi) * (u + 0.044715 * u ** 3)))
-  for i in range(len([k for k in p if k.startswith('block')])):
-    q = p[f'block{i}']
+  for i in range(len([k for k in p if k.startswith('block_')])):
+    q = p[f'block_{i}']
     y = _layer_norm(z, q['self_attention_norm'])
     a = q['self_attention']
     qh, kh, vh = (np.einsum('btd,dnh->bnth', y, a[n]['kernel']) for n in ('query', 'key', 'value'))
@@ -156,7 +151,7 @@ def _vit_reference(p, x, patch, pool, num_heads):
     z = z + gelu(y @ m['wi']['kernel'] + m['wi']['bias']) @ m['wo']['kernel'] + m['wo']['bias']
   z = _layer_norm(z, p['final_norm'])
   y = z[:, 0] if pool == 'cls' else z.mean(1)
-  return y @ p['head']['kernel'] + p['head']['bias']
+  return y @ p['cls_head']['kernel'] + p['cls_head']['bias']
 
 
 @pytest.mark.parametrize('pool', ['cls', 'mean'])
@@ -164,7 +159,7 @@ def test_vit_matches_numpy(pool):
   model = ViT(num_classes=3, patch_size=2, d_model=8, num_layers=2, num_heads=2, d_ff=16, pool=pool)
   x = np.random.default_rng(0).normal(size=(2, 4, 6, 3))
   params = nn.unbox(model.init(jax.random.key(0), x.astype(np.float32), train=False)['params'])
-  assert ('cls' in params) == (pool == 'cls')
+  assert ('cls_embedding' in params) == (pool == 'cls')
   assert params['pos_embedding'].shape == (1, 6 + (pool == 'cls'), 8)  # 2x3 patches (+ the class token)
   p = _jiggle(params, 1)
   got = model.apply({'params': jax.tree.map(lambda a: a.astype(np.float32), p)}, x.astype(np.float32),
@@ -193,7 +188,7 @@ def test_bad_model_fields_are_user_errors():
         jax.random.key(0), np.zeros((1, 8, 8, 1), np.float32), train=False)
   with pytest.raises(UserError, match='stem'):
     ResNet(num_classes=2, stem='cifa').init(jax.random.key(0), np.zeros((1, 8, 8, 1), np.float32), train=False)
-  with pytest.raises(ValueError, match='depth='):
+  with pytest.raises(UserError, match='depth=one of tiny, 18, 34, 50'):
     _preset('resnet', 'depth=19')
 
 
@@ -201,8 +196,8 @@ def test_bad_model_fields_are_user_errors():
 
 def _experiment(name, **overrides):
   config = tiny_config(name, **{**(RESNET if name == 'resnet' else VIT), **overrides})
-  data = sources.load(config.dataset, 'train')
-  return config, data, loop.build_experiment(config, data)
+  data = registry.load(config.dataset, 'train')
+  return config, data, build_experiment(config, data.info)
 
 
 @pytest.mark.parametrize('name, learning_rate', [('resnet', 1e-2), ('vit', 3e-3)])
@@ -254,8 +249,8 @@ def test_checkpoints_hold_batch_statistics_and_resume_exactly(tmp_path):
   loop.train_and_evaluate(tiny_config('resnet', num_train_steps=4, **common), str(tmp_path / 'parts'))
   loop.train_and_evaluate(config, str(tmp_path / 'parts'))
 
-  data = sources.load(config.dataset, 'train')
-  exp = loop.build_experiment(config, data)
+  data = registry.load(config.dataset, 'train')
+  exp = build_experiment(config, data.info)
   whole = jax.device_get(exp.checkpoints(str(tmp_path / 'whole')).restore(8, exp.abstract_state))
   parts = jax.device_get(exp.checkpoints(str(tmp_path / 'parts')).restore(8, exp.abstract_state))
   stats = whole.model_state['batch_stats']
@@ -277,8 +272,8 @@ def _dataset(images, augment='', padding=2):
   cfg = base_config().dataset
   cfg.augment, cfg.crop_padding = augment, padding
   from model_zoo.data import augment as augment_lib  # pylint: disable=g-import-not-at-top
-  source = sources.ArraySource({'image': images, 'label': np.arange(len(images), dtype=np.int32)})
-  return sources.Dataset(source, lambda ex: ex, 1, ('a',), augment=augment_lib.build(cfg))
+  source = ArraySource({'image': images, 'label': np.arange(len(images), dtype=np.int32)})
+  return Dataset(source, lambda ex: ex, 1, ('a',), augment=augment_lib.build(cfg))
 
 
 def _images(n=50, seed=0):
@@ -342,9 +337,9 @@ def test_augmented_stream_is_split_over_processes_and_resumes_exactly():
 
 def test_only_training_augments():
   cfg = _preset('resnet', '').dataset
-  train, test = sources.load(cfg, 'train'), sources.load(cfg, 'test')
+  train, test = registry.load(cfg, 'train'), registry.load(cfg, 'test')
   assert train.augment is not None and test.augment is not None
-  plain = sources.load(base_config().dataset, 'train')
+  plain = registry.load(base_config().dataset, 'train')
   assert plain.augment is None  # configs without dataset.augment (mlp, cnn, ...) are unchanged
   aug, raw = next(pipeline.train_iterator(train, batch_size=64, seed=0)), next(
       pipeline.train_iterator(plain, batch_size=64, seed=0))
@@ -358,7 +353,7 @@ def test_bad_augmentation_settings():
   cfg = base_config().dataset
   cfg.augment = 'flip'
   with pytest.raises(UserError, match="unknown augmentation 'flip'"):
-    sources.load(cfg, 'train')
+    registry.load(cfg, 'train')
   cfg.augment, cfg.crop_padding = 'crop', -1
   with pytest.raises(UserError, match='crop_padding'):
-    sources.load(cfg, 'train')
+    registry.load(cfg, 'train')

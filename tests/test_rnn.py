@@ -1,6 +1,6 @@
 """LSTM and GRU: the cells against their equations in numpy, state resets in packed rows, training,
-the command line, pixel-row classification, and the byte-bigram baseline they must beat."""
-import importlib.util
+decoding a step at a time, the command line (sampling included), pixel-row classification, and the
+byte-bigram baseline they must beat."""
 import json
 import os
 
@@ -10,13 +10,14 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from conftest import ROOT
-from helpers import read_metrics, run_cli, tiny_config
+from helpers import preset, read_metrics, run_cli, tiny_config
 from model_zoo import config as config_lib
-from model_zoo import tasks
-from model_zoo.data import pipeline, sources, text
+from model_zoo.errors import UserError
+from model_zoo.data import pipeline, registry, text, tokenizers
+from model_zoo.inference import sampling
+from model_zoo.models import protocol
 from model_zoo.models.rnn import RNNLM, Recurrent, RNNClassifier
-from model_zoo.tasks.language_modeling import model_flops_per_token
+from model_zoo.tasks import registry as tasks
 
 RNN_TINY = {'model.num_layers': 1, 'model.embed_size': 16, 'model.hidden_size': 32, 'dataset.seq_len': 32,
             'model.dropout_rate': 0.0}
@@ -72,7 +73,7 @@ def test_cell_matches_its_equations_in_numpy(cell, reference):
   x = rng.normal(size=(B, T, D)).astype(np.float32)
   layer = Recurrent(cell, H)
   no_reset = jnp.zeros((B, T), bool)
-  params = layer.init(jax.random.key(0), x, no_reset)['params']
+  params = nn.unbox(layer.init(jax.random.key(0), x, no_reset)['params'])
   gates = {'lstm': 4, 'gru': 3}[cell]
   assert params['w']['kernel'].shape == (D, gates * H) and params['u'].shape == (H, gates * H)
   if cell == 'lstm':  # the forget-gate bias starts at 1, the others at 0
@@ -99,7 +100,7 @@ def test_packed_row_gives_each_document_the_logits_it_has_alone(cell):
   model = RNNLM(vocab_size=11, cell=cell, num_layers=2, embed_size=8, hidden_size=16)
   rng = np.random.default_rng(1)
   docs = [rng.integers(3, 11, n).astype(np.int32) for n in (5, 7, 3)]
-  params = model.init(jax.random.key(0), jnp.zeros((1, 4), jnp.int32), train=False)['params']
+  params = nn.unbox(model.init(jax.random.key(0), jnp.zeros((1, 4), jnp.int32), train=False)['params'])
   tokens, positions, segments = _packed_row(docs, pad_to=18)
   packed = model.apply({'params': params}, tokens, train=False, positions_BxT=positions, segment_ids_BxT=segments)
   assert packed.shape == (1, 18, 11)
@@ -113,21 +114,46 @@ def test_packed_row_gives_each_document_the_logits_it_has_alone(cell):
   assert np.abs(unreset[0, 5:12] - packed[0, 5:12]).max() > 1e-3
 
 
+@pytest.mark.parametrize('cell', ['lstm', 'gru'])
+def test_decoding_a_step_at_a_time_equals_the_full_forward_pass(cell):
+  """The decoder mode: a prompt, then one token at a time, from the state kept in the cache."""
+  model = RNNLM(vocab_size=13, cell=cell, num_layers=2, embed_size=8, hidden_size=16)
+  tokens = jax.random.randint(jax.random.key(1), (2, 9), 0, 13)
+  params = nn.unbox(model.init(jax.random.key(0), tokens, train=False)['params'])
+  full = model.apply({'params': params}, tokens, train=False)
+  decoder, cache = model.clone(decode=True), protocol.init_cache(model, tokens)
+  positions = jnp.broadcast_to(jnp.arange(9), (2, 9))
+  logits = []
+  for start, stop in [(0, 4)] + [(i, i + 1) for i in range(4, 9)]:
+    out, variables = decoder.apply({'params': params, 'cache': cache}, tokens[:, start:stop], train=False,
+                                   positions_BxT=positions[:, start:stop], mutable=['cache'])
+    cache = variables['cache']
+    logits.append(out)
+  np.testing.assert_allclose(jnp.concatenate(logits, 1), full, rtol=1e-5, atol=1e-5)
+  # and sampling, greedy, equals the argmax of repeated full passes
+  prompt = [1, 5, 7]
+  got = sampling.generate(model, params, jnp.array([prompt]), jax.random.key(0), max_new_tokens=5, temperature=0.0)
+  want = list(prompt)
+  for _ in range(5):
+    want.append(int(jnp.argmax(model.apply({'params': params}, jnp.array([want]), train=False)[0, -1])))
+  assert np.asarray(got)[0].tolist() == want[len(prompt):]
+
+
 def _task_and_state(config, data):
   """The task and a fresh state on one device (the loop's 8-device layout only slows compilation here)."""
   config_lib.validate(config)
-  task = tasks.build(config, data)
+  task = tasks.build(config, data.info)
   example = jax.tree.map(lambda x: np.asarray(x)[None], data.source[0])
   return task, nn.unbox(task.init_state(jax.random.key(config.seed), example))
 
 
 def test_language_model_trains_and_its_gradients_reach_the_recurrent_weights():
   config = tiny_config('lstm', batch_size=16, **{'model.cell': 'gru', 'optimizer.warmup_steps': 1}, **RNN_TINY)
-  data = sources.load(config.dataset, 'train', None)
+  data = registry.load(config.dataset, 'train', None)
   task, state = _task_and_state(config, data)
   batch = next(pipeline.train_iterator(data, batch_size=16, seed=0))
   grads = jax.grad(lambda p: task.loss_fn(p, {}, batch, jax.random.key(0))[0])(state.params)
-  assert float(jnp.abs(grads['rnn']['layer_0']['u']).max()) > 0
+  assert float(jnp.abs(grads['rnn']['block_0']['u']).max()) > 0
   step = jax.jit(task.train_step)
   losses = []
   for i in range(8):
@@ -138,12 +164,12 @@ def test_language_model_trains_and_its_gradients_reach_the_recurrent_weights():
 
 
 def test_model_flops_count_every_matmul_parameter_once():
-  config = tiny_config('lstm', **RNN_TINY)
   model = RNNLM(vocab_size=259, num_layers=1, embed_size=16, hidden_size=32)
-  params = model.init(jax.random.key(0), jnp.zeros((1, 4), jnp.int32), train=False)['params']
+  tokens = jnp.zeros((2, 12), jnp.int32)
+  variables = model.init(jax.random.key(0), tokens, train=False)
   e, h, v = 16, 32, 259
-  matmul_params = (e + 1) * 4 * h + h * 4 * h + (h + 1) * v   # W and b, U, output layer; not the embedding
-  assert model_flops_per_token(params, config) == 6 * matmul_params
+  matmul_params = e * 4 * h + h * 4 * h + h * v   # W, U (once a step), the output layer; not the embedding
+  assert protocol.flops_per_example(model, variables, tokens) == 6 * matmul_params * 12
 
 
 def test_train_and_eval_commands_write_bits_per_byte(tmp_path):
@@ -161,15 +187,15 @@ def test_train_and_eval_commands_write_bits_per_byte(tmp_path):
   assert saved['step'] == 20
   assert saved['bits_per_byte'] == pytest.approx(saved['nats_per_byte'] / np.log(2))
   assert 0 < saved['bits_per_byte'] < 8   # better than a uniform guess over bytes
-  proc = run_cli('eval.py', *args, '--mode=sample')
-  assert proc.returncode == 1 and 'only the gpt model has' in proc.stderr and 'Traceback' not in proc.stderr
+  proc = run_cli('eval.py', *args, '--mode=sample', '--prompt=The ', '--max_new_tokens=8', check=True)
+  assert "--- prompt: 'The ' (step 20)" in proc.stdout
 
 
 def test_classifier_reads_image_rows_as_a_sequence():
   model = RNNClassifier(num_classes=10, cell='gru', num_layers=2, hidden_size=16)
   x = np.random.default_rng(2).random((4, 8, 8, 1)).astype(np.float32)
-  params = model.init(jax.random.key(0), x, train=False)['params']
-  assert params['rnn']['layer_0']['w']['kernel'].shape == (8, 3 * 16)  # one row of 8 pixels a step
+  params = nn.unbox(model.init(jax.random.key(0), x, train=False)['params'])
+  assert params['rnn']['block_0']['w']['kernel'].shape == (8, 3 * 16)  # one row of 8 pixels a step
   logits = model.apply({'params': params}, x, train=False)
   assert logits.shape == (4, 10)
   # The last hidden state is read: the last row matters, and so does the order of the rows.
@@ -183,7 +209,7 @@ def test_classifier_reads_image_rows_as_a_sequence():
 def test_classification_config_learns_digits_from_pixel_rows():
   config = _config('task=classify')
   assert (config.task, config.dataset.name, config.model.name) == ('classification', 'digits', 'rnn_classifier')
-  data, test = sources.load(config.dataset, 'train'), sources.load(config.dataset, 'test')
+  data, test = registry.load(config.dataset, 'train'), registry.load(config.dataset, 'test')
   task, state = _task_and_state(config, data)
   step = jax.jit(task.train_step)
   batches = pipeline.train_iterator(data, batch_size=config.batch_size, seed=0)
@@ -197,19 +223,16 @@ def test_classification_config_learns_digits_from_pixel_rows():
 
 
 def _config(arg):
-  spec = importlib.util.spec_from_file_location('lstm_config', os.path.join(ROOT, 'configs', 'lstm.py'))
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config(arg)
+  return preset('lstm', arg)
 
 
 def test_config_variants():
   lstm, gru = _config(''), _config('cell=gru')
   assert (lstm.model.cell, gru.model.cell) == ('lstm', 'gru')
-  assert lstm.dataset.tokenizer == 'bytes' and lstm.dataset.vocab_size == text.ByteTokenizer.vocab_size
+  assert lstm.dataset.tokenizer == 'bytes' and lstm.dataset.vocab_size == tokenizers.ByteTokenizer.vocab_size
   assert lstm.optimizer.grad_clip_norm > 0 and _config('task=classify').optimizer.grad_clip_norm > 0
   for bad in ('cell=rnn', 'task=translate', 'size=big'):
-    with pytest.raises(ValueError):
+    with pytest.raises(UserError, match='takes cell=one of lstm, gru and task=one of lm, classify'):
       _config(bad)
 
 
@@ -222,7 +245,7 @@ def bigram_nats_per_byte(train_docs, eval_docs, vocab_size=259) -> float:
   Scored like the language model: each document is [BOS] bytes [EOS], every byte and the EOS is
   predicted from the token before it, and the sum is divided by the document's bytes.
   """
-  tok = text.ByteTokenizer()
+  tok = tokenizers.ByteTokenizer()
   counts_VxV = np.zeros((vocab_size, vocab_size))
   for doc in train_docs:
     ids = [tok.bos_id] + tok.encode(doc) + [tok.eos_id]
@@ -246,7 +269,7 @@ def test_bigram_baseline_by_hand_and_on_pydoc():
   # p(EOS|a) = 0 + 1/2 * 2/262.
   want = -np.log(0.5 + 0.5 * 2 / 262) - np.log(0.5 * 2 / 262)
   assert bigram_nats_per_byte(['ab'], ['a']) == pytest.approx(want)
-  nats = bigram_nats_per_byte(text.documents(_config('').dataset, 'train'),
-                              text.documents(_config('').dataset, 'validation'))
+  nats = bigram_nats_per_byte(text.pydoc(_config('').dataset, 'train'),
+                              text.pydoc(_config('').dataset, 'validation'))
   print(f'byte bigram on pydoc validation: {nats:.4f} nats/byte, {nats / np.log(2):.4f} bits/byte')
   assert 2.3 < nats < 3.0

@@ -8,8 +8,10 @@ import pytest
 import tensorflow_datasets as tfds
 
 from model_zoo.config import base_config
-from model_zoo.data import pipeline, text
+from model_zoo.data import packing, pipeline, registry, text, tokenizers
+from model_zoo.data.base import Files
 from model_zoo.errors import UserError
+from model_zoo.workdir import Staging, Workdir
 
 ROOT = __file__.rsplit('/tests/', 1)[0]
 UNICODE = 'naïve café — 日本語, emoji 😀, tab\tand  two spaces\n'
@@ -23,19 +25,24 @@ def _config(name='pydoc', tokenizer='bytes', vocab_size=259, seq_len=5):
   return cfg
 
 
+def registry_docs(cfg, split):
+  """The documents of a split of the corpus cfg.name."""
+  return {'pydoc': text.pydoc, 'lm1b': text.lm1b}[cfg.name](cfg, split)
+
+
 def _train_docs():
-  return text.documents(_config(), 'train')
+  return registry_docs(_config(), 'train')
 
 
 @pytest.fixture(scope='module')
 def sp_path(tmp_path_factory):
-  return text.SentencePieceTokenizer.train(_train_docs(), 512, str(tmp_path_factory.mktemp('sp') / 'sp.model')).path
+  return tokenizers.SentencePieceTokenizer.train(_train_docs(), 512, str(tmp_path_factory.mktemp('sp') / 'sp.model')).path
 
 
 # Tokenizers.
 
 def test_byte_tokenizer_round_trip_and_bytes():
-  tok = text.ByteTokenizer()
+  tok = tokenizers.ByteTokenizer()
   ids = tok.encode(UNICODE)
   assert min(ids) >= 3 and max(ids) < tok.vocab_size == 259
   assert tok.decode([tok.bos_id] + ids + [tok.eos_id, tok.pad_id]) == UNICODE
@@ -44,12 +51,12 @@ def test_byte_tokenizer_round_trip_and_bytes():
 
 
 def test_sentencepiece_round_trip_and_exact_bytes(sp_path):
-  tok = text.SentencePieceTokenizer(sp_path)
+  tok = tokenizers.SentencePieceTokenizer(sp_path)
   assert (tok.vocab_size, tok.pad_id, tok.bos_id, tok.eos_id) == (512, 0, 1, 2)
   bytes_V = tok.token_bytes()
   assert bytes_V.shape == (512,) and list(bytes_V[:4]) == [0, 0, 0, 0]  # pad, bos, eos, unk
   # No dummy space is prepended and nothing is normalised, so the sum is exact, not "+1".
-  for doc in text.documents(_config(), 'validation') + [UNICODE, ' leading space', '']:
+  for doc in registry_docs(_config(), 'validation') + [UNICODE, ' leading space', '']:
     ids = tok.encode(doc)
     assert tok.decode(ids) == doc
     assert bytes_V[ids].sum() == len(doc.encode('utf-8'))
@@ -59,9 +66,10 @@ def test_sentencepiece_round_trip_and_exact_bytes(sp_path):
 _TRAIN_IN_ANOTHER_PROCESS = '''
 import sys
 from model_zoo.data import text
-docs = text.documents(text.ml_collections.ConfigDict({"name": "pydoc"}), "train")
-text.SentencePieceTokenizer.train(docs, 512, sys.argv[1])
-text.SentencePieceTokenizer.train(iter([l for d in docs for l in d.splitlines()]), 400, sys.argv[2], max_sentences=500)
+from model_zoo.data import tokenizers
+docs = text.pydoc(None, "train")
+tokenizers.SentencePieceTokenizer.train(docs, 512, sys.argv[1])
+tokenizers.SentencePieceTokenizer.train(iter([l for d in docs for l in d.splitlines()]), 400, sys.argv[2], max_sentences=500)
 '''
 
 
@@ -72,54 +80,53 @@ def test_sentencepiece_training_is_deterministic(sp_path, tmp_path):
   with open(sp_path, 'rb') as f, open(tmp_path / 'a', 'rb') as g:
     assert f.read() == g.read()
   lines = [l for d in _train_docs() for l in d.splitlines()]  # 10k lines, sampled to 500 (reservoir)
-  sampled = text.SentencePieceTokenizer.train(iter(lines), 400, str(tmp_path / 'c'), max_sentences=500)
+  sampled = tokenizers.SentencePieceTokenizer.train(iter(lines), 400, str(tmp_path / 'c'), max_sentences=500)
   assert (tmp_path / 'b').read_bytes() == (tmp_path / 'c').read_bytes() and sampled.vocab_size == 400
 
 
-def test_tokenizer_for_trains_once_then_reuses(tmp_path):
-  workdir = tmp_path / 'run'
+def test_tokenizer_is_trained_once_then_reused(tmp_path):
+  path = str(tmp_path / 'tokenizer.model')
   cfg = _config(tokenizer='sentencepiece', vocab_size=512)
-  tok = text.tokenizer_for(cfg, str(workdir), _train_docs)
-  model = (workdir / 'tokenizer.model').read_bytes()
-  again = text.tokenizer_for(cfg, str(workdir), lambda: pytest.fail('retrained'))
-  assert again.vocab_size == tok.vocab_size == 512 and (workdir / 'tokenizer.model').read_bytes() == model
+  tok = tokenizers.build(cfg, Files(tokenizer=path, new_tokenizer=path), _train_docs)
+  model = (tmp_path / 'tokenizer.model').read_bytes()
+  again = tokenizers.build(cfg, Files(tokenizer=path, new_tokenizer=path), lambda: pytest.fail('retrained'))
+  assert again.vocab_size == tok.vocab_size == 512 and (tmp_path / 'tokenizer.model').read_bytes() == model
   cfg.vocab_size = 1024
   with pytest.raises(UserError, match='has 512 tokens but config.dataset.vocab_size=1024'):
-    text.tokenizer_for(cfg, str(workdir), _train_docs)
-  assert (workdir / 'tokenizer.model').read_bytes() == model
-  assert isinstance(text.tokenizer_for(_config(), None, _train_docs), text.ByteTokenizer)
+    tokenizers.build(cfg, Files(tokenizer=path), _train_docs)
+  assert (tmp_path / 'tokenizer.model').read_bytes() == model
+  assert isinstance(tokenizers.build(_config(), None, _train_docs), tokenizers.ByteTokenizer)
   cfg.tokenizer = 'wordpiece'
   with pytest.raises(UserError, match='unknown tokenizer .*known: bytes, sentencepiece'):
-    text.tokenizer_for(cfg, str(workdir), _train_docs)
+    tokenizers.build(cfg, None, _train_docs)
   cfg.tokenizer, cfg.vocab_size = 'sentencepiece', 100
   with pytest.raises(UserError, match='vocab_size=100'):
-    text.tokenizer_for(cfg, None, _train_docs)
+    tokenizers.build(cfg, None, _train_docs)
+  assert sorted(p.name for p in tmp_path.iterdir()) == ['tokenizer.model']  # no temporary file left
 
 
 # Corpora.
 
 def test_pydoc_split_is_disjoint_complete_and_stable(capsys):
   from pydoc_data.topics import topics
-  train, val = text.documents(_config(), 'train'), text.documents(_config(), 'validation')
+  train, val = registry_docs(_config(), 'train'), registry_docs(_config(), 'validation')
   assert sorted(train + val) == sorted(topics.values())
   assert 0.05 <= len(val) / len(topics) <= 0.20
   names = sorted(topics)
-  assert val == [topics[n] for n in names if text._pydoc_split(n) == 'validation']  # in order of name
+  assert val == [topics[n] for n in names if text.pydoc_split(n) == 'validation']  # in order of name
   # The split is a function of the name alone (not of Python's salted hash()).
-  assert text._pydoc_split('with') == text._pydoc_split('numbers') == 'validation'
-  assert text._pydoc_split('if') == text._pydoc_split('lambda') == 'train'
+  assert text.pydoc_split('with') == text.pydoc_split('numbers') == 'validation'
+  assert text.pydoc_split('if') == text.pydoc_split('lambda') == 'train'
   assert capsys.readouterr().out == ''
   with pytest.raises(UserError, match="no split 'test'; it has: train, validation"):
-    text.documents(_config(), 'test')
-  with pytest.raises(UserError, match='unknown text data set .*known: lm1b, pydoc'):
-    text.documents(_config(name='wikitext'), 'train')
+    registry_docs(_config(), 'test')
 
 
 # Packing.
 
 def _naive_rows(docs, L):
   """Rows built one token at a time from which document each stream position belongs to."""
-  tok = text.ByteTokenizer()
+  tok = tokenizers.ByteTokenizer()
   stream, doc_of = [], []
   for d, doc in enumerate(docs):
     ids = [tok.bos_id] + tok.encode(doc) + [tok.eos_id]
@@ -142,7 +149,7 @@ def _naive_rows(docs, L):
 
 def test_packing_matches_naive_construction():
   docs = ['ab', 'cde', '', 'fghijklmn']  # stream of 4 + 5 + 2 + 11 = 22 tokens
-  source = text.PackedRows(np.concatenate(list(text._encode_chunks(docs, text.ByteTokenizer()))), 5)
+  source = packing.PackedRows(packing.encode_documents(docs, tokenizers.ByteTokenizer(), None), 5)
   stream, expected = _naive_rows(docs, 5)
   assert len(stream) == 22 and len(source) == len(expected) == 5  # 21 targets in rows of 5: last row padded
   a, b, c = (ord(ch) + 3 for ch in 'abc')
@@ -166,10 +173,10 @@ def test_packing_matches_naive_construction():
 
 def test_loaded_pydoc_evaluates_every_target_once():
   cfg = _config(seq_len=64)
-  data = text.load(cfg, 'validation', None)
-  docs = text.documents(cfg, 'validation')
-  assert isinstance(data.tokenizer, text.ByteTokenizer) and data.preprocess(data.source[0]) is not None
-  assert data.source.stream_N.dtype == np.uint16
+  data = registry.load(cfg, 'validation')
+  docs = registry_docs(cfg, 'validation')
+  assert isinstance(data.tokenizer, tokenizers.ByteTokenizer) and data.preprocess(data.source[0]) is not None
+  assert data.source.stream.dtype == np.uint16
   total, weight_sum = 0.0, 0.0
   for batch in pipeline.eval_batches(data, batch_size=16):
     weight_sum += float((batch['weights'] * batch['mask'][:, None]).sum())
@@ -184,16 +191,20 @@ def test_loaded_pydoc_evaluates_every_target_once():
 
 def test_lm1b_mock_data_is_read_encoded_and_cached(tmp_path):
   cfg = _config(name='lm1b', seq_len=16)
+  workdir = Workdir(str(tmp_path / 'run'))
   with tfds.testing.mock_data(num_examples=12):
-    docs = list(text.documents(cfg, 'validation'))  # lm1b has no validation split: it reads test
-    data = text.load(cfg, 'validation', str(tmp_path))
+    docs = list(registry_docs(cfg, 'validation'))  # lm1b has no validation split: it reads test
+    with Staging(workdir) as staging:
+      data = registry.load(cfg, 'validation', workdir.data_files(staging))
+      assert not (tmp_path / 'run').exists()   # written to the staging directory only
+      staging.commit()
     with pytest.raises(UserError, match="lm1b has no split 'dev'"):
-      text.documents(cfg, 'dev')
+      registry_docs(cfg, 'dev')
   assert len(docs) == 12 and all(isinstance(d, str) and d for d in docs)
-  stream = np.load(tmp_path / 'tokens-test.npy')
-  expected = np.concatenate([[1] + text.ByteTokenizer().encode(d) + [2] for d in docs])
+  stream = np.load(tmp_path / 'run' / 'tokens-test.npy')
+  expected = np.concatenate([[1] + tokenizers.ByteTokenizer().encode(d) + [2] for d in docs])
   np.testing.assert_array_equal(stream, expected)
-  cached = text.load(cfg, 'test', str(tmp_path))  # no TFDS now: the cache alone
+  cached = registry.load(cfg, 'test', workdir.data_files())  # no TFDS now: the cache alone
   assert len(cached.source) == len(data.source) == -(-(len(stream) - 1) // 16)
   for i in range(len(data.source)):
     for key, value in data.source[i].items():
@@ -205,6 +216,6 @@ def test_absent_lm1b_fails_fast_with_advice(tmp_path):
   cfg.data_dir = str(tmp_path / 'tfds')
   start = time.time()
   with pytest.raises(UserError, match='not available offline.*download=True.*pip install'):
-    text.load(cfg, 'train', str(tmp_path / 'run'))
+    registry.load(cfg, 'train', Workdir(str(tmp_path / 'run')).data_files())
   assert time.time() - start < 30
   assert not (tmp_path / 'run').exists()

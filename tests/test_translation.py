@@ -10,10 +10,11 @@ import numpy as np
 import pytest
 
 from helpers import run_cli, tiny_config
-from model_zoo.data import sources, translation
+from model_zoo.data import packing, registry, translation
+from model_zoo.data.base import Files
 from model_zoo.errors import UserError
 from model_zoo.inference import beam_search
-from model_zoo.models import transformer
+from model_zoo.models.protocol import init_cache
 from model_zoo.models.transformer import Transformer
 from model_zoo.tasks import translation as translation_task
 
@@ -45,7 +46,7 @@ def test_numbers_splits_are_fixed_disjoint_and_long_is_longer():
   sample = translation.numbers('train', 500)
   assert len(sample) == 500 and set(sample) <= set(train) and sample == translation.numbers('train', 500)
   cfg = tiny_config('transformer').dataset
-  pairs = dict(zip(translation.numbers('long'), translation.pairs(cfg, 'long')))
+  pairs = dict(zip(translation.numbers('long'), translation.number_pairs(cfg, 'long')))
   n = long[0]
   from num2words import num2words  # pylint: disable=g-import-not-at-top
   assert pairs[n] == (num2words(n, lang='en'), num2words(n, lang='de'))
@@ -56,7 +57,7 @@ def test_numbers_splits_are_fixed_disjoint_and_long_is_longer():
 def test_packed_pairs_hold_every_pair_once_with_bos_eos_segments_positions():
   src = [[5, 6, 7], [8], [9, 9, 9, 9, 9, 9], [4, 4], [3]]   # the third is too long for src_len=4
   tgt = [[10, 11], [12, 13, 14], [15], [16], [17, 18]]
-  rows = translation.PackedPairs(translation._flat(src), translation._flat(tgt), src_len=4, tgt_len=5)
+  rows = packing.PackedPairs(packing.flatten_ids(src), packing.flatten_ids(tgt), src_len=4, tgt_len=5)
   assert rows.num_dropped == 1 and len(rows.kept) == 4
   seen = []
   for r in range(len(rows)):
@@ -81,22 +82,23 @@ def test_cached_decoding_equals_the_full_forward_pass():
   full_BxTxV = model.apply({'params': params}, src, tgt_in, train=False)
   seg = (src != 0).astype(jnp.int32)
   z = model.apply({'params': params}, src, train=False, src_segments_BxS=seg, method=Transformer.encode)
-  cache = transformer.init_cache(model, 2, src.shape[1], tgt_in.shape[1])
+  cache = init_cache(model, src, tgt_in)
   decoder = model.clone(decode=True)
   for i in range(tgt_in.shape[1]):
     logits, v = decoder.apply({'params': params, 'cache': cache}, z, seg, tgt_in[:, i:i + 1], train=False,
                               tgt_positions_BxT=jnp.full((2, 1), i), method=Transformer.decode_logits,
                               mutable=['cache'])
     cache = v['cache']
-    np.testing.assert_allclose(logits[:, 0], full_BxTxV[:, i], atol=1e-5, rtol=1e-5)
+    # logits up to ~25 in float32 (weights scaled by 3): the cached path differs by rounding only
+    np.testing.assert_allclose(logits[:, 0], full_BxTxV[:, i], atol=5e-5, rtol=1e-5)
 
 
 def test_packed_row_equals_each_pair_alone_and_padding_is_ignored():
   model = _model(positional='learned', max_len=16)
   params = _params(model)
   pairs = [([3, 4, 5], [BOS, 6, 3]), ([6, 6], [BOS, 4, 4, 5])]
-  row = translation.PackedPairs(translation._flat([s for s, _ in pairs]),
-                                translation._flat([t[1:] for _, t in pairs]), 8, 10)[0]
+  row = packing.PackedPairs(packing.flatten_ids([s for s, _ in pairs]),
+                            packing.flatten_ids([t[1:] for _, t in pairs]), 8, 10)[0]
   packed = model.apply({'params': params}, row['src'][None], row['tgt_in'][None], train=False,
                        src_segments_BxS=row['src_segments'][None], src_positions_BxS=row['src_positions'][None],
                        tgt_segments_BxT=row['tgt_segments'][None], tgt_positions_BxT=row['tgt_positions'][None])[0]
@@ -123,7 +125,7 @@ def test_greedy_equals_argmax_of_repeated_full_passes_and_beam_size_1_equals_gre
   model, max_len = _model(vocab=9), 6
   params = _params(model, seed=1)
   src = jnp.array([[3, 4, 5, 0], [8, 7, 6, 5], [4, 4, 0, 0]])
-  cache = transformer.init_cache(model, 3, 4, max_len)
+  cache = init_cache(model, src, jnp.zeros((3, max_len), jnp.int32))
   greedy = beam_search.greedy_search(_step_fn(model, params, src), cache, 3, max_len=max_len, bos_id=BOS, eos_id=EOS)
   beam1, _ = beam_search.beam_search(_step_fn(model, params, src), cache, 3, beam_size=1, max_len=max_len,
                                      alpha=0.6, bos_id=BOS, eos_id=EOS)
@@ -148,7 +150,7 @@ def test_beam_search_with_a_wide_beam_finds_the_exhaustive_optimum(alpha):
   src = jnp.array([[3, 4, 0], [4, 3, 3]])
   rows = jnp.repeat(src, k, 0)
   tokens, score = beam_search.beam_search(
-      _step_fn(model, params, rows), transformer.init_cache(model, 2 * k, 3, max_len), 2, beam_size=k,
+      _step_fn(model, params, rows), init_cache(model, rows, jnp.zeros((2 * k, max_len), jnp.int32)), 2, beam_size=k,
       max_len=max_len, alpha=alpha, bos_id=BOS, eos_id=EOS)
   others = [t for t in range(vocab) if t != EOS]
   for b in range(2):
@@ -167,12 +169,13 @@ def test_beam_search_with_a_wide_beam_finds_the_exhaustive_optimum(alpha):
 def test_label_smoothed_loss_matches_its_formula():
   cfg = tiny_config('transformer', **{'dataset.train_examples': 200, 'model.d_model': 16, 'model.num_heads': 2,
                                       'model.d_ff': 32, 'model.dropout_rate': 0.0, 'label_smoothing': 0.2})
-  data = sources.load(cfg.dataset, 'validation', None)
-  task = translation_task.TranslationTask(cfg, data)
+  data = registry.load(cfg.dataset, 'validation', None)
+  task = translation_task.TranslationTask(cfg, data.info)
   batch = {k: np.stack([data.source[i][k] for i in range(4)]) for k in data.source[0]}
   params = nn.unbox(task.init_state(jax.random.key(0), batch).params)
   loss, (metrics, _) = task.loss_fn(params, {}, batch, jax.random.key(1))
-  logits = np.asarray(task._logits(params, batch, train=False), np.float64)
+  logits = np.asarray(task.apply(params, {}, task.model_inputs(batch), train=False, **task.model_kwargs(batch))[0],
+                      np.float64)
   logp = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
   eps, v = 0.2, logits.shape[-1]
   w = batch['tgt_segments'] != 0
@@ -217,12 +220,12 @@ class _FakeTfdsSource:
 def test_wmt_pairs_from_a_tfds_data_source(tmp_path, monkeypatch):
   # TFDS's WMT builders need TensorFlow even for mock data; the data source is what we read.
   calls = []
-  monkeypatch.setattr(translation.sources, 'tfds_source',
+  monkeypatch.setattr(translation, 'tfds_source',
                       lambda config, name, split, offline_alternative: calls.append((name, split)) or _FakeTfdsSource(30))
   cfg = tiny_config('transformer', **{'dataset.name': 'wmt14_translate/de-en', 'dataset.vocab_size': 280,
                                       'dataset.src_len': 64, 'dataset.tgt_len': 64}).dataset
-  pairs = list(translation.pairs(cfg, 'test'))
-  data = translation.load(cfg, 'test', str(tmp_path))
+  pairs = list(translation.wmt_pairs(cfg, 'test'))
+  data = registry.load(cfg, 'test', Files(new_tokenizer=str(tmp_path / 'tokenizer.model')))
   assert calls[0] == ('wmt14_translate/de-en', 'test') and ('wmt14_translate/de-en', 'train') in calls
   fake = _FakeTfdsSource(30).examples
   assert pairs == [(ex['en'].decode(), ex['de'].decode()) for ex in fake]   # en -> de
@@ -233,10 +236,10 @@ def test_wmt_pairs_from_a_tfds_data_source(tmp_path, monkeypatch):
   np.testing.assert_array_equal(first['tgt_out'][first['tgt_segments'] == 1],
                                 data.tokenizer.encode(pairs[0][1]) + [EOS])
   with pytest.raises(UserError, match="has no split 'dev'"):
-    translation.pairs(cfg, 'dev')
+    translation.wmt_pairs(cfg, 'dev')
   cfg.source_lang = 'fr'
   with pytest.raises(UserError, match='languages de and en'):
-    translation.pairs(cfg, 'test')
+    translation.wmt_pairs(cfg, 'test')
 
 
 def test_train_eval_translate_commands(tmp_path):

@@ -13,7 +13,7 @@ import grain
 import jax
 import numpy as np
 
-from model_zoo.data.sources import Dataset
+from model_zoo.data.base import Dataset
 
 
 class _ProcessShard(grain.MapDataset):

@@ -38,8 +38,8 @@ import math
 import ml_collections
 import numpy as np
 
-from model_zoo.data import sources, text
-from model_zoo.data.sources import Dataset
+from model_zoo.data import tokenizers
+from model_zoo.data.base import Dataset, Files, LazyColumn, hash_bucket, tfds_label_names, tfds_source, to_str
 from model_zoo.errors import UserError
 
 MASK_PIECE = '<mask>'
@@ -56,7 +56,7 @@ class Passage:
 
 
 def _split_of(key: str) -> str:
-  bucket = int.from_bytes(hashlib.sha256(key.encode('utf-8')).digest()[:8], 'big') % 10
+  bucket = hash_bucket(key, 10)
   return 'test' if bucket < 2 else 'validation' if bucket == 2 else 'train'
 
 
@@ -82,9 +82,11 @@ def pydoc_passages() -> tuple[tuple[Passage, ...], tuple[str, ...]]:
   return tuple(passages), classes
 
 
-def _pydoc_topics(config, split: str, labelled: bool):
+def pydoc_topics(config, split: str, labelled: bool):
+  """(texts, labels, class names) of a pydoc_topics split; without `labelled`, unlabelled passages too
+  (label -1), for masked-LM pretraining."""
   if split not in SPLITS:
-    raise UserError(f'data set pydoc_topics has no split {split!r}; it has: {", ".join(SPLITS)}')
+    raise UserError(f'data set {config.name} has no split {split!r}; it has: {", ".join(SPLITS)}')
   passages, classes = pydoc_passages()
   index = {c: i for i, c in enumerate(classes)}
   chosen = [p for p in passages if p.split == split and (p.topic in index or not labelled)]
@@ -99,39 +101,27 @@ def _pydoc_topics(config, split: str, labelled: bool):
   return [p.text for p in chosen], np.array([index.get(p.topic, -1) for p in chosen], np.int32), classes
 
 
-def _tfds_text(name: str, text_key: str, splits: dict[str, str]):
-  def load(config, split: str, labelled: bool):
+def tfds_text(name: str, text_key: str, splits: dict[str, str]):
+  """A reader of the TFDS text classification data set `name` (features `text_key` and label)."""
+  def read(config, split: str, labelled: bool):
     del labelled
     if split not in splits:
       raise UserError(f'data set {name} has no split {split!r}; it has: {", ".join(splits)}')
-    import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
-    source = sources.tfds_source(config, name, splits[split], offline_alternative='pydoc_topics')
-    examples = [source[i] for i in range(len(source))]
-    names = tuple(tfds.builder(name, data_dir=config.data_dir or None).info.features['label'].names)
-    return ([text._to_str(ex[text_key]) for ex in examples],  # pylint: disable=protected-access
-            np.array([int(ex['label']) for ex in examples], np.int32), names)
-  return load
+    source = tfds_source(config, name, splits[split], offline_alternative='pydoc_topics')
+    examples = LazyColumn(source, lambda ex: (to_str(ex[text_key]), int(ex['label']))).take(range(len(source)))
+    return [t for t, _ in examples], np.array([y for _, y in examples], np.int32), tfds_label_names(config, name)
+  return read
 
 
-# name -> f(dataset_config, split, labelled) -> (texts, labels, class names)
-DATASETS = {
-    'pydoc_topics': _pydoc_topics,
-    'pydoc_topic_spans': lambda config, split, labelled: _pydoc_topics(config, split, True),
-    # glue/sst2's test labels are hidden (-1): evaluate on validation.
-    'glue/sst2': _tfds_text('glue/sst2', 'sentence', {'train': 'train', 'validation': 'validation'}),
-    'imdb_reviews': _tfds_text('imdb_reviews', 'text', {'train': 'train', 'test': 'test'}),
-}
-
-
-def tokenizer(dataset_config, workdir, train_texts):
-  """`tokenizer='hf:<dir>'`: that Hugging Face tokenizer; else text.tokenizer_for's, with <mask>."""
+def tokenizer(dataset_config, files, train_texts):
+  """`tokenizer='hf:<dir>'`: that Hugging Face tokenizer; else SentencePiece with a <mask> symbol."""
   kind = dataset_config.tokenizer
   if kind.startswith('hf:'):
-    return text.tokenizer_for(dataset_config, workdir, train_texts)
+    return tokenizers.build(dataset_config, files, train_texts)
   if kind != 'sentencepiece':
     raise UserError(f"config.dataset.tokenizer must be 'sentencepiece' or 'hf:<directory>' for "
                     f'{dataset_config.name}, got {kind!r}')
-  tok = text.tokenizer_for(dataset_config, workdir, train_texts, user_symbols=(MASK_PIECE,))
+  tok = tokenizers.build(dataset_config, files, train_texts, user_symbols=(MASK_PIECE,))
   if tok.mask_id is None:
     raise UserError(f'{tok.path} has no {MASK_PIECE} token: it was trained for another task; use a new --workdir')
   return tok
@@ -212,27 +202,33 @@ class _Examples:
     return ex if self.mask is None else self.mask(ex, np.random.default_rng([i, 0x6D6C6D]))
 
 
-def load(dataset_config: ml_collections.ConfigDict, split: str, workdir: str | None) -> Dataset:
-  name, seq_len, p = dataset_config.name, dataset_config.seq_len, dataset_config.get('mlm_probability', 0.0)
-  if not isinstance(seq_len, int) or seq_len < 3:
-    raise UserError(f'config.dataset.seq_len must be an integer >= 3, got {seq_len!r}')
-  if not 0 <= p < 1:
-    raise UserError(f'config.dataset.mlm_probability must be in [0, 1), got {p}')
-  read = DATASETS[name]
-  texts, labels, classes = read(dataset_config, split, p == 0)  # first: a bad split fails before training
-  # The tokenizer learns from all the training split's text, labelled or not: pretraining and
-  # fine-tuning (from scratch or not, with few labels or all) get the same one.
-  tok = tokenizer(dataset_config, workdir, lambda: read(dataset_config, dataset_config.train_split, False)[0])
-  if name == 'pydoc_topic_spans':
-    if p:
-      raise UserError('config.dataset.mlm_probability must be 0 for pydoc_topic_spans (a labelling task); '
-                      'pretrain on pydoc_topics')
-    return Dataset(_SpanExamples(texts, labels, tok, seq_len), lambda ex: ex, len(classes), classes, tokenizer=tok)
-  if p == 0:
-    return Dataset(_Examples(texts, labels, tok, seq_len), lambda ex: ex, len(classes), classes, tokenizer=tok)
-  if getattr(tok, 'mask_id', None) is None:
-    raise UserError(f'masked-LM pretraining needs a tokenizer with a mask token; {dataset_config.tokenizer} has none')
-  mask = functools.partial(mask_tokens, probability=p, mask_id=tok.mask_id, vocab_size=tok.vocab_size,
-                           special_ids=(tok.pad_id, tok.bos_id, tok.eos_id, tok.mask_id),
-                           first_random_id=tok.mask_id + 1)
-  return Dataset(_Examples(texts, labels, tok, seq_len, mask=mask), lambda ex: ex, tokenizer=tok, augment=mask)
+def text_classification(read, spans: bool = False):
+  """A loader of classification rows (or, with `spans`, rows of two passages labelled per token) from
+  `read(config, split, labelled) -> (texts, labels, class names)`; with config.mlm_probability > 0,
+  of masked-LM rows."""
+
+  def load(dataset_config: ml_collections.ConfigDict, split: str, files: Files | None = None) -> Dataset:
+    seq_len, p = dataset_config.seq_len, dataset_config.get('mlm_probability', 0.0)
+    if not isinstance(seq_len, int) or seq_len < 3:
+      raise UserError(f'config.dataset.seq_len must be an integer >= 3, got {seq_len!r}')
+    if not 0 <= p < 1:
+      raise UserError(f'config.dataset.mlm_probability must be in [0, 1), got {p}')
+    if spans and p:
+      raise UserError(f'config.dataset.mlm_probability must be 0 for {dataset_config.name} (a labelling task); '
+                      f'pretrain on pydoc_topics')
+    texts, labels, classes = read(dataset_config, split, p == 0)  # first: a bad split fails before training
+    # The tokenizer learns from all the training split's text, labelled or not: pretraining and
+    # fine-tuning (from scratch or not, with few labels or all) get the same one.
+    tok = tokenizer(dataset_config, files, lambda: read(dataset_config, dataset_config.train_split, False)[0])
+    if spans:
+      return Dataset(_SpanExamples(texts, labels, tok, seq_len), lambda ex: ex, len(classes), classes, tokenizer=tok)
+    if p == 0:
+      return Dataset(_Examples(texts, labels, tok, seq_len), lambda ex: ex, len(classes), classes, tokenizer=tok)
+    if getattr(tok, 'mask_id', None) is None:
+      raise UserError(f'masked-LM pretraining needs a tokenizer with a mask token; {dataset_config.tokenizer} '
+                      f'has none')
+    mask = functools.partial(mask_tokens, probability=p, mask_id=tok.mask_id, vocab_size=tok.vocab_size,
+                             special_ids=(tok.pad_id, tok.bos_id, tok.eos_id, tok.mask_id),
+                             first_random_id=tok.mask_id + 1)
+    return Dataset(_Examples(texts, labels, tok, seq_len, mask=mask), lambda ex: ex, tokenizer=tok, augment=mask)
+  return load

@@ -1,4 +1,5 @@
-"""Autoregressive generation with a key/value cache, in one jitted loop.
+"""Autoregressive generation with a cache, in one jitted loop, for any decoder language model
+(model_zoo.models.protocol: GPT's key/value cache, the LSTM's recurrent state).
 
 The prompt fills the cache in one call (prefill); then each step feeds back one token. Prompts
 of different lengths are left-padded (segment id 0 marks padding, positions count real tokens),
@@ -11,7 +12,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from model_zoo.models.gpt import init_cache
+from model_zoo.models import protocol
 
 
 def sample_logits(logits_BxV, rng, *, temperature: float, top_k: int = 0, top_p: float = 1.0):
@@ -35,17 +36,17 @@ def sample_logits(logits_BxV, rng, *, temperature: float, top_k: int = 0, top_p:
 
 @functools.partial(jax.jit, static_argnames=('model', 'max_new_tokens', 'temperature', 'top_k', 'top_p',
                                              'eos_id', 'pad_id'))
-def generate(model: nn.Module, params, prompt_BxP, rng, *, max_new_tokens: int, temperature: float = 1.0,
+def generate(model: nn.Module, params, prompt_BxT, rng, *, max_new_tokens: int, temperature: float = 1.0,
              top_k: int = 0, top_p: float = 1.0, eos_id: int | None = None, pad_id: int = 0):
   """-> new tokens [B, max_new_tokens]; after a row's `eos_id` the rest of it is `pad_id`."""
-  b, p = prompt_BxP.shape
+  b, t = prompt_BxT.shape
   decoder = model.clone(decode=True)
-  valid_BxP = prompt_BxP != pad_id
-  positions_BxP = jnp.maximum(jnp.cumsum(valid_BxP, -1) - 1, 0)
-  cache = init_cache(model, b, p + max_new_tokens)
-  logits_BxPxV, variables = decoder.apply(
-      {'params': params, 'cache': cache}, prompt_BxP, train=False, positions_BxT=positions_BxP,
-      segment_ids_BxT=valid_BxP.astype(jnp.int32), mutable=['cache'])
+  valid_BxT = prompt_BxT != pad_id
+  positions_BxT = jnp.maximum(jnp.cumsum(valid_BxT, -1) - 1, 0)
+  cache = protocol.init_cache(model, jnp.zeros((b, t + max_new_tokens), jnp.int32))
+  logits_BxTxV, variables = decoder.apply(
+      {'params': params, 'cache': cache}, prompt_BxT, train=False, positions_BxT=positions_BxT,
+      segment_ids_BxT=valid_BxT.astype(jnp.int32), mutable=['cache'])
   sample = functools.partial(sample_logits, temperature=temperature, top_k=top_k, top_p=top_p)
 
   def cond(carry):
@@ -53,16 +54,16 @@ def generate(model: nn.Module, params, prompt_BxP, rng, *, max_new_tokens: int, 
     return (i < max_new_tokens) & ~jnp.all(done_B)
 
   def body(carry):
-    i, cache, logits_BxV, out_BxN, done_B, next_pos_B = carry
+    i, cache, logits_BxV, out_BxU, done_B, next_pos_B = carry
     token_B = jnp.where(done_B, pad_id, sample(logits_BxV, jax.random.fold_in(rng, i)))
-    out_BxN = out_BxN.at[:, i].set(token_B)
+    out_BxU = out_BxU.at[:, i].set(token_B)
     if eos_id is not None:
       done_B = done_B | (token_B == eos_id)
     logits_Bx1xV, variables = decoder.apply(
         {'params': params, 'cache': cache}, token_B[:, None], train=False, positions_BxT=next_pos_B[:, None],
         mutable=['cache'])
-    return i + 1, variables['cache'], logits_Bx1xV[:, 0], out_BxN, done_B, next_pos_B + 1
+    return i + 1, variables['cache'], logits_Bx1xV[:, 0], out_BxU, done_B, next_pos_B + 1
 
-  carry = (jnp.int32(0), variables['cache'], logits_BxPxV[:, -1], jnp.full((b, max_new_tokens), pad_id, jnp.int32),
-           jnp.zeros((b,), bool), positions_BxP[:, -1] + 1)
+  carry = (jnp.int32(0), variables['cache'], logits_BxTxV[:, -1], jnp.full((b, max_new_tokens), pad_id, jnp.int32),
+           jnp.zeros((b,), bool), positions_BxT[:, -1] + 1)
   return jax.lax.while_loop(cond, body, carry)[3]

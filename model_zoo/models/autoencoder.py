@@ -4,13 +4,17 @@
   z = f(x)  (encoder),   x_hat = sigmoid(g(z))  (decoder, pixels in [0, 1]),
   trained on  ||x - x_hat||^2 / (H W C)  (model_zoo.tasks.reconstruction).
 
-`Encoder` and `Decoder` are reused by the VAE (model_zoo.models.vae).
+`Encoder` and `Decoder` are reused by the VAE (model_zoo.models.vae). Their hidden layers are
+`encoder/block_<i>` and `decoder/block_<i>`; their output layers the heads `encoder/latent_head`
+and `decoder/pixel_head`.
 """
 from typing import Sequence
 
 import flax.linen as nn
 import jax
 import numpy as np
+
+from model_zoo.models import layers
 
 
 class Encoder(nn.Module):
@@ -21,9 +25,9 @@ class Encoder(nn.Module):
   @nn.compact
   def __call__(self, x_BxHxWxC: jax.Array) -> jax.Array:
     h_BxD = x_BxHxWxC.reshape(x_BxHxWxC.shape[0], -1)
-    for size in self.hidden_sizes:
-      h_BxD = nn.relu(nn.Dense(size)(h_BxD))
-    return nn.Dense(self.out_size)(h_BxD)
+    for i, size in enumerate(self.hidden_sizes):
+      h_BxD = nn.relu(layers.linear(size, f'block_{i}')(h_BxD))
+    return layers.linear(self.out_size, 'latent_head')(h_BxD)
 
 
 class Decoder(nn.Module):
@@ -34,9 +38,9 @@ class Decoder(nn.Module):
   @nn.compact
   def __call__(self, z_BxZ: jax.Array) -> jax.Array:
     h_BxD = z_BxZ
-    for size in self.hidden_sizes:
-      h_BxD = nn.relu(nn.Dense(size)(h_BxD))
-    return nn.Dense(int(np.prod(self.image_shape)))(h_BxD).reshape(-1, *self.image_shape)
+    for i, size in enumerate(self.hidden_sizes):
+      h_BxD = nn.relu(layers.linear(size, f'block_{i}')(h_BxD))
+    return layers.linear(int(np.prod(self.image_shape)), 'pixel_head')(h_BxD).reshape(-1, *self.image_shape)
 
 
 class Autoencoder(nn.Module):
@@ -55,5 +59,6 @@ class Autoencoder(nn.Module):
   def decode(self, z_BxZ: jax.Array) -> jax.Array:
     return nn.sigmoid(self.decoder(z_BxZ))
 
-  def __call__(self, x_BxHxWxC: jax.Array) -> jax.Array:
+  def __call__(self, x_BxHxWxC: jax.Array, *, train: bool = False) -> jax.Array:
+    del train  # no dropout, no batch statistics: training and evaluation compute the same
     return self.decode(self.encode(x_BxHxWxC))

@@ -7,8 +7,8 @@
   token labels:    p(label at t) = softmax(h_L[t] W_c + b_c)
 
 `head` picks one. Parameters of a head live under a module whose name ends in `_head`
-(mlm_head, cls_head, token_head): everything else is the backbone that fine-tuning restores
-(`config.init_from`) and can freeze (`config.freeze`). The pooler is part of `cls_head`: masked-LM
+(mlm_head, cls_head, token_head; see model_zoo.models.protocol): everything else is the backbone
+that fine-tuning restores (`config.init_from`) and can freeze (`config.freeze`). The pooler is part of `cls_head`: masked-LM
 pretraining never trains it, so it is initialised (or, from Hugging Face weights, imported) with
 the new head. `segment_ids` marks real tokens (1) and padding (0); `type_ids` is BERT's sentence
 A/B embedding. Dropout is on the embeddings, each sublayer's output, the FFN's hidden activations
@@ -21,8 +21,6 @@ import jax.numpy as jnp
 from model_zoo.models import layers
 
 HEADS = ('mlm', 'classify', 'tokens')
-# num_layers, d_model, num_heads, d_ff: tiny for CPUs and tests; base and large are the paper's.
-SIZES = {'tiny': (4, 128, 4, 512), 'base': (12, 768, 12, 3072), 'large': (24, 1024, 16, 4096)}
 
 
 class MLMHead(nn.Module):
@@ -33,12 +31,14 @@ class MLMHead(nn.Module):
 
   @nn.compact
   def __call__(self, x_BxTxD, embedding_VxD):
-    x_BxTxD = layers.ACTIVATIONS[self.activation](layers.dense(x_BxTxD.shape[-1], ('embed',), use_bias=True, dtype=self.dtype, name='transform',
-                               kernel_axes=(None, 'embed'))(x_BxTxD))
+    transform = layers.dense(x_BxTxD.shape[-1], ('embed',), use_bias=True, dtype=self.dtype, name='transform',
+                             kernel_axes=(None, 'embed'))
+    x_BxTxD = layers.ACTIVATIONS[self.activation](transform(x_BxTxD))
     x_BxTxD = layers.layer_norm(self.dtype, 'transform_norm', self.ln_epsilon)(x_BxTxD)
     bias_V = self.param('bias', nn.with_logical_partitioning(nn.initializers.zeros_init(), ('vocab',)),
                         (embedding_VxD.shape[0],), jnp.float32)
-    return jnp.einsum('btd,vd->btv', x_BxTxD, embedding_VxD.astype(self.dtype)) + bias_V.astype(self.dtype)[None, None]
+    logits_BxTxV = jnp.einsum('btd,vd->btv', x_BxTxD, embedding_VxD.astype(self.dtype))
+    return logits_BxTxV + bias_V.astype(self.dtype)[None, None]
 
 
 class ClassifierHead(nn.Module):
@@ -51,6 +51,7 @@ class ClassifierHead(nn.Module):
 
   @nn.compact
   def __call__(self, x_BxTxD, segment_ids_BxT, *, train: bool):
+    """-> class logits [B, L]."""
     if self.pooling == 'cls':
       pooled_BxD = x_BxTxD[:, 0]
     else:
@@ -84,9 +85,9 @@ class BERT(nn.Module):
   attention_impl: str = ''           # '' (JAX picks) | 'xla' | 'cudnn'
 
   @nn.compact
-  def __call__(self, tokens_BxT, *, train: bool, type_ids_BxT=None, segment_ids_BxT=None, mlm_positions_BxP=None):
-    """Logits of the head: [B, T, V] (mlm), [B, C] (classify) or [B, T, C] (tokens), in float32.
-    With `mlm_positions_BxP`, the masked-LM head runs on those positions only: [B, P, V]."""
+  def __call__(self, tokens_BxT, *, train: bool, type_ids_BxT=None, segment_ids_BxT=None, mlm_positions_BxM=None):
+    """Logits of the head: [B, T, V] (mlm), [B, L] (classify) or [B, T, L] (tokens), in float32.
+    With `mlm_positions_BxM`, the masked-LM head runs on those M positions only: [B, M, V]."""
     if self.head not in HEADS:
       raise ValueError(f'head must be one of {", ".join(HEADS)}, got {self.head!r}')
     if self.head != 'mlm' and self.num_classes < 2:
@@ -104,15 +105,15 @@ class BERT(nn.Module):
     x_BxTxD = layers.layer_norm(dtype, 'embed_norm', self.ln_epsilon)(x_BxTxD)
     x_BxTxD = nn.Dropout(self.dropout_rate, deterministic=not train)(x_BxTxD)
     mask = None if segment_ids_BxT is None else layers.segment_mask(segment_ids_BxT)
+    block = layers.BlockConfig(
+        num_heads=self.num_heads, head_dim=self.d_model // self.num_heads, d_ff=self.d_ff, pre_ln=False,
+        activation=self.activation, dropout_rate=self.dropout_rate, attention_bias=True, ln_epsilon=self.ln_epsilon,
+        lora_rank=self.lora_rank, lora_alpha=self.lora_alpha, dtype=dtype, attention_impl=self.attention_impl or None)
     for i in range(self.num_layers):
-      x_BxTxD = layers.TransformerBlock(
-          num_heads=self.num_heads, head_dim=self.d_model // self.num_heads, d_ff=self.d_ff, pre_ln=False,
-          activation=self.activation, dropout_rate=self.dropout_rate, dtype=dtype, attention_bias=True,
-          ln_epsilon=self.ln_epsilon, lora_rank=self.lora_rank, lora_alpha=self.lora_alpha,
-          attention_impl=self.attention_impl or None, name=f'block_{i}')(x_BxTxD, train, mask_Bx1xTxS=mask)
+      x_BxTxD = layers.TransformerBlock(block, name=f'block_{i}')(x_BxTxD, train, mask_Bx1xTxS=mask)
     if self.head == 'mlm':
-      if mlm_positions_BxP is not None:  # BERT's own trick: the V-wide output layer only where it is scored
-        x_BxTxD = jnp.take_along_axis(x_BxTxD, mlm_positions_BxP[..., None], axis=1)
+      if mlm_positions_BxM is not None:  # BERT's own trick: the V-wide output layer only where it is scored
+        x_BxTxD = jnp.take_along_axis(x_BxTxD, mlm_positions_BxM[..., None], axis=1)
       logits = MLMHead(self.ln_epsilon, self.activation, dtype, name='mlm_head')(x_BxTxD, embed.embedding)
     elif self.head == 'classify':
       segment_ids_BxT = jnp.ones_like(tokens_BxT) if segment_ids_BxT is None else segment_ids_BxT
@@ -124,8 +125,3 @@ class BERT(nn.Module):
                             kernel_axes=('embed', None))(x_BxTxD)
     return logits.astype(jnp.float32)
 
-
-def is_head(path: tuple[str, ...]) -> bool:
-  """True for a parameter of a task head or a LoRA adapter: what `freeze='backbone'` still trains
-  and what `init_from` does not need to find in the checkpoint it starts from."""
-  return any(part.endswith('_head') or '_lora_' in part for part in path)

@@ -2,11 +2,15 @@
 applied to document recognition"), with ReLU, max pooling and dropout as is usual today.
 
 [conv 3x3 -> relu -> max-pool 2x2] x len(features) -> dropout -> dense -> relu -> dropout -> dense.
+The conv layers are block_0, block_1, ..., the hidden dense layer the next block, the last dense
+layer `cls_head`.
 """
 from typing import Sequence
 
 import flax.linen as nn
 import jax
+
+from model_zoo.models import layers
 
 
 class CNN(nn.Module):
@@ -18,11 +22,11 @@ class CNN(nn.Module):
   @nn.compact
   def __call__(self, x_BxHxWxC: jax.Array, *, train: bool) -> jax.Array:
     h = x_BxHxWxC
-    for f in self.features:
-      h = nn.relu(nn.Conv(f, kernel_size=(3, 3), padding='SAME')(h))
+    for i, f in enumerate(self.features):
+      h = nn.relu(layers.conv(f, 3, name=f'block_{i}')(h))
       h = nn.max_pool(h, window_shape=(2, 2), strides=(2, 2), padding='SAME')
     h_BxD = h.reshape(h.shape[0], -1)
     h_BxD = nn.Dropout(self.dropout_rate, deterministic=not train)(h_BxD)
-    h_BxD = nn.relu(nn.Dense(self.dense_size)(h_BxD))
-    h_BxD = nn.Dropout(self.dropout_rate, deterministic=not train)(h_BxD)
-    return nn.Dense(self.num_classes)(h_BxD)
+    h_BxF = nn.relu(layers.linear(self.dense_size, f'block_{len(self.features)}')(h_BxD))
+    h_BxF = nn.Dropout(self.dropout_rate, deterministic=not train)(h_BxF)
+    return layers.linear(self.num_classes, 'cls_head', axes=('embed', None))(h_BxF)

@@ -9,11 +9,26 @@ positions of the standard deviation over the batch, appended as a constant featu
 D sees when a batch of samples lacks variety and G is pushed away from collapsing onto one mode.
 The adversarial game of Goodfellow et al. (2014), min_G max_D E[log D(x)] + E[log(1 - D(G(z)))],
 is trained with the non-saturating generator loss -log D(G(z)); see model_zoo.tasks.gan.
-Images are in [0, 1]; H and W must be multiples of 4.
+Images are in [0, 1]; H and W must be multiples of 4. Names: G's first layer (z to the smallest
+feature map) is `generator/stem`, its upsampling block `generator/block_0`, its output layer
+`generator/pixel_head`; D's convs are `discriminator/block_0` and `block_1`, its output
+`discriminator/logit_head`. Shape letters: Z latents, C channels (F = `features` of the networks).
 """
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+
+from model_zoo.models import layers
+
+
+class UpBlock(nn.Module):
+  """Transposed conv with stride 2 (doubles H and W), batch norm, ReLU."""
+  features: int
+
+  @nn.compact
+  def __call__(self, x_BxHxWxC, *, train: bool):
+    x = layers.conv(self.features, 4, 2, transpose=True)(x_BxHxWxC)
+    return nn.relu(layers.batch_norm(train=train)(x))
 
 
 class Generator(nn.Module):
@@ -23,11 +38,11 @@ class Generator(nn.Module):
   @nn.compact
   def __call__(self, z_BxZ, *, train: bool):
     h, w, c = self.image_shape
-    norm = lambda: nn.BatchNorm(use_running_average=not train, momentum=0.9)
-    x = nn.Dense(h // 4 * w // 4 * 2 * self.features)(z_BxZ)
-    x_BxH4xW4xF = nn.relu(norm()(x.reshape(-1, h // 4, w // 4, 2 * self.features)))
-    x_BxH2xW2xF = nn.relu(norm()(nn.ConvTranspose(self.features, (4, 4), strides=(2, 2))(x_BxH4xW4xF)))
-    return nn.sigmoid(nn.ConvTranspose(c, (4, 4), strides=(2, 2))(x_BxH2xW2xF))
+    f = self.features
+    x = layers.linear(h // 4 * w // 4 * 2 * f, 'stem')(z_BxZ)
+    x_BxH4xW4x2F = nn.relu(layers.batch_norm(train=train, name='stem_norm')(x.reshape(-1, h // 4, w // 4, 2 * f)))
+    x_BxH2xW2xF = UpBlock(f, name='block_0')(x_BxH4xW4x2F, train=train)
+    return nn.sigmoid(layers.conv(c, 4, 2, transpose=True, name='pixel_head')(x_BxH2xW2xF))
 
 
 class Discriminator(nn.Module):
@@ -37,12 +52,12 @@ class Discriminator(nn.Module):
   @nn.compact
   def __call__(self, x_BxHxWxC, *, train: bool):
     del train
-    x_BxH2xW2xF = nn.leaky_relu(nn.Conv(self.features, (4, 4), strides=(2, 2))(x_BxHxWxC), 0.2)
+    x_BxH2xW2xF = nn.leaky_relu(layers.conv(self.features, 4, 2, name='block_0')(x_BxHxWxC), 0.2)
     if self.minibatch_std:  # one more channel, everywhere the batch's mean standard deviation
       std = jnp.mean(jnp.sqrt(jnp.var(x_BxH2xW2xF, axis=0) + 1e-8))
       x_BxH2xW2xF = jnp.concatenate([x_BxH2xW2xF, jnp.full(x_BxH2xW2xF.shape[:3] + (1,), std)], -1)
-    x = nn.leaky_relu(nn.Conv(2 * self.features, (4, 4), strides=(2, 2))(x_BxH2xW2xF), 0.2)
-    return nn.Dense(1)(x.reshape(x.shape[0], -1))[:, 0]
+    x = nn.leaky_relu(layers.conv(2 * self.features, 4, 2, name='block_1')(x_BxH2xW2xF), 0.2)
+    return layers.linear(1, 'logit_head', axes=('embed', None))(x.reshape(x.shape[0], -1))[:, 0]
 
 
 class DCGAN(nn.Module):
@@ -69,6 +84,3 @@ class DCGAN(nn.Module):
   def __call__(self, z_BxZ, x_BxHxWxC, *, train: bool):
     """Both networks once (for init): -> (G(z), D(x))."""
     return self.generate(z_BxZ, train=train), self.discriminate(x_BxHxWxC, train=train)
-
-  def sample_latents(self, rng, n: int):
-    return jax.random.normal(rng, (n, self.latent_dim), jnp.float32)

@@ -4,10 +4,10 @@
   p(x_{t+1} | x_<=t) = softmax(LN(h_L) W_e^T)       (tied output embedding; untied is an option)
 
 Blocks are the shared pre-LN `TransformerBlock` (GPT-2's layout). Packed rows are handled with
-segment ids (attention stays inside a document) and per-document positions.
+segment ids (attention stays inside a document) and per-document positions. A decoder in the sense
+of model_zoo.models.protocol: `decode=True` keeps a key/value cache.
 """
 import flax.linen as nn
-import jax
 import jax.numpy as jnp
 
 from model_zoo.models import layers
@@ -31,6 +31,8 @@ class GPT(nn.Module):
   attention_impl: str = ''           # '' (JAX picks) | 'xla' | 'cudnn'
   attention_bias: bool = False       # biases on q, k, v and the output projection (GPT-2 has them)
   ln_epsilon: float = 1e-5
+  lora_rank: int = 0                 # > 0: LoRA adapters of this rank on every attention projection
+  lora_alpha: float = 16.0
   decode: bool = False
 
   @nn.compact
@@ -50,28 +52,21 @@ class GPT(nn.Module):
 
     mask = None if segment_ids_BxT is None or self.decode else layers.segment_mask(segment_ids_BxT)
     block_cls = nn.remat(layers.TransformerBlock, static_argnums=(2,)) if self.remat else layers.TransformerBlock
+    block = layers.BlockConfig(
+        num_heads=self.num_heads, head_dim=self.d_model // self.num_heads, d_ff=self.d_ff,
+        num_kv_heads=self.num_kv_heads, pre_ln=self.pre_ln, activation=self.activation,
+        rotary=self.positional == 'rotary', dropout_rate=self.dropout_rate, attention_bias=self.attention_bias,
+        ln_epsilon=self.ln_epsilon, lora_rank=self.lora_rank, lora_alpha=self.lora_alpha, dtype=dtype,
+        attention_impl=self.attention_impl or None)
     for i in range(self.num_layers):
-      x_BxTxD = block_cls(
-          num_heads=self.num_heads, head_dim=self.d_model // self.num_heads, d_ff=self.d_ff,
-          num_kv_heads=self.num_kv_heads or None, causal=True, pre_ln=self.pre_ln, activation=self.activation,
-          rotary=self.positional == 'rotary', dropout_rate=self.dropout_rate, dtype=dtype,
-          attention_impl=self.attention_impl or None, decode=self.decode, attention_bias=self.attention_bias,
-          ln_epsilon=self.ln_epsilon, name=f'block_{i}')(
-              x_BxTxD, train, mask_Bx1xTxS=mask, positions_BxT=positions_BxT,
-              segment_ids_BxT=segment_ids_BxT)
+      x_BxTxD = block_cls(block, causal=True, decode=self.decode, name=f'block_{i}')(
+          x_BxTxD, train, mask_Bx1xTxS=mask, positions_BxT=positions_BxT, segment_ids_BxT=segment_ids_BxT)
     if self.pre_ln:
       x_BxTxD = layers.layer_norm(dtype, 'final_norm', self.ln_epsilon)(x_BxTxD)
     if self.tie_embeddings:
       logits_BxTxV = embed.attend(x_BxTxD)
     else:
-      logits_BxTxV = layers.dense(self.vocab_size, ('vocab',), use_bias=False, dtype=dtype, name='unembed',
+      logits_BxTxV = layers.dense(self.vocab_size, ('vocab',), use_bias=False, dtype=dtype, name='lm_head',
                                   kernel_axes=('embed', 'vocab'))(x_BxTxD)
     return logits_BxTxV.astype(jnp.float32)
 
-
-def init_cache(model: GPT, batch_size: int, max_len: int):
-  """An empty key/value cache for `model.clone(decode=True)`, for sequences up to `max_len`."""
-  decoder = model.clone(decode=True)
-  tokens = jnp.zeros((batch_size, max_len), jnp.int32)
-  shapes = jax.eval_shape(lambda: decoder.init(jax.random.key(0), tokens, train=False))['cache']
-  return jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)

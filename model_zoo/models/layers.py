@@ -12,10 +12,12 @@ LoRA (Hu et al., 2021): a frozen projection W gains a trainable low-rank update,
   h = x W + (alpha / r) x A B,  A: [in, r], B: [r, out] initialised to zero (so training starts at W).
 Pre-LN (Xiong et al., 2020): x + F(LN(x)); post-LN (the original): LN(x + F(x)).
 
-Parameters carry logical axis names (embed, mlp, heads, kv, vocab): the mesh layout is a rule
-table in model_zoo.training.sharding. Shape suffixes: B batch, T query length, S key length,
-D d_model, N query heads, K key/value heads, H head dim, F d_ff, V vocab.
+Also the plain layers of the other families (`linear`, `conv`, `batch_norm`). Every parameter
+carries logical axis names (embed, mlp, heads, kv, vocab): the mesh layout is a rule table in
+model_zoo.training.sharding. Shape letters as in the README's legend (T query length, S key length,
+N query heads, K key/value heads, E head dim, F d_ff).
 """
+import dataclasses
 import functools
 from typing import Any, Callable
 
@@ -25,23 +27,56 @@ import jax.numpy as jnp
 import numpy as np
 
 Dtype = Any
+logical = nn.with_logical_partitioning
 
 
-def dense(features, axes: tuple, *, in_axes: int | tuple = -1, use_bias: bool, dtype: Dtype, name: str,
+# Plain layers for the families without attention: kernels [in, out] named ('embed', 'mlp') and
+# convolution kernels [kh, kw, in, out] named (None, None, None, 'embed'), so that FSDP shards
+# their input features or output channels (see model_zoo.training.sharding).
+
+def linear(features: int, name: str | None = None, *, use_bias: bool = True, axes: tuple = ('embed', 'mlp'),
+           kernel_init=nn.initializers.lecun_normal(), bias_init=nn.initializers.zeros_init(), dtype=None):
+  """nn.Dense with logically named kernel [in, out] and bias [out]."""
+  return nn.Dense(features, use_bias=use_bias, dtype=dtype, name=name, kernel_init=logical(kernel_init, axes),
+                  bias_init=logical(bias_init, axes[-1:]))
+
+
+def conv(features: int, kernel_size, strides=1, padding='SAME', *, name: str | None = None, use_bias: bool = True,
+         transpose: bool = False, kernel_init=nn.initializers.lecun_normal()):
+  """nn.Conv (or nn.ConvTranspose) with logically named kernel [kh, kw, in, out] and bias [out]."""
+  kernel_size = tuple(kernel_size) if isinstance(kernel_size, (tuple, list)) else (kernel_size, kernel_size)
+  strides = tuple(strides) if isinstance(strides, (tuple, list)) else (strides, strides)
+  axes = (None,) * (len(kernel_size) + 1) + ('embed',)
+  cls = nn.ConvTranspose if transpose else nn.Conv
+  return cls(features, kernel_size, strides, padding=padding, use_bias=use_bias, name=name,
+             kernel_init=logical(kernel_init, axes), bias_init=logical(nn.initializers.zeros_init(), ('embed',)))
+
+
+def batch_norm(*, train: bool, momentum: float = 0.9, epsilon: float = 1e-5, scale_init=nn.initializers.ones_init(),
+               name: str | None = None):
+  """nn.BatchNorm over the last axis; scale and bias named ('embed',), running averages in 'batch_stats'."""
+  return nn.BatchNorm(use_running_average=not train, momentum=momentum, epsilon=epsilon, name=name,
+                      scale_init=logical(scale_init, ('embed',)),
+                      bias_init=logical(nn.initializers.zeros_init(), ('embed',)))
+
+
+# Transformer parts.
+
+def dense(features, axes: tuple, *, in_axes: int | tuple = -1, use_bias: bool, dtype: Dtype, name: str | None,
           kernel_axes: tuple):
   """A DenseGeneral whose kernel (and bias) carry logical axis names."""
   return nn.DenseGeneral(
       features, axis=in_axes, use_bias=use_bias, dtype=dtype, name=name,
-      kernel_init=nn.with_logical_partitioning(nn.initializers.xavier_uniform(), kernel_axes),
-      bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(), axes))
+      kernel_init=logical(nn.initializers.xavier_uniform(), kernel_axes),
+      bias_init=logical(nn.initializers.zeros_init(), axes))
 
 
 def layer_norm(dtype: Dtype, name: str | None = None, epsilon: float = 1e-5):
   """LayerNorm computed in float32 whatever the compute dtype, output cast to `dtype`."""
   return nn.LayerNorm(
       dtype=dtype, name=name, epsilon=epsilon,
-      scale_init=nn.with_logical_partitioning(nn.initializers.ones_init(), ('embed',)),
-      bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(), ('embed',)))
+      scale_init=logical(nn.initializers.ones_init(), ('embed',)),
+      bias_init=logical(nn.initializers.zeros_init(), ('embed',)))
 
 
 def sinusoidal_positions(positions_BxT: jax.Array, d_model: int) -> jax.Array:
@@ -52,15 +87,15 @@ def sinusoidal_positions(positions_BxT: jax.Array, d_model: int) -> jax.Array:
   return out.at[..., 0::2].set(jnp.sin(angles_BxTxD2)).at[..., 1::2].set(jnp.cos(angles_BxTxD2))
 
 
-def apply_rotary(x_BxTxNxH: jax.Array, positions_BxT: jax.Array, base: float = 10000.0) -> jax.Array:
-  """RoFormer's rotation: pairs (x_i, x_{i+H/2}) rotated by angle pos * base^(-2i/H)."""
-  h = x_BxTxNxH.shape[-1]
-  inv_freq = 1.0 / (base ** (np.arange(0, h, 2) / h))
-  angles_BxTx1xH2 = jnp.einsum('bt,f->btf', positions_BxT.astype(jnp.float32),
+def apply_rotary(x_BxTxNxE: jax.Array, positions_BxT: jax.Array, base: float = 10000.0) -> jax.Array:
+  """RoFormer's rotation: pairs (x_i, x_{i+E/2}) rotated by angle pos * base^(-2i/E)."""
+  e = x_BxTxNxE.shape[-1]
+  inv_freq = 1.0 / (base ** (np.arange(0, e, 2) / e))
+  angles_BxTx1xE2 = jnp.einsum('bt,f->btf', positions_BxT.astype(jnp.float32),
                                inv_freq.astype(np.float32))[:, :, None, :]
-  sin, cos = jnp.sin(angles_BxTx1xH2), jnp.cos(angles_BxTx1xH2)
-  x1, x2 = jnp.split(x_BxTxNxH.astype(jnp.float32), 2, axis=-1)
-  return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1).astype(x_BxTxNxH.dtype)
+  sin, cos = jnp.sin(angles_BxTx1xE2), jnp.cos(angles_BxTx1xE2)
+  x1, x2 = jnp.split(x_BxTxNxE.astype(jnp.float32), 2, axis=-1)
+  return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1).astype(x_BxTxNxE.dtype)
 
 
 def segment_mask(q_segment_ids_BxT, kv_segment_ids_BxS=None):
@@ -79,7 +114,7 @@ class MultiHeadAttention(nn.Module):
 
   The kernel is `jax.nn.dot_product_attention`; `implementation` picks XLA ('xla'), the fused
   cuDNN kernel on GPU ('cudnn') or lets JAX choose (None). In `decode` mode the keys and values
-  of earlier calls are kept in the 'cache' collection (see `init_cache`), so a sequence is
+  of earlier calls are kept in the 'cache' collection (see protocol.init_cache), so a sequence is
   processed a token (or a prompt) at a time at the cost of one new row each step.
   `use_bias` adds biases to the four projections (BERT, GPT-2, ViT); `lora_rank` > 0 adds LoRA
   adapters to each of them, as sibling parameters `<proj>_lora_a` and `<proj>_lora_b`.
@@ -98,7 +133,7 @@ class MultiHeadAttention(nn.Module):
   @nn.compact
   def __call__(self, x_BxTxD, kv_BxSxD=None, *, mask_Bx1xTxS=None, causal: bool = False,
                positions_BxT=None, kv_positions_BxS=None, segment_ids_BxT=None):
-    n, h = self.num_heads, self.head_dim
+    n, e = self.num_heads, self.head_dim
     k_heads = self.num_kv_heads or n
     d = x_BxTxD.shape[-1]
     self_attention = kv_BxSxD is None
@@ -110,52 +145,51 @@ class MultiHeadAttention(nn.Module):
       if self.lora_rank:
         n_in = 1 if in_axes == -1 else len(in_axes)
         a = nn.DenseGeneral(self.lora_rank, axis=in_axes, use_bias=False, dtype=self.dtype,
-                            name=f'{name}_lora_a', kernel_init=nn.with_logical_partitioning(
+                            name=f'{name}_lora_a', kernel_init=logical(
                                 nn.initializers.he_uniform(in_axis=tuple(range(n_in)), out_axis=-1),
                                 kernel_axes[:n_in] + (None,)))
         b = nn.DenseGeneral(features, use_bias=False, dtype=self.dtype, name=f'{name}_lora_b',
-                            kernel_init=nn.with_logical_partitioning(nn.initializers.zeros_init(),
-                                                                     (None,) + kernel_axes[n_in:]))
+                            kernel_init=logical(nn.initializers.zeros_init(), (None,) + kernel_axes[n_in:]))
         y = y + b(a(x)) * (self.lora_alpha / self.lora_rank)
       return y
 
-    q_BxTxNxH = project(x_BxTxD, (n, h), ('heads', 'kv'), 'query')
-    k_BxSxKxH = project(kv_BxSxD, (k_heads, h), ('heads', 'kv'), 'key')
-    v_BxSxKxH = project(kv_BxSxD, (k_heads, h), ('heads', 'kv'), 'value')
+    q_BxTxNxE = project(x_BxTxD, (n, e), ('heads', 'kv'), 'query')
+    k_BxSxKxE = project(kv_BxSxD, (k_heads, e), ('heads', 'kv'), 'key')
+    v_BxSxKxE = project(kv_BxSxD, (k_heads, e), ('heads', 'kv'), 'value')
     if self.rotary:
-      q_BxTxNxH = apply_rotary(q_BxTxNxH, positions_BxT)
-      k_BxSxKxH = apply_rotary(k_BxSxKxH, positions_BxT if self_attention else kv_positions_BxS)
+      q_BxTxNxE = apply_rotary(q_BxTxNxE, positions_BxT)
+      k_BxSxKxE = apply_rotary(k_BxSxKxE, positions_BxT if self_attention else kv_positions_BxS)
 
     if self.decode and self_attention:
-      k_BxSxKxH, v_BxSxKxH, mask_Bx1xTxS = self._update_cache(
-          k_BxSxKxH, v_BxSxKxH, positions_BxT, segment_ids_BxT)
+      k_BxSxKxE, v_BxSxKxE, mask_Bx1xTxS = self._update_cache(
+          k_BxSxKxE, v_BxSxKxE, positions_BxT, segment_ids_BxT)
       causal = False  # the cache mask already holds causality
     if causal and mask_Bx1xTxS is None and x_BxTxD.shape[1] == kv_BxSxD.shape[1]:
-      out_BxTxNxH = jax.nn.dot_product_attention(
-          q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, is_causal=True, implementation=self.implementation)
+      out_BxTxNxE = jax.nn.dot_product_attention(
+          q_BxTxNxE, k_BxSxKxE, v_BxSxKxE, is_causal=True, implementation=self.implementation)
     else:
       if causal:
-        t, s = q_BxTxNxH.shape[1], k_BxSxKxH.shape[1]
+        t, s = q_BxTxNxE.shape[1], k_BxSxKxE.shape[1]
         tri = jnp.tril(jnp.ones((t, s), bool))[None, None]
         mask_Bx1xTxS = tri if mask_Bx1xTxS is None else mask_Bx1xTxS & tri
-      out_BxTxNxH = jax.nn.dot_product_attention(
-          q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, mask=mask_Bx1xTxS, implementation=self.implementation)
-    return project(out_BxTxNxH, d, ('embed',), 'out', in_axes=(-2, -1), kernel_axes=('heads', 'kv', 'embed'))
+      out_BxTxNxE = jax.nn.dot_product_attention(
+          q_BxTxNxE, k_BxSxKxE, v_BxSxKxE, mask=mask_Bx1xTxS, implementation=self.implementation)
+    return project(out_BxTxNxE, d, ('embed',), 'out', in_axes=(-2, -1), kernel_axes=('heads', 'kv', 'embed'))
 
-  def _update_cache(self, k_BxTxKxH, v_BxTxKxH, positions_BxT, segment_ids_BxT):
+  def _update_cache(self, k_BxTxKxE, v_BxTxKxE, positions_BxT, segment_ids_BxT):
     """Writes this call's T keys/values at the cache index; returns the whole cache and its mask."""
-    cached_k = self.variable('cache', 'cached_key', jnp.zeros, k_BxTxKxH.shape, k_BxTxKxH.dtype)
-    cached_v = self.variable('cache', 'cached_value', jnp.zeros, v_BxTxKxH.shape, v_BxTxKxH.dtype)
+    cached_k = self.variable('cache', 'cached_key', jnp.zeros, k_BxTxKxE.shape, k_BxTxKxE.dtype)
+    cached_v = self.variable('cache', 'cached_value', jnp.zeros, v_BxTxKxE.shape, v_BxTxKxE.dtype)
     # Positions + 1 of the cached keys; 0 marks an empty slot or padding, so a zero cache is empty.
-    cached_pos = self.variable('cache', 'positions_plus_1', jnp.zeros, k_BxTxKxH.shape[:2], jnp.int32)
+    cached_pos = self.variable('cache', 'positions_plus_1', jnp.zeros, k_BxTxKxE.shape[:2], jnp.int32)
     index = self.variable('cache', 'index', lambda: jnp.zeros((), jnp.int32))
     if self.is_initializing():  # init only creates the cache, at full length
-      return k_BxTxKxH, v_BxTxKxH, None
-    t = k_BxTxKxH.shape[1]
+      return k_BxTxKxE, v_BxTxKxE, None
+    t = k_BxTxKxE.shape[1]
     valid_BxT = jnp.ones(positions_BxT.shape, bool) if segment_ids_BxT is None else segment_ids_BxT != 0
     i = index.value
-    cached_k.value = jax.lax.dynamic_update_slice_in_dim(cached_k.value, k_BxTxKxH, i, axis=1)
-    cached_v.value = jax.lax.dynamic_update_slice_in_dim(cached_v.value, v_BxTxKxH, i, axis=1)
+    cached_k.value = jax.lax.dynamic_update_slice_in_dim(cached_k.value, k_BxTxKxE, i, axis=1)
+    cached_v.value = jax.lax.dynamic_update_slice_in_dim(cached_v.value, v_BxTxKxE, i, axis=1)
     cached_pos.value = jax.lax.dynamic_update_slice_in_dim(
         cached_pos.value, jnp.where(valid_BxT, positions_BxT + 1, 0).astype(jnp.int32), i, axis=1)
     index.value = i + t
@@ -192,40 +226,47 @@ class MLP(nn.Module):
                  kernel_axes=('mlp', 'embed'))(h_BxTxF)
 
 
-class TransformerBlock(nn.Module):
-  """Self-attention, optional cross-attention (encoder-decoder), then the MLP; pre- or post-LN."""
+@dataclasses.dataclass(frozen=True)
+class BlockConfig:
+  """What every block of a Transformer stack shares: its shape and its options."""
   num_heads: int
   head_dim: int
   d_ff: int
-  num_kv_heads: int | None = None
+  num_kv_heads: int = 0              # 0: one per query head; fewer: grouped-query attention
+  pre_ln: bool = True                # x + F(LN(x)); False: LN(x + F(x)), the original
+  activation: str = 'gelu'           # of the MLP: gelu | gelu_exact | relu | swiglu
+  rotary: bool = False               # rotary positions in self-attention
+  dropout_rate: float = 0.0          # on each sublayer's output and the MLP's hidden activations
+  attention_bias: bool = False       # biases on q, k, v and the output projection
+  mlp_bias: bool = True
+  ln_epsilon: float = 1e-5
+  lora_rank: int = 0                 # > 0: LoRA adapters on the attention projections
+  lora_alpha: float = 16.0
+  dtype: Dtype = jnp.float32         # compute dtype; parameters stay float32
+  attention_impl: str | None = None  # None (JAX picks) | 'xla' | 'cudnn'
+
+
+class TransformerBlock(nn.Module):
+  """Self-attention, optional cross-attention (encoder-decoder), then the MLP; pre- or post-LN."""
+  config: BlockConfig
   causal: bool = False
   cross_attention: bool = False
-  pre_ln: bool = True
-  activation: str = 'gelu'
-  rotary: bool = False
-  dropout_rate: float = 0.0
-  use_bias: bool = True
-  dtype: Dtype = jnp.float32
-  attention_impl: str | None = None
   decode: bool = False
-  attention_bias: bool = False
-  ln_epsilon: float = 1e-5
-  lora_rank: int = 0
-  lora_alpha: float = 16.0
 
   @nn.compact
   def __call__(self, x_BxTxD, train: bool, *, mask_Bx1xTxS=None, positions_BxT=None, segment_ids_BxT=None,
                encoded_BxSxD=None, cross_mask_Bx1xTxS=None):
     # `train` is positional so that nn.remat(TransformerBlock, static_argnums=(2,)) can keep it static.
-    drop = lambda y: nn.Dropout(self.dropout_rate, deterministic=not train)(y)
-    attn = lambda name, **kw: MultiHeadAttention(
-        self.num_heads, self.head_dim, self.num_kv_heads, rotary=self.rotary and name == 'self_attention',
-        dtype=self.dtype, implementation=self.attention_impl, decode=self.decode, use_bias=self.attention_bias,
-        lora_rank=self.lora_rank, lora_alpha=self.lora_alpha, name=name, **kw)
+    c = self.config
+    drop = lambda y: nn.Dropout(c.dropout_rate, deterministic=not train)(y)
+    attn = lambda name: MultiHeadAttention(
+        c.num_heads, c.head_dim, c.num_kv_heads or None, rotary=c.rotary and name == 'self_attention',
+        dtype=c.dtype, implementation=c.attention_impl, decode=self.decode, use_bias=c.attention_bias,
+        lora_rank=c.lora_rank, lora_alpha=c.lora_alpha, name=name)
 
     def sublayer(x, name, f):
-      norm = layer_norm(self.dtype, f'{name}_norm', self.ln_epsilon)
-      return x + drop(f(norm(x))) if self.pre_ln else norm(x + drop(f(x)))
+      norm = layer_norm(c.dtype, f'{name}_norm', c.ln_epsilon)
+      return x + drop(f(norm(x))) if c.pre_ln else norm(x + drop(f(x)))
 
     x = sublayer(x_BxTxD, 'self_attention', lambda y: attn('self_attention')(
         y, mask_Bx1xTxS=mask_Bx1xTxS, causal=self.causal, positions_BxT=positions_BxT,
@@ -233,8 +274,8 @@ class TransformerBlock(nn.Module):
     if self.cross_attention:
       x = sublayer(x, 'cross_attention', lambda y: attn('cross_attention')(
           y, encoded_BxSxD, mask_Bx1xTxS=cross_mask_Bx1xTxS))
-    return sublayer(x, 'mlp', lambda y: MLP(self.d_ff, self.activation, self.dropout_rate, self.use_bias,
-                                            self.dtype, name='mlp')(y, train=train))
+    return sublayer(x, 'mlp', lambda y: MLP(c.d_ff, c.activation, c.dropout_rate, c.mlp_bias, c.dtype,
+                                            name='mlp')(y, train=train))
 
 
 class Embed(nn.Module):
@@ -246,7 +287,7 @@ class Embed(nn.Module):
 
   def setup(self):
     self.embedding = self.param(
-        'embedding', nn.with_logical_partitioning(nn.initializers.normal(self.stddev), ('vocab', 'embed')),
+        'embedding', logical(nn.initializers.normal(self.stddev), ('vocab', 'embed')),
         (self.vocab_size, self.d_model), jnp.float32)
 
   def __call__(self, tokens_BxT):

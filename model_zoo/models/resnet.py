@@ -11,7 +11,9 @@ starts at gamma = 0, so each block starts as the identity (Goyal et al., 2017).
 
 Stems: 'imagenet' is the paper's 7x7/2 conv + 3x3/2 max-pool (224 -> 56); 'cifar' one 3x3 conv
 and no pooling (for 32x32 and smaller images). Stage i has `width * 2**i` channels
-(x4 after a bottleneck) and stride 2 except the first. Global average pool, then a dense layer.
+(x4 after a bottleneck) and stride 2 except the first. Global average pool, then a dense layer
+(`cls_head`). The residual blocks are numbered through all stages, block_0, block_1, ... (ResNet-18:
+block_0 to block_7, stages starting at block_0, 2, 4, 6).
 Batch statistics live in the 'batch_stats' collection; under jit over a batch sharded across
 devices, mu_B and var_B are those of the global batch (synchronised BN).
 """
@@ -23,12 +25,12 @@ import jax
 import jax.numpy as jnp
 
 from model_zoo.errors import UserError
+from model_zoo.models import layers
 
 
 def _conv(features: int, kernel: int, stride: int = 1, name: str | None = None):
   p = kernel // 2  # symmetric padding, as in the paper's (Torch) implementation
-  return nn.Conv(features, (kernel, kernel), (stride, stride), padding=((p, p), (p, p)), use_bias=False,
-                 name=name)
+  return layers.conv(features, kernel, stride, padding=((p, p), (p, p)), use_bias=False, name=name)
 
 
 class ResidualBlock(nn.Module):
@@ -67,16 +69,17 @@ class ResNet(nn.Module):
     if self.block not in ('basic', 'bottleneck') or self.stem not in ('imagenet', 'cifar'):
       raise UserError(f'config.model.block must be basic|bottleneck and config.model.stem imagenet|cifar; '
                       f'got {self.block!r}, {self.stem!r}')
-    norm = partial(nn.BatchNorm, use_running_average=not train, momentum=self.bn_momentum, epsilon=1e-5)
+    norm = partial(layers.batch_norm, train=train, momentum=self.bn_momentum, epsilon=1e-5)
     if self.stem == 'imagenet':
       h = nn.relu(norm(name='stem_bn')(_conv(self.width, 7, 2, name='stem_conv')(x_BxHxWxC)))
       h = nn.max_pool(h, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
     else:
       h = nn.relu(norm(name='stem_bn')(_conv(self.width, 3, name='stem_conv')(x_BxHxWxC)))
+    k = 0
     for i, num_blocks in enumerate(self.stage_sizes):
       for j in range(num_blocks):
         stride = 2 if i > 0 and j == 0 else 1
-        h = ResidualBlock(self.width * 2 ** i, stride, self.block == 'bottleneck', norm,
-                          name=f'stage{i + 1}_block{j + 1}')(h)
-    h_BxD = jnp.mean(h, axis=(1, 2))
-    return nn.Dense(self.num_classes, name='head')(h_BxD)
+        h = ResidualBlock(self.width * 2 ** i, stride, self.block == 'bottleneck', norm, name=f'block_{k}')(h)
+        k += 1
+    h_BxC = jnp.mean(h, axis=(1, 2))
+    return layers.linear(self.num_classes, 'cls_head', axes=('embed', None))(h_BxC)

@@ -16,36 +16,39 @@ GRU (Cho et al., 2014, "Learning phrase representations using RNN encoder-decode
 (r_t multiplies h_{t-1} before U_n, as in the paper; cuDNN and flax's GRUCell apply it after.)
 
 W x_t + b of every gate and step is one matmul before the scan; only U h_{t-1} is inside it.
-Layers are stacked with dropout on the non-recurrent connections only (Zaremba et al., 2014):
-on the input embedding, between layers and before the output layer. The state starts at zero
-and is set back to zero where `reset_BxT` is true, a document start in a packed row (positions
-== 0), so no document reads another. Shape suffixes: B batch, T time, D input size, H hidden
-size, G gates * H, V vocab, C classes.
+Layers (`rnn/block_<i>`) are stacked with dropout on the non-recurrent connections only (Zaremba
+et al., 2014): on the input embedding, between layers and before the output layer. The state starts
+at zero and is set back to zero where `reset_BxT` is true, a document start in a packed row
+(positions == 0), so no document reads another. With `decode=True` (the protocol's decoder mode)
+the last state of each call is kept in the 'cache' collection and the next call starts from it,
+so a sequence can be fed a prompt, then a token at a time. Shape letters: T time steps, D input
+size, F state size, G gates x F, V vocab, L classes.
 """
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
 from model_zoo.config import lookup
+from model_zoo.models import layers
 
 
-def lstm_step(u_HxG, carry, xw_BxG):
+def lstm_step(u_FxG, carry, xw_BxG):
   """(c_{t-1}, h_{t-1}) and W x_t + b (gates i, f, g, o) -> (c_t, h_t)."""
-  c_BxH, h_BxH = carry
-  i, f, g, o = jnp.split(xw_BxG + h_BxH @ u_HxG, 4, axis=-1)
-  c_BxH = nn.sigmoid(f) * c_BxH + nn.sigmoid(i) * jnp.tanh(g)
-  return c_BxH, nn.sigmoid(o) * jnp.tanh(c_BxH)
+  c_BxF, h_BxF = carry
+  i, f, g, o = jnp.split(xw_BxG + h_BxF @ u_FxG, 4, axis=-1)
+  c_BxF = nn.sigmoid(f) * c_BxF + nn.sigmoid(i) * jnp.tanh(g)
+  return c_BxF, nn.sigmoid(o) * jnp.tanh(c_BxF)
 
 
-def gru_step(u_HxG, carry, xw_BxG):
+def gru_step(u_FxG, carry, xw_BxG):
   """(h_{t-1},) and W x_t + b (gates r, z, n) -> (h_t,)."""
-  (h_BxH,) = carry
-  hidden = h_BxH.shape[-1]
+  (h_BxF,) = carry
+  hidden = h_BxF.shape[-1]
   xr, xz, xn = jnp.split(xw_BxG, 3, axis=-1)
-  ur, uz = jnp.split(h_BxH @ u_HxG[:, :2 * hidden], 2, axis=-1)
-  r_BxH, z_BxH = nn.sigmoid(xr + ur), nn.sigmoid(xz + uz)
-  n_BxH = jnp.tanh(xn + (r_BxH * h_BxH) @ u_HxG[:, 2 * hidden:])
-  return (z_BxH * h_BxH + (1 - z_BxH) * n_BxH,)
+  ur, uz = jnp.split(h_BxF @ u_FxG[:, :2 * hidden], 2, axis=-1)
+  r_BxF, z_BxF = nn.sigmoid(xr + ur), nn.sigmoid(xz + uz)
+  n_BxF = jnp.tanh(xn + (r_BxF * h_BxF) @ u_FxG[:, 2 * hidden:])
+  return (z_BxF * h_BxF + (1 - z_BxF) * n_BxF,)
 
 
 # cell name -> (step, number of gates, number of state vectors)
@@ -53,7 +56,7 @@ CELLS = {'lstm': (lstm_step, 4, 2), 'gru': (gru_step, 3, 1)}
 
 
 def _orthogonal_blocks(gates: int):
-  """U = [U_1 ... U_gates], each H x H block orthogonal (Saxe et al., 2014)."""
+  """U = [U_1 ... U_gates], each F x F block orthogonal (Saxe et al., 2014)."""
   def init(key, shape, dtype=jnp.float32):
     keys = jax.random.split(key, gates)
     return jnp.concatenate([nn.initializers.orthogonal()(k, (shape[0], shape[0]), dtype) for k in keys], 1)
@@ -70,26 +73,32 @@ def _gate_bias(cell: str, hidden: int):
 
 
 class Recurrent(nn.Module):
-  """One recurrent layer over a sequence: x_BxTxD -> h_BxTxH (the hidden state after each step)."""
+  """One recurrent layer over a sequence: x_BxTxD -> h_BxTxF (the hidden state after each step)."""
   cell: str
   hidden_size: int
+  decode: bool = False
 
   @nn.compact
   def __call__(self, x_BxTxD, reset_BxT):
     step, gates, num_states = lookup(CELLS, self.cell, 'recurrent cell', 'model.cell')
     hidden = self.hidden_size
-    xw_BxTxG = nn.Dense(gates * hidden, bias_init=_gate_bias(self.cell, hidden), name='w')(x_BxTxD)
-    u_HxG = self.param('u', _orthogonal_blocks(gates), (hidden, gates * hidden))
+    xw_BxTxG = layers.linear(gates * hidden, 'w', bias_init=_gate_bias(self.cell, hidden))(x_BxTxD)
+    u_FxG = self.param('u', nn.with_logical_partitioning(_orthogonal_blocks(gates), ('embed', 'mlp')),
+                       (hidden, gates * hidden))
 
     def scan_step(carry, inputs):
       xw_BxG, reset_B = inputs
-      carry = tuple(jnp.where(reset_B[:, None], 0.0, s_BxH) for s_BxH in carry)
-      carry = step(u_HxG, carry, xw_BxG)
+      carry = tuple(jnp.where(reset_B[:, None], 0.0, s_BxF) for s_BxF in carry)
+      carry = step(u_FxG, carry, xw_BxG)
       return carry, carry[-1]
 
     zeros = tuple(jnp.zeros((x_BxTxD.shape[0], hidden), xw_BxTxG.dtype) for _ in range(num_states))
-    _, h_TxBxH = jax.lax.scan(scan_step, zeros, (xw_BxTxG.swapaxes(0, 1), reset_BxT.swapaxes(0, 1)))
-    return h_TxBxH.swapaxes(0, 1)
+    state = self.variable('cache', 'state', lambda: zeros) if self.decode else None
+    start = zeros if state is None or self.is_initializing() else state.value
+    last, h_TxBxF = jax.lax.scan(scan_step, start, (xw_BxTxG.swapaxes(0, 1), reset_BxT.swapaxes(0, 1)))
+    if state is not None and not self.is_initializing():
+      state.value = last
+    return h_TxBxF.swapaxes(0, 1)
 
 
 class RNN(nn.Module):
@@ -98,6 +107,7 @@ class RNN(nn.Module):
   hidden_size: int
   num_layers: int
   dropout_rate: float
+  decode: bool = False
 
   @nn.compact
   def __call__(self, x_BxTxD, *, train: bool, reset_BxT=None):
@@ -106,36 +116,37 @@ class RNN(nn.Module):
     for i in range(self.num_layers):
       if i:
         x_BxTxD = nn.Dropout(self.dropout_rate, deterministic=not train)(x_BxTxD)
-      x_BxTxD = Recurrent(self.cell, self.hidden_size, name=f'layer_{i}')(x_BxTxD, reset_BxT)
+      x_BxTxD = Recurrent(self.cell, self.hidden_size, self.decode, name=f'block_{i}')(x_BxTxD, reset_BxT)
     return nn.Dropout(self.dropout_rate, deterministic=not train)(x_BxTxD)
 
 
 class RNNLM(nn.Module):
-  """Language model: p(x_{t+1} | x_<=t) = softmax(W_o h_t + b_o), h_t from an embedding of x_t."""
+  """Language model: p(x_{t+1} | x_<=t) = softmax(W_o h_t + b_o) (lm_head), h_t from an embedding of x_t."""
   vocab_size: int
   cell: str = 'lstm'                 # lstm | gru
   num_layers: int = 2
   embed_size: int = 128
   hidden_size: int = 256
   dropout_rate: float = 0.0
+  decode: bool = False
 
   @nn.compact
   def __call__(self, tokens_BxT, *, train: bool, positions_BxT=None, segment_ids_BxT=None):
     del segment_ids_BxT  # a new segment starts at position 0: positions alone mark the resets
     # Unit-variance embeddings (flax's default is 1/sqrt(embed_size)): with inputs that small the
     # gates barely see the token at first, and the LSTM learned about half as fast on pydoc.
-    x_BxTxD = nn.Embed(self.vocab_size, self.embed_size, embedding_init=nn.initializers.normal(1.0),
-                       name='embed')(tokens_BxT)
+    x_BxTxD = nn.Embed(self.vocab_size, self.embed_size, name='embed', embedding_init=nn.with_logical_partitioning(
+        nn.initializers.normal(1.0), ('vocab', 'embed')))(tokens_BxT)
     x_BxTxD = nn.Dropout(self.dropout_rate, deterministic=not train)(x_BxTxD)
     reset_BxT = None if positions_BxT is None else positions_BxT == 0
-    h_BxTxH = RNN(self.cell, self.hidden_size, self.num_layers, self.dropout_rate, name='rnn')(
+    h_BxTxF = RNN(self.cell, self.hidden_size, self.num_layers, self.dropout_rate, self.decode, name='rnn')(
         x_BxTxD, train=train, reset_BxT=reset_BxT)
-    return nn.Dense(self.vocab_size, name='unembed')(h_BxTxH)
+    return layers.linear(self.vocab_size, 'lm_head', axes=('embed', 'vocab'))(h_BxTxF)
 
 
 class RNNClassifier(nn.Module):
   """Reads an image row by row (T = image height steps of width * channels pixels) and
-  classifies it from the last hidden state: logits = W_o h_T + b_o."""
+  classifies it from the last hidden state: logits = W_o h_T + b_o (cls_head)."""
   num_classes: int
   cell: str = 'lstm'                 # lstm | gru
   num_layers: int = 1
@@ -145,6 +156,6 @@ class RNNClassifier(nn.Module):
   @nn.compact
   def __call__(self, image_BxTxWxC, *, train: bool):
     x_BxTxD = image_BxTxWxC.reshape(*image_BxTxWxC.shape[:2], -1)
-    h_BxTxH = RNN(self.cell, self.hidden_size, self.num_layers, self.dropout_rate, name='rnn')(
+    h_BxTxF = RNN(self.cell, self.hidden_size, self.num_layers, self.dropout_rate, name='rnn')(
         x_BxTxD, train=train)
-    return nn.Dense(self.num_classes, name='head')(h_BxTxH[:, -1])
+    return layers.linear(self.num_classes, 'cls_head', axes=('embed', None))(h_BxTxF[:, -1])

@@ -5,17 +5,37 @@
             cross-attention over z, and FFN
   p(y_t | y_<t, x) = softmax(h_t E^T)            (section 3.4: one matrix E for source and target
                                                   embeddings and the output projection, if shared)
-Blocks are the shared `layers.TransformerBlock`: post-LN as in the paper (pre-LN as an option,
-with a final LayerNorm on each stack), ReLU FFN, dropout on every sublayer output, on the FFN's
-hidden activations and on the embedded inputs. Rows may pack several pairs: segment ids keep attention inside a pair.
+Blocks are the shared `layers.TransformerBlock`, in two stacks `encoder/block_<i>` and
+`decoder/block_<i>`: post-LN as in the paper (pre-LN as an option, with a final LayerNorm on each
+stack), ReLU FFN, dropout on every sublayer output, on the FFN's hidden activations and on the
+embedded inputs. Rows may pack several pairs: segment ids keep attention inside a pair. A decoder in
+the sense of model_zoo.models.protocol (`decode=True` caches the decoder's keys and values);
+`encode` and `decode_logits` are the two halves that beam search calls.
 """
 import functools
 
 import flax.linen as nn
-import jax
 import jax.numpy as jnp
 
 from model_zoo.models import layers
+
+
+class Stack(nn.Module):
+  """`num_layers` blocks named block_0, block_1, ..., and a final LayerNorm after pre-LN blocks."""
+  config: layers.BlockConfig
+  num_layers: int
+  causal: bool = False
+  cross_attention: bool = False
+  decode: bool = False
+
+  @nn.compact
+  def __call__(self, x_BxTxD, train: bool, **kwargs):
+    for i in range(self.num_layers):
+      x_BxTxD = layers.TransformerBlock(self.config, self.causal, self.cross_attention, self.decode,
+                                        name=f'block_{i}')(x_BxTxD, train, **kwargs)
+    if self.config.pre_ln:
+      x_BxTxD = layers.layer_norm(self.config.dtype, 'final_norm')(x_BxTxD)
+    return x_BxTxD
 
 
 class Transformer(nn.Module):
@@ -44,17 +64,14 @@ class Transformer(nn.Module):
       init = nn.with_logical_partitioning(nn.initializers.normal(stddev=0.02), (None, 'embed'))
       self.src_pos_embedding = self.param('src_pos_embedding', init, (self.max_len, self.d_model))
       self.tgt_pos_embedding = self.param('tgt_pos_embedding', init, (self.max_len, self.d_model))
-    block = functools.partial(
-        layers.TransformerBlock, num_heads=self.num_heads, head_dim=self.d_model // self.num_heads,
-        d_ff=self.d_ff, pre_ln=self.pre_ln, activation=self.activation, dropout_rate=self.dropout_rate,
-        dtype=dtype, attention_impl=self.attention_impl or None)
-    self.encoder_blocks = [block() for _ in range(self.num_encoder_layers)]
-    self.decoder_blocks = [block(causal=True, cross_attention=True, decode=self.decode)
-                           for _ in range(self.num_decoder_layers)]
-    if self.pre_ln:
-      self.encoder_norm, self.decoder_norm = layers.layer_norm(dtype), layers.layer_norm(dtype)
+    block = layers.BlockConfig(
+        num_heads=self.num_heads, head_dim=self.d_model // self.num_heads, d_ff=self.d_ff, pre_ln=self.pre_ln,
+        activation=self.activation, dropout_rate=self.dropout_rate, dtype=dtype,
+        attention_impl=self.attention_impl or None)
+    self.encoder = Stack(block, self.num_encoder_layers)
+    self.decoder = Stack(block, self.num_decoder_layers, causal=True, cross_attention=True, decode=self.decode)
     if not self.share_embeddings:
-      self.unembed = layers.dense(self.vocab_size, ('vocab',), use_bias=False, dtype=dtype, name=None,
+      self.lm_head = layers.dense(self.vocab_size, ('vocab',), use_bias=False, dtype=dtype, name=None,
                                   kernel_axes=('embed', 'vocab'))
     self.dropout = nn.Dropout(self.dropout_rate)
 
@@ -71,10 +88,7 @@ class Transformer(nn.Module):
     segments_BxS = (src_BxS != 0).astype(jnp.int32) if src_segments_BxS is None else src_segments_BxS
     positions_BxS = _positions(src_BxS) if src_positions_BxS is None else src_positions_BxS
     x_BxSxD = self._embed(self.embed, getattr(self, 'src_pos_embedding', None), src_BxS, positions_BxS, train)
-    mask_Bx1xSxS = layers.segment_mask(segments_BxS)
-    for blk in self.encoder_blocks:
-      x_BxSxD = blk(x_BxSxD, train, mask_Bx1xTxS=mask_Bx1xSxS)
-    return self.encoder_norm(x_BxSxD) if self.pre_ln else x_BxSxD
+    return self.encoder(x_BxSxD, train, mask_Bx1xTxS=layers.segment_mask(segments_BxS))
 
   def decode_logits(self, z_BxSxD, src_segments_BxS, tgt_in_BxT, *, train: bool, tgt_segments_BxT=None,
                     tgt_positions_BxT=None):
@@ -88,12 +102,9 @@ class Transformer(nn.Module):
     else:
       self_mask = layers.segment_mask(tgt_segments_BxT)
       cross_mask = layers.segment_mask(tgt_segments_BxT, src_segments_BxS)
-    for blk in self.decoder_blocks:
-      y_BxTxD = blk(y_BxTxD, train, mask_Bx1xTxS=self_mask, positions_BxT=positions_BxT,
-                    encoded_BxSxD=z_BxSxD, cross_mask_Bx1xTxS=cross_mask)
-    if self.pre_ln:
-      y_BxTxD = self.decoder_norm(y_BxTxD)
-    logits_BxTxV = self.target_embed.attend(y_BxTxD) if self.share_embeddings else self.unembed(y_BxTxD)
+    y_BxTxD = self.decoder(y_BxTxD, train, mask_Bx1xTxS=self_mask, positions_BxT=positions_BxT,
+                           encoded_BxSxD=z_BxSxD, cross_mask_Bx1xTxS=cross_mask)
+    logits_BxTxV = self.target_embed.attend(y_BxTxD) if self.share_embeddings else self.lm_head(y_BxTxD)
     return logits_BxTxV.astype(jnp.float32)
 
   def __call__(self, src_BxS, tgt_in_BxT, *, train: bool, src_segments_BxS=None, src_positions_BxS=None,
@@ -109,11 +120,3 @@ class Transformer(nn.Module):
 
 def _positions(tokens_BxT):
   return jnp.broadcast_to(jnp.arange(tokens_BxT.shape[1]), tokens_BxT.shape)
-
-
-def init_cache(model: Transformer, batch_size: int, src_len: int, max_len: int):
-  """An empty decoder key/value cache for `model.clone(decode=True)`, for `max_len` target tokens."""
-  decoder = model.clone(decode=True)
-  src, tgt = jnp.ones((batch_size, src_len), jnp.int32), jnp.ones((batch_size, max_len), jnp.int32)
-  shapes = jax.eval_shape(lambda: decoder.init(jax.random.key(0), src, tgt, train=False))['cache']
-  return jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)

@@ -19,31 +19,15 @@ Decoders (the paper's appendix C), for pixels x in [0, 1] summed over all H*W*C 
              cross-entropy surrogate, not a normalised density, and its minimum is above 0);
   Gaussian:  N(x; mean, std^2) with a fixed std,
              -log p(x|z) = sum [(x - mean)^2 / (2 std^2) + log std + log(2 pi) / 2].
+These terms are free functions of model_zoo.tasks.losses; the task forms the ELBO from them.
 """
 from typing import Sequence
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import optax
 
 from model_zoo.models.autoencoder import Decoder, Encoder
-
-
-def kl_to_standard_normal(mu_BxZ: jax.Array, log_var_BxZ: jax.Array) -> jax.Array:
-  """KL(N(mu, diag exp(log_var)) || N(0, I)) per example, in nats."""
-  return 0.5 * jnp.sum(mu_BxZ ** 2 + jnp.exp(log_var_BxZ) - log_var_BxZ - 1.0, axis=-1)
-
-
-def bernoulli_nll(x_BxHxWxC: jax.Array, logits_BxHxWxC: jax.Array) -> jax.Array:
-  """-log p(x|z) per example for Bernoulli pixels with these logits, in nats."""
-  return jnp.sum(optax.sigmoid_binary_cross_entropy(logits_BxHxWxC, x_BxHxWxC), axis=(1, 2, 3))
-
-
-def gaussian_nll(x_BxHxWxC: jax.Array, mean_BxHxWxC: jax.Array, std: float) -> jax.Array:
-  """-log p(x|z) per example for independent Gaussian pixels N(mean, std^2), in nats."""
-  per_pixel = 0.5 * ((x_BxHxWxC - mean_BxHxWxC) / std) ** 2 + jnp.log(std) + 0.5 * jnp.log(2 * jnp.pi)
-  return jnp.sum(per_pixel, axis=(1, 2, 3))
 
 
 def reparameterize(mu_BxZ: jax.Array, log_var_BxZ: jax.Array, eps_BxZ: jax.Array) -> jax.Array:
@@ -72,7 +56,8 @@ class VAE(nn.Module):
   def decode(self, z_BxZ: jax.Array) -> jax.Array:
     return self.decoder(z_BxZ)
 
-  def __call__(self, x_BxHxWxC: jax.Array, eps_BxZ: jax.Array):
+  def __call__(self, x_BxHxWxC: jax.Array, eps_BxZ: jax.Array, *, train: bool = False):
     """One reparameterised sample z = mu + sigma * eps -> (decoder output, mu_BxZ, log_var_BxZ)."""
+    del train  # no dropout, no batch statistics
     mu_BxZ, log_var_BxZ = self.encode(x_BxHxWxC)
     return self.decode(reparameterize(mu_BxZ, log_var_BxZ, eps_BxZ)), mu_BxZ, log_var_BxZ

@@ -5,9 +5,10 @@ The image is cut into N = HW / P^2 patches x_p^i of P x P x C pixels, each linea
   z_0 = [x_class; x_p^1 E; ...; x_p^N E] + E_pos                                          (eq. 1)
   z'_l = MSA(LN(z_{l-1})) + z_{l-1},   z_l = MLP(LN(z'_l)) + z'_l,   l = 1..L             (eq. 2, 3)
   y = LN(z_L^0)                                                                            (eq. 4)
-then a linear head on y. pool='mean' drops the class token and uses the mean of LN(z_L) over
-the patches instead (the paper's "global average pooling" variant). The encoder blocks are the
+then a linear head on y (`cls_head`). pool='mean' drops the class token and uses the mean of LN(z_L)
+over the patches instead (the paper's "global average pooling" variant). The encoder blocks are the
 shared pre-LN GELU blocks of model_zoo.models.layers (their attention projections have no biases).
+Shape letters: P patches (+ 1 with the class token), P_h x P_w their grid.
 """
 import flax.linen as nn
 import jax
@@ -35,22 +36,18 @@ class ViT(nn.Module):
       raise UserError(f'ViT needs config.model.pool cls|mean (got {self.pool!r}), a patch_size={p} that '
                       f'divides the {height}x{width} images, and num_heads={self.num_heads} dividing d_model={d}')
     logical = nn.with_logical_partitioning
-    x_BxhxwxD = nn.Conv(d, (p, p), strides=(p, p), padding='VALID', name='patch_embed',
-                        kernel_init=logical(nn.initializers.lecun_normal(), (None, None, None, 'embed')),
-                        bias_init=logical(nn.initializers.zeros_init(), ('embed',)))(x_BxHxWxC)
-    x_BxTxD = x_BxhxwxD.reshape(b, -1, d)
+    x_BxPhxPwxD = layers.conv(d, p, p, 'VALID', name='patch_embed')(x_BxHxWxC)
+    x_BxPxD = x_BxPhxPwxD.reshape(b, -1, d)
     if self.pool == 'cls':
-      cls_1x1xD = self.param('cls', logical(nn.initializers.zeros_init(), (None, None, 'embed')), (1, 1, d))
-      x_BxTxD = jnp.concatenate([jnp.broadcast_to(cls_1x1xD, (b, 1, d)), x_BxTxD], axis=1)
-    pos_1xTxD = self.param('pos_embedding', logical(nn.initializers.normal(0.02), (None, 'length', 'embed')),
-                           (1, x_BxTxD.shape[1], d))
-    x_BxTxD = nn.Dropout(self.dropout_rate, deterministic=not train)(x_BxTxD + pos_1xTxD)
+      cls_1x1xD = self.param('cls_embedding', logical(nn.initializers.zeros_init(), (None, None, 'embed')), (1, 1, d))
+      x_BxPxD = jnp.concatenate([jnp.broadcast_to(cls_1x1xD, (b, 1, d)), x_BxPxD], axis=1)
+    pos_1xPxD = self.param('pos_embedding', logical(nn.initializers.normal(0.02), (None, 'length', 'embed')),
+                           (1, x_BxPxD.shape[1], d))
+    x_BxPxD = nn.Dropout(self.dropout_rate, deterministic=not train)(x_BxPxD + pos_1xPxD)
+    block = layers.BlockConfig(self.num_heads, d // self.num_heads, self.d_ff, pre_ln=True, activation='gelu',
+                               dropout_rate=self.dropout_rate)
     for i in range(self.num_layers):
-      x_BxTxD = layers.TransformerBlock(self.num_heads, d // self.num_heads, self.d_ff, pre_ln=True,
-                                        activation='gelu', dropout_rate=self.dropout_rate,
-                                        name=f'block{i}')(x_BxTxD, train)
-    x_BxTxD = layers.layer_norm(jnp.float32, 'final_norm')(x_BxTxD)
-    y_BxD = x_BxTxD[:, 0] if self.pool == 'cls' else jnp.mean(x_BxTxD, axis=1)
-    return nn.Dense(self.num_classes, name='head',
-                    kernel_init=logical(nn.initializers.lecun_normal(), ('embed', None)),
-                    bias_init=logical(nn.initializers.zeros_init(), (None,)))(y_BxD)
+      x_BxPxD = layers.TransformerBlock(block, name=f'block_{i}')(x_BxPxD, train)
+    x_BxPxD = layers.layer_norm(jnp.float32, 'final_norm')(x_BxPxD)
+    y_BxD = x_BxPxD[:, 0] if self.pool == 'cls' else jnp.mean(x_BxPxD, axis=1)
+    return layers.linear(self.num_classes, 'cls_head', axes=('embed', None))(y_BxD)

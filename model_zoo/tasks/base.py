@@ -1,21 +1,34 @@
 """The task interface: the only place where a model meets its loss.
 
-The loop calls exactly these methods, and knows nothing of models or losses:
+The drivers (the training loop, eval.py) call exactly these methods, and know nothing of models
+or losses:
 
-  init_state(rng, batch)          -> state            (traced once, to get shapes and shardings)
-  train_step(state, batch, rng)   -> state, metrics   (jitted; metrics are scalars)
-  eval_step(state, batch)         -> stats            (jitted; stats add up over batches)
-  eval_metrics(stats)             -> {name: float}
-  eval_artifacts(stats, workdir)  -> writes plots or files (optional)
+  init_state(rng, batch)           -> state            (traced once, to get shapes and shardings)
+  train_step(state, batch, rng)    -> state, metrics   (jitted; metrics are scalars)
+  eval_step(state, batch)          -> stats            (jitted; stats add up over batches)
+  eval_metrics(stats)              -> {name: float}
+  eval_artifacts(stats, workdir)   -> writes plots or files into a model_zoo.workdir.Workdir (optional)
   throughput(state, steps_per_sec) -> {name: float} such as tokens/s and MFU (optional)
-  decode_metrics(state, outdir)   -> {name: value} that need more than a forward pass, such as
-                                     BLEU of decoded translations; run by eval.py (optional)
+  variables(state), with_variables(state, variables)
+                                   -> the model's variables ({'params': ..., 'batch_stats': ...}) in a
+                                      state, and a fresh state (new optimizer) holding given ones:
+                                      what fine-tuning and the tools work on
+  predict(state, batch)            -> the model's output on a batch, in evaluation mode
+  decode_splits()                  -> the splits `decode_metrics` reads (eval.py loads them)
+  scorers()                        -> {name: (config, workdir)}: trained models `decode_metrics` needs
+                                      (eval.py restores each, training it first if it has no checkpoint)
+  decode_metrics(state, data, workdir, scorers)
+                                   -> {name: value} that need more than a forward pass, such as BLEU
+                                      of decoded translations (optional)
 
-A task that trains one model with one optimizer subclasses `SupervisedTask` and
-writes `loss_fn`; one with several models or optimizers (a GAN) implements
-`init_state` and `train_step` itself, with any pytree as its state.
+A task is built from the config and `info`, what it needs to know of the data (classes, tokenizer,
+an example): the same whichever split the driver reads. A task that trains one model with one
+optimizer subclasses `SupervisedTask` and writes `loss_fn`; one with several models or optimizers
+(a GAN) implements `init_state`, `train_step`, `variables` and `with_variables` itself, with any
+pytree as its state. The model is reached through model_zoo.models.protocol, never by its class.
 """
 import abc
+from typing import Callable
 
 import flax.linen as nn
 import jax
@@ -23,18 +36,19 @@ import jax.numpy as jnp
 import ml_collections
 import optax
 
-from model_zoo import models
-from model_zoo.data.sources import Dataset
+from model_zoo.data.base import DataInfo, Dataset
+from model_zoo.models import registry
 from model_zoo.training import optimizers
 from model_zoo.training.state import TrainState
 from model_zoo.transfer import finetune
+from model_zoo.workdir import Workdir
 
 
 class Task(abc.ABC):
 
-  def __init__(self, config: ml_collections.ConfigDict, data: Dataset):
+  def __init__(self, config: ml_collections.ConfigDict, info: DataInfo):
     self.config = config
-    self.data = data
+    self.info = info
 
   @abc.abstractmethod
   def init_state(self, rng: jax.Array, batch: dict):
@@ -52,7 +66,15 @@ class Task(abc.ABC):
   def eval_metrics(self, stats: dict) -> dict[str, float]:
     """Scalar metrics from stats summed over the whole eval split."""
 
-  def eval_artifacts(self, stats: dict, outdir: str):
+  @abc.abstractmethod
+  def variables(self, state) -> dict:
+    """The model's variables in `state`, shaped as `model.init` returns them."""
+
+  @abc.abstractmethod
+  def with_variables(self, state, variables: dict):
+    """A state like `state` that holds `variables`, with a fresh optimizer state and step 0."""
+
+  def eval_artifacts(self, stats: dict, workdir: Workdir):
     """Plots or files from the summed eval stats; none by default."""
 
   def throughput(self, state, steps_per_sec: float) -> dict[str, float]:
@@ -60,23 +82,33 @@ class Task(abc.ABC):
     del state, steps_per_sec
     return {}
 
-  def decode_metrics(self, state, outdir: str) -> dict:
-    """Metrics of generated output (and files of it in `outdir`), for eval.py; none by default."""
-    del state, outdir
+  def decode_splits(self) -> tuple[str, ...]:
+    """The splits `decode_metrics` reads; none by default."""
+    return ()
+
+  def scorers(self) -> dict[str, tuple[ml_collections.ConfigDict, str]]:
+    """Other trained models `decode_metrics` needs, by name: (config, workdir or '' for the default)."""
+    return {}
+
+  def decode_metrics(self, state, data: dict[str, Dataset], workdir: Workdir,
+                     scorers: dict[str, Callable] | None = None) -> dict:
+    """Metrics of generated output (and files of it in `workdir`), for eval.py; none by default.
+    `data` holds the splits of `decode_splits`, `scorers` a prediction function of each of `scorers()`."""
+    del state, data, workdir, scorers
     return {}
 
 
 class SupervisedTask(Task):
   """One model, one optimizer. Subclasses write `loss_fn`; gradient accumulation is here."""
 
-  def __init__(self, config, data):
-    super().__init__(config, data)
+  def __init__(self, config, info):
+    super().__init__(config, info)
     self.model = self.build_model()
     # Built once: the state carries `tx` as static metadata, which must stay the same object.
     self.tx = optimizers.build(config.optimizer, config.num_train_steps, frozen=finetune.frozen_fn(config))
 
   def build_model(self) -> nn.Module:
-    return models.build(self.config.model)
+    return registry.build(self.config.model)
 
   def model_inputs(self, batch: dict) -> tuple:
     """Positional inputs of the model, taken from a batch."""
@@ -98,6 +130,13 @@ class SupervisedTask(Task):
     params = variables.pop('params')
     return TrainState.create(params=params, tx=self.tx, model_state=dict(variables))
 
+  def variables(self, state):
+    return {'params': state.params, **state.model_state}
+
+  def with_variables(self, state, variables):
+    model_state = {k: v for k, v in variables.items() if k != 'params'}
+    return TrainState.create(params=variables['params'], tx=state.tx, model_state=model_state)
+
   def apply(self, params, model_state, inputs, *, train: bool, rng=None, **kwargs):
     """Model output, and the updated model_state when training mutates one (batch statistics)."""
     variables = {'params': params, **model_state}
@@ -105,6 +144,10 @@ class SupervisedTask(Task):
     if train and model_state:
       return self.model.apply(variables, *inputs, train=True, rngs=rngs, mutable=list(model_state), **kwargs)
     return self.model.apply(variables, *inputs, train=train, rngs=rngs, **kwargs), model_state
+
+  def predict(self, state, batch):
+    return self.apply(state.params, state.model_state, self.model_inputs(batch), train=False,
+                      **self.model_kwargs(batch))[0]
 
   def train_step(self, state: TrainState, batch, rng):
     grad_fn = jax.value_and_grad(self.loss_fn, has_aux=True)

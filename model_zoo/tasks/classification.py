@@ -2,18 +2,14 @@
 
 `classification` takes images (or any array input); `text_classification` takes token rows with a
 padding mask (`segment_ids`) and sentence types (`type_ids`), for BERT; `token_classification`
-labels every token (`labels` and `weights` [B, L]), and its metrics count tokens.
+labels every token (`labels` and `weights` [B, T]), and its metrics count tokens.
 """
-import os
-
-import jax
 import jax.numpy as jnp
-import optax
 
-from model_zoo import models
 from model_zoo.errors import UserError
-from model_zoo.evaluation import metrics as metrics_lib
 from model_zoo.evaluation import plots
+from model_zoo.models import registry
+from model_zoo.tasks import losses
 from model_zoo.tasks.base import SupervisedTask
 
 
@@ -21,36 +17,34 @@ class ClassificationTask(SupervisedTask):
   """Batches hold `image` (or any input) and integer `label`."""
 
   def build_model(self):
-    return models.build(self.config.model, num_classes=self.data.num_classes)
+    return registry.build(self.config.model, num_classes=self.info.num_classes)
 
   def model_inputs(self, batch):
     return (batch['image'],)
 
+  def labels_and_weights(self, batch):
+    """The labels, and the weight of each (1; 0 where there is no label)."""
+    return batch['label'], jnp.ones(batch['label'].shape, jnp.float32)
+
   def loss_fn(self, params, model_state, batch, rng):
     logits, model_state = self.apply(params, model_state, self.model_inputs(batch), train=True, rng=rng,
                                      **self.model_kwargs(batch))
-    loss = optax.softmax_cross_entropy_with_integer_labels(logits, batch['label']).mean()
-    accuracy = jnp.mean(jnp.argmax(logits, -1) == batch['label'])
-    return loss, ({'loss': loss, 'accuracy': accuracy}, model_state)
+    metrics = losses.means(losses.token_sums(logits, *self.labels_and_weights(batch)))
+    return metrics['loss'], (metrics, model_state)
 
   def eval_step(self, state, batch):
-    logits, _ = self.apply(state.params, state.model_state, self.model_inputs(batch), train=False,
-                           **self.model_kwargs(batch))
-    mask = batch['mask']
-    loss = optax.softmax_cross_entropy_with_integer_labels(logits, batch['label'])
-    num_classes = self.data.num_classes
-    true_BxC = jax.nn.one_hot(batch['label'], num_classes) * mask[:, None]
-    pred_BxC = jax.nn.one_hot(jnp.argmax(logits, -1), num_classes)
-    return {'loss_sum': jnp.sum(loss * mask), 'count': jnp.sum(mask),
-            'confusion': jnp.einsum('bt,bp->tp', true_BxC, pred_BxC)}
+    logits = self.predict(state, batch)
+    labels, weights = self.labels_and_weights(batch)
+    weights = weights * batch['mask'].reshape(batch['mask'].shape + (1,) * (labels.ndim - 1))
+    sums = losses.token_sums(logits, labels, weights)
+    return {'loss_sum': sums['loss_sum'], 'count': sums['count'],
+            'confusion': losses.confusion(logits, labels, weights, self.info.num_classes)}
 
   def eval_metrics(self, stats):
-    return {'loss': float(stats['loss_sum'] / stats['count']),
-            **metrics_lib.classification_metrics(stats['confusion'])}
+    return {'loss': float(stats['loss_sum'] / stats['count']), **losses.classification_metrics(stats['confusion'])}
 
-  def eval_artifacts(self, stats, outdir):
-    plots.confusion_matrix(stats['confusion'], self.data.class_names,
-                           os.path.join(outdir, 'confusion_matrix.png'))
+  def eval_artifacts(self, stats, workdir):
+    plots.confusion_matrix(stats['confusion'], self.info.class_names, workdir.confusion_matrix)
 
 
 class TextModel:
@@ -59,7 +53,7 @@ class TextModel:
 
   def build_model(self):
     """The model with this task's head, after checking the config against the data and the model."""
-    config, data = self.config, self.data
+    config, info = self.config, self.info
     max_len = config.model.get('max_len', config.dataset.seq_len)
     if config.dataset.seq_len > max_len:
       raise UserError(f'config.dataset.seq_len={config.dataset.seq_len} is longer than the model\'s position '
@@ -69,11 +63,11 @@ class TextModel:
       if key in config.model and not ok(config.model[key]):
         raise UserError(f'config.model.{key} must be {want}, got {config.model[key]!r}')
     # config.dataset.vocab_size may exceed the tokenizer's: a checkpoint's table can be padded.
-    if data.tokenizer.vocab_size > config.dataset.vocab_size:
-      raise UserError(f'the tokenizer has {data.tokenizer.vocab_size} tokens but config.dataset.vocab_size='
+    if info.tokenizer.vocab_size > config.dataset.vocab_size:
+      raise UserError(f'the tokenizer has {info.tokenizer.vocab_size} tokens but config.dataset.vocab_size='
                       f'{config.dataset.vocab_size}; set them equal')
-    classes = {'num_classes': data.num_classes} if self.head != 'mlm' else {}
-    return models.build(config.model, head=self.head, vocab_size=config.dataset.vocab_size, **classes)
+    classes = {'num_classes': info.num_classes} if self.head != 'mlm' else {}
+    return registry.build(config.model, head=self.head, vocab_size=config.dataset.vocab_size, **classes)
 
   def model_inputs(self, batch):
     return (batch['inputs'],)
@@ -83,29 +77,13 @@ class TextModel:
 
 
 class TextClassificationTask(TextModel, ClassificationTask):
-  """Batches hold `inputs`, `segment_ids`, `type_ids` [B, L] and `label` [B] (data.text_classification)."""
+  """Batches hold `inputs`, `segment_ids`, `type_ids` [B, T] and `label` [B] (data.text_classification)."""
   head = 'classify'
 
 
 class TokenClassificationTask(TextClassificationTask):
-  """A label per token: batches also hold `labels` and `weights` [B, L] (0 where a token has none)."""
+  """A label per token: batches also hold `labels` and `weights` [B, T] (0 where a token has none)."""
   head = 'tokens'
 
-  def loss_fn(self, params, model_state, batch, rng):
-    logits_BxLxC, model_state = self.apply(params, model_state, self.model_inputs(batch), train=True, rng=rng,
-                                           **self.model_kwargs(batch))
-    w_BxL = batch['weights']
-    count = jnp.maximum(w_BxL.sum(), 1.0)
-    loss = jnp.sum(optax.softmax_cross_entropy_with_integer_labels(logits_BxLxC, batch['labels']) * w_BxL) / count
-    accuracy = jnp.sum((jnp.argmax(logits_BxLxC, -1) == batch['labels']) * w_BxL) / count
-    return loss, ({'loss': loss, 'accuracy': accuracy}, model_state)
-
-  def eval_step(self, state, batch):
-    logits_BxLxC, _ = self.apply(state.params, state.model_state, self.model_inputs(batch), train=False,
-                                 **self.model_kwargs(batch))
-    w_BxL = batch['weights'] * batch['mask'][:, None]
-    loss_BxL = optax.softmax_cross_entropy_with_integer_labels(logits_BxLxC, batch['labels'])
-    true_BxLxC = jax.nn.one_hot(batch['labels'], self.data.num_classes) * w_BxL[..., None]
-    pred_BxLxC = jax.nn.one_hot(jnp.argmax(logits_BxLxC, -1), self.data.num_classes)
-    return {'loss_sum': jnp.sum(loss_BxL * w_BxL), 'count': jnp.sum(w_BxL),
-            'confusion': jnp.einsum('blt,blp->tp', true_BxLxC, pred_BxLxC)}
+  def labels_and_weights(self, batch):
+    return batch['labels'], batch['weights']

@@ -7,28 +7,26 @@ else. Each step (Goodfellow et al., 2014, with the non-saturating generator loss
 D outputs logits; softplus(-l) = -log sigmoid(l).
 
 Eval: the discriminator's mean output on real test images and on generated ones; eval.py also
-generates `config.eval_samples` images, writes a grid of them, and scores them with a CNN
-classifier trained on the same data (`config.classifier`, trained into
-`<workdir>/classifier` on first use): `confident_share`, the share of samples it assigns to a
-class with probability >= 0.9, and `class_spread`, the entropy of the predicted-class
-histogram over log(number of classes) (1.0 = every class equally often; 0 = one class).
+generates `config.eval_samples` images, writes a grid of them, and scores them with a classifier
+of the same data: `confident_share`, the share of samples it assigns to a class with probability
+>= 0.9, and `class_spread`, the entropy of the predicted-class histogram over log(number of
+classes) (1.0 = every class equally often; 0 = one class). The classifier is a scorer (see
+model_zoo.tasks.base): the run in `config.classifier_workdir` ('' = <workdir>/classifier), whose
+config is `config.classifier` with this config's data set; eval.py trains it there first if it
+has no checkpoint, and passes its predictions to `decode_metrics`.
 """
-import json
-import os
-
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 import optax
 
-from model_zoo import models
-from model_zoo.data import sources
 from model_zoo.evaluation import plots
-from model_zoo.models.gan import DCGAN
+from model_zoo.models import registry
+from model_zoo.tasks import losses
 from model_zoo.tasks.base import Task
 from model_zoo.training import optimizers
 from model_zoo.training.state import TrainState
+from model_zoo.transfer import finetune
 
 CONFIDENT = 0.9
 
@@ -36,12 +34,13 @@ CONFIDENT = 0.9
 class GANTask(Task):
   """Batches hold `image` in [0, 1]; labels, if any, are not used."""
 
-  def __init__(self, config, data):
-    super().__init__(config, data)
-    image_shape = tuple(int(d) for d in np.shape(data.preprocess(data.source[0])['image']))
-    self.model = models.build(config.model, image_shape=image_shape)
-    self.g_tx = optimizers.build(config.optimizer, config.num_train_steps)
-    self.d_tx = optimizers.build(config.discriminator_optimizer, config.num_train_steps)
+  def __init__(self, config, info):
+    super().__init__(config, info)
+    image_shape = tuple(int(d) for d in np.shape(info.example['image']))
+    self.model = registry.build(config.model, image_shape=image_shape)
+    frozen = finetune.frozen_fn(config)
+    self.g_tx = optimizers.build(config.optimizer, config.num_train_steps, frozen=frozen)
+    self.d_tx = optimizers.build(config.discriminator_optimizer, config.num_train_steps, frozen=frozen)
 
   def _latents(self, rng, n):
     return jax.random.normal(rng, (n, self.config.model.latent_dim), jnp.float32)
@@ -49,7 +48,15 @@ class GANTask(Task):
   def init_state(self, rng, batch):
     init_rng, z_rng = jax.random.split(rng)
     x = batch['image']
-    variables = self.model.init(init_rng, self._latents(z_rng, x.shape[0]), x, train=False)
+    return self.with_variables(None, self.model.init(init_rng, self._latents(z_rng, x.shape[0]), x, train=False))
+
+  def variables(self, state):
+    g, d = state['generator'], state['discriminator']
+    return {'params': {'generator': g.params, 'discriminator': d.params},
+            'batch_stats': {'generator': g.model_state['batch_stats']}}
+
+  def with_variables(self, state, variables):
+    del state
     params = variables['params']
     return {'generator': TrainState.create(params=params['generator'], tx=self.g_tx,
                                            model_state={'batch_stats': variables['batch_stats']['generator']}),
@@ -59,13 +66,12 @@ class GANTask(Task):
     """-> (images, the generator's model_state, updated by this batch if training)."""
     variables = {'params': {'generator': g_params}, 'batch_stats': {'generator': g_model_state['batch_stats']}}
     if not train:
-      return self.model.apply(variables, z_BxZ, train=False, method=DCGAN.generate), g_model_state
-    x, updates = self.model.apply(variables, z_BxZ, train=True, method=DCGAN.generate, mutable=['batch_stats'])
+      return self.model.apply(variables, z_BxZ, train=False, method='generate'), g_model_state
+    x, updates = self.model.apply(variables, z_BxZ, train=True, method='generate', mutable=['batch_stats'])
     return x, {'batch_stats': updates['batch_stats']['generator']}
 
   def discriminate(self, d_params, x_BxHxWxC):
-    return self.model.apply({'params': {'discriminator': d_params}}, x_BxHxWxC, train=True,
-                            method=DCGAN.discriminate)
+    return self.model.apply({'params': {'discriminator': d_params}}, x_BxHxWxC, train=True, method='discriminate')
 
   def train_step(self, state, batch, rng):
     g, d = state['generator'], state['discriminator']
@@ -76,7 +82,7 @@ class GANTask(Task):
 
     def d_loss_fn(d_params):
       real_logits_B, fake_logits_B = self.discriminate(d_params, real), self.discriminate(d_params, fake)
-      loss = jnp.mean(jax.nn.softplus(-real_logits_B)) + jnp.mean(jax.nn.softplus(fake_logits_B))
+      loss = losses.discriminator_loss(real_logits_B, fake_logits_B)
       return loss, (jnp.mean(jax.nn.sigmoid(real_logits_B)), jnp.mean(jax.nn.sigmoid(fake_logits_B)))
 
     (d_loss, (d_real, d_fake)), d_grads = jax.value_and_grad(d_loss_fn, has_aux=True)(d.params)
@@ -84,7 +90,7 @@ class GANTask(Task):
 
     def g_loss_fn(g_params):
       x, model_state = self.generate(g_params, g.model_state, self._latents(g_rng, real.shape[0]), train=True)
-      return jnp.mean(jax.nn.softplus(-self.discriminate(d.params, x))), model_state
+      return losses.generator_loss(self.discriminate(d.params, x)), model_state
 
     (g_loss, g_model_state), g_grads = jax.value_and_grad(g_loss_fn, has_aux=True)(g.params)
     g = g.apply_gradients(g_grads, g_model_state)
@@ -108,61 +114,33 @@ class GANTask(Task):
     g = state['generator']
     return self.generate(g.params, g.model_state, self._latents(jax.random.key(seed), n), train=False)[0]
 
-  def decode_metrics(self, state, outdir):
+  def scorers(self):
+    cfg = self.config.classifier.copy_and_resolve_references()
+    with cfg.unlocked():
+      cfg.dataset = self.config.dataset.copy_and_resolve_references()
+    return {'classifier': (cfg, self.config.classifier_workdir)}
+
+  def decode_metrics(self, state, data, workdir, scorers=None):
+    del data
     images = np.asarray(jax.jit(self.samples, static_argnums=1)(state, self.config.eval_samples))
-    probs_NxC = classify(self.config, images, os.path.join(outdir, 'classifier'))
-    scores = sample_scores(probs_NxC)
+    probs_NxL = np.asarray(jax.nn.softmax(scorers['classifier']({'image': images}), -1))
+    scores = sample_scores(probs_NxL)
     if jax.process_index() == 0:
-      order = np.argsort(np.argmax(probs_NxC[:100], -1), kind='stable')   # grouped by predicted class
-      plots.image_grid(images[:100][order], os.path.join(outdir, 'samples.png'),
+      order = np.argsort(np.argmax(probs_NxL[:100], -1), kind='stable')   # grouped by predicted class
+      plots.image_grid(images[:100][order], workdir.samples,
                        title=f'100 samples, grouped by the classifier\'s class; confident share '
                              f'{scores["confident_share"]:.2f}, class spread {scores["class_spread"]:.2f}')
-    counts = np.bincount(np.argmax(probs_NxC, -1), minlength=probs_NxC.shape[1]).tolist()
+    counts = np.bincount(np.argmax(probs_NxL, -1), minlength=probs_NxL.shape[1]).tolist()
     print(f'{len(images)} samples: confident share {scores["confident_share"]:.4f}, class spread '
           f'{scores["class_spread"]:.4f}, predicted classes {counts}', flush=True)
     return {**scores, 'class_counts': counts}
 
 
-def sample_scores(probs_NxC) -> dict[str, float]:
+def sample_scores(probs_NxL) -> dict[str, float]:
   """confident_share and class_spread (see the module docstring) from class probabilities."""
-  probs_NxC = np.asarray(probs_NxC, np.float64)
-  c = probs_NxC.shape[1]
-  hist_C = np.bincount(np.argmax(probs_NxC, -1), minlength=c) / len(probs_NxC)
-  nz = hist_C[hist_C > 0]
-  return {'confident_share': float(np.mean(probs_NxC.max(-1) >= CONFIDENT)),
+  probs_NxL = np.asarray(probs_NxL, np.float64)
+  c = probs_NxL.shape[1]
+  hist_L = np.bincount(np.argmax(probs_NxL, -1), minlength=c) / len(probs_NxL)
+  nz = hist_L[hist_L > 0]
+  return {'confident_share': float(np.mean(probs_NxL.max(-1) >= CONFIDENT)),
           'class_spread': float(max(0.0, -(nz * np.log(nz)).sum() / np.log(c)))}
-
-
-def classify(config: ml_collections.ConfigDict, images_NxHxWxC, workdir: str) -> np.ndarray:
-  """Class probabilities from the classifier `config.classifier` trained on `config.dataset`
-  in `workdir` (trained there first if it holds no checkpoint)."""
-  from model_zoo.training import loop  # pylint: disable=g-import-not-at-top  (loop imports tasks)
-  cfg = config.classifier.copy_and_resolve_references()
-  with cfg.unlocked():
-    cfg.dataset = config.dataset.copy_and_resolve_references()
-    cfg.dataset.eval_split = config.dataset.eval_split
-  data = sources.load(cfg.dataset, cfg.dataset.train_split, workdir)
-  exp = loop.build_experiment(cfg, data)
-  ckpt = exp.checkpoints(workdir)
-  try:
-    step = ckpt.latest_step()
-  finally:
-    ckpt.close()
-  if step is None:
-    print(f'training the evaluation classifier ({cfg.model.name}) in {workdir}', flush=True)
-    loop.train_and_evaluate(cfg, workdir)
-    metrics, _ = loop.make_eval_fn(exp)(_restore(exp, workdir), sources.load(cfg.dataset, cfg.dataset.eval_split))
-    with open(os.path.join(workdir, 'eval.json'), 'w') as f:
-      json.dump(metrics, f, indent=2)
-    print(f'evaluation classifier: test accuracy {metrics["accuracy"]:.4f}', flush=True)
-  state = _restore(exp, workdir)
-  logits = exp.task.apply(state.params, state.model_state, (jnp.asarray(images_NxHxWxC),), train=False)[0]
-  return np.asarray(jax.nn.softmax(logits, -1))
-
-
-def _restore(exp, workdir):
-  ckpt = exp.checkpoints(workdir)
-  try:
-    return ckpt.restore(ckpt.latest_step(), exp.abstract_state)
-  finally:
-    ckpt.close()

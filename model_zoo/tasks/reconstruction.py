@@ -15,17 +15,15 @@ eval.py also writes, via `decode_metrics`: reconstructions.png (test images abov
 reconstructions), interpolation.png (decoded points on the line between the latents of two test
 images) and, for the VAE, samples.png (decoder means at z ~ N(0, I)).
 """
-import os
-
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from model_zoo import models
-from model_zoo.data import sources
+from model_zoo.data.base import Dataset
 from model_zoo.errors import UserError
 from model_zoo.evaluation import plots
-from model_zoo.models import vae
+from model_zoo.models import registry, vae
+from model_zoo.tasks import losses
 from model_zoo.tasks.base import SupervisedTask
 from model_zoo.training.state import TrainState
 
@@ -39,8 +37,8 @@ class _ReconstructionTask(SupervisedTask):
   reconstruction_title = ''   # how the plotted reconstruction is made
 
   def build_model(self):
-    self.image_shape = tuple(int(d) for d in np.shape(self.data.preprocess(self.data.source[0])['image']))
-    return models.build(self.config.model, image_shape=self.image_shape)
+    self.image_shape = tuple(int(d) for d in np.shape(self.info.example['image']))
+    return registry.build(self.config.model, image_shape=self.image_shape)
 
   def init_state(self, rng, batch):
     params = self.model.init(rng, *self.model_inputs(batch))['params']
@@ -57,9 +55,12 @@ class _ReconstructionTask(SupervisedTask):
   def _squared_error_sum(self, x_BxHxWxC, x_hat_BxHxWxC, mask_B):
     return jnp.sum(jnp.sum((x_BxHxWxC - x_hat_BxHxWxC) ** 2, axis=(1, 2, 3)) * mask_B)
 
-  def decode_metrics(self, state, outdir):
-    data = sources.load(self.config.dataset, self.config.dataset.eval_split, outdir)
-    x_NxHxWxC = _examples(data)
+  def decode_splits(self):
+    return (self.config.dataset.eval_split,)
+
+  def decode_metrics(self, state, data, workdir, scorers=None):
+    del scorers
+    x_NxHxWxC = _examples(data[self.config.dataset.eval_split])
     encode, decode = jax.jit(self.encode), jax.jit(self.decode)
     z_NxZ = np.asarray(encode(state.params, x_NxHxWxC))
     x_hat_NxHxWxC = np.asarray(decode(state.params, z_NxZ))
@@ -70,12 +71,12 @@ class _ReconstructionTask(SupervisedTask):
     x_PxTxHxWxC = x_PxTxHxWxC.reshape(len(a_P), INTERPOLATION_STEPS, *self.image_shape)
     if jax.process_index() == 0:
       rows = [x_NxHxWxC[:10], x_hat_NxHxWxC[:10], x_NxHxWxC[10:], x_hat_NxHxWxC[10:]]
-      plots.image_grid(np.concatenate(rows), os.path.join(outdir, 'reconstructions.png'), columns=10,
+      plots.image_grid(np.concatenate(rows), workdir.reconstructions, columns=10,
                        title=f'test images (rows 1, 3) and their reconstructions (rows 2, 4), '
                              f'{self.reconstruction_title}',
                        row_labels=['original', 'reconstruction'] * 2)
       grid = np.concatenate([x_NxHxWxC[a_P, None], x_PxTxHxWxC, x_NxHxWxC[b_P, None]], axis=1)
-      plots.image_grid(grid.reshape(-1, *self.image_shape), os.path.join(outdir, 'interpolation.png'),
+      plots.image_grid(grid.reshape(-1, *self.image_shape), workdir.interpolation,
                        columns=INTERPOLATION_STEPS + 2,
                        title=f'test image, {INTERPOLATION_STEPS} decoded points on the line between the '
                              f'latents, test image')
@@ -114,8 +115,8 @@ class VAETask(_ReconstructionTask):
   """`config.likelihood`: 'bernoulli' (decoder logits) or 'gaussian' (decoder mean, std `config.decoder_std`)."""
   reconstruction_title = 'decoder mean at z = mu'
 
-  def __init__(self, config, data):
-    super().__init__(config, data)
+  def __init__(self, config, info):
+    super().__init__(config, info)
     if config.likelihood not in ('bernoulli', 'gaussian'):
       raise UserError(f"unknown likelihood {config.likelihood!r} in config.likelihood; known: bernoulli, gaussian")
     if not config.decoder_std > 0:
@@ -128,8 +129,8 @@ class VAETask(_ReconstructionTask):
   def nll(self, x_BxHxWxC, out_BxHxWxC):
     """-log p(x|z) per example, from the decoder's output."""
     if self.config.likelihood == 'bernoulli':
-      return vae.bernoulli_nll(x_BxHxWxC, out_BxHxWxC)
-    return vae.gaussian_nll(x_BxHxWxC, out_BxHxWxC, self.config.decoder_std)
+      return losses.bernoulli_nll(x_BxHxWxC, out_BxHxWxC)
+    return losses.gaussian_nll(x_BxHxWxC, out_BxHxWxC, self.config.decoder_std)
 
   def mean(self, out_BxHxWxC):
     """The mean of p(x|z): the image to show."""
@@ -146,7 +147,7 @@ class VAETask(_ReconstructionTask):
     eps_BxZ = jax.random.normal(rng, (x_BxHxWxC.shape[0], self.config.model.latent_dim), x_BxHxWxC.dtype)
     out_BxHxWxC, mu_BxZ, log_var_BxZ = self.model.apply({'params': params}, x_BxHxWxC, eps_BxZ)
     reconstruction = jnp.mean(self.nll(x_BxHxWxC, out_BxHxWxC))
-    kl = jnp.mean(vae.kl_to_standard_normal(mu_BxZ, log_var_BxZ))
+    kl = jnp.mean(losses.kl_to_standard_normal(mu_BxZ, log_var_BxZ))
     loss = reconstruction + kl
     return loss, ({'loss': loss, 'reconstruction': reconstruction, 'kl': kl}, model_state)
 
@@ -163,7 +164,7 @@ class VAETask(_ReconstructionTask):
     reconstruction_B = jnp.mean(jax.vmap(reconstruction_B)(eps_KxBxZ), axis=0)
     x_hat_BxHxWxC = self.decode(state.params, mu_BxZ)
     return {'reconstruction_sum': jnp.sum(reconstruction_B * mask_B),
-            'kl_sum': jnp.sum(vae.kl_to_standard_normal(mu_BxZ, log_var_BxZ) * mask_B),
+            'kl_sum': jnp.sum(losses.kl_to_standard_normal(mu_BxZ, log_var_BxZ) * mask_B),
             'squared_error_sum': self._squared_error_sum(x_BxHxWxC, x_hat_BxHxWxC, mask_B),
             'count': jnp.sum(mask_B)}
 
@@ -173,17 +174,17 @@ class VAETask(_ReconstructionTask):
     return {'elbo': -(reconstruction + kl), 'reconstruction': reconstruction, 'kl': kl,
             'mse': float(stats['squared_error_sum'] / (n * np.prod(self.image_shape)))}
 
-  def decode_metrics(self, state, outdir):
-    metrics = super().decode_metrics(state, outdir)
+  def decode_metrics(self, state, data, workdir, scorers=None):
+    metrics = super().decode_metrics(state, data, workdir)
     z_NxZ = jax.random.normal(jax.random.key(EVAL_SEED), (100, self.config.model.latent_dim))
     x_NxHxWxC = np.asarray(jax.jit(self.decode)(state.params, z_NxZ))
     if jax.process_index() == 0:
-      plots.image_grid(x_NxHxWxC, os.path.join(outdir, 'samples.png'), columns=10,
+      plots.image_grid(x_NxHxWxC, workdir.samples, columns=10,
                        title='100 samples from the prior: decoder means at z ~ N(0, I)')
     return metrics
 
 
-def _examples(data: sources.Dataset, per_class: int = 2, num_classes: int = 10) -> np.ndarray:
+def _examples(data: Dataset, per_class: int = 2, num_classes: int = 10) -> np.ndarray:
   """20 images to plot: the first two of each class 0..9 in the split (1st of class 0, ..., 1st of class 9,
   2nd of class 0, ...) if it has labels and those classes among its first 1000 images; else its first 20."""
   n = per_class * num_classes

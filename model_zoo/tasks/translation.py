@@ -6,22 +6,20 @@ that `loss`, `nll` (plain cross-entropy, nats per target token), and token accur
 perplexity = exp(nll). `eval.py` also translates the
 `config.decode.splits` with greedy or beam search and scores them: corpus BLEU and chrF through
 sacrebleu on detokenized text, and exact match; the first split's metrics are named plainly
-(`bleu`), the others' carry the split's name (`long/bleu`).
+(`bleu`), the others' carry the split's name (`long/bleu`). The model is any encoder-decoder with
+the protocol's `encode(src, ...)` and `decode_logits(z, src_segments, tgt_in, ...)` methods and a
+decode mode (model_zoo.models.protocol).
 """
 import functools
-import math
-import os
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 
-from model_zoo import models
-from model_zoo.data import translation as translation_data
 from model_zoo.errors import UserError
 from model_zoo.inference import beam_search
-from model_zoo.models import transformer
+from model_zoo.models import protocol, registry
+from model_zoo.tasks import losses
 from model_zoo.tasks.base import SupervisedTask
 
 
@@ -32,20 +30,18 @@ def translate_tokens(model, params, src_BxS, *, beam_size: int, max_len: int, al
   """-> target tokens [B, max_len] (EOS, then `pad_id`): greedy if beam_size == 1, else beam search."""
   b, s = src_BxS.shape
   segments_BxS = (src_BxS != pad_id).astype(jnp.int32)
-  z_BxSxD = model.apply({'params': params}, src_BxS, train=False, src_segments_BxS=segments_BxS,
-                        method=transformer.Transformer.encode)
-  n = b * beam_size  # rows b * K + k: each example's encoding repeated for its K hypotheses
-  z_NxSxD, segments_NxS = jnp.repeat(z_BxSxD, beam_size, 0), jnp.repeat(segments_BxS, beam_size, 0)
+  z_BxSxD = model.apply({'params': params}, src_BxS, train=False, src_segments_BxS=segments_BxS, method='encode')
+  r = b * beam_size  # rows b * J + j: each example's encoding repeated for its J hypotheses
+  z_RxSxD, segments_RxS = jnp.repeat(z_BxSxD, beam_size, 0), jnp.repeat(segments_BxS, beam_size, 0)
   decoder = model.clone(decode=True)
 
-  def step_fn(tokens_Nx1, cache, i):
-    logits_Nx1xV, variables = decoder.apply(
-        {'params': params, 'cache': cache}, z_NxSxD, segments_NxS, tokens_Nx1, train=False,
-        tgt_positions_BxT=jnp.full((n, 1), i, jnp.int32), method=transformer.Transformer.decode_logits,
-        mutable=['cache'])
-    return logits_Nx1xV[:, 0], variables['cache']
+  def step_fn(tokens_Rx1, cache, i):
+    logits_Rx1xV, variables = decoder.apply(
+        {'params': params, 'cache': cache}, z_RxSxD, segments_RxS, tokens_Rx1, train=False,
+        tgt_positions_BxT=jnp.full((r, 1), i, jnp.int32), method='decode_logits', mutable=['cache'])
+    return logits_Rx1xV[:, 0], variables['cache']
 
-  cache = transformer.init_cache(model, n, s, max_len)
+  cache = protocol.init_cache(model, jnp.ones((r, s), jnp.int32), jnp.ones((r, max_len), jnp.int32))
   kw = dict(max_len=max_len, bos_id=bos_id, eos_id=eos_id, pad_id=pad_id)
   if beam_size == 1:
     return beam_search.greedy_search(step_fn, cache, b, **kw)
@@ -67,9 +63,9 @@ class TranslationTask(SupervisedTask):
   """Batches hold the packed rows of model_zoo.data.translation."""
 
   def build_model(self):
-    if self.data.tokenizer.vocab_size != self.config.dataset.vocab_size:
+    if self.info.tokenizer.vocab_size != self.config.dataset.vocab_size:
       raise UserError(f'config.dataset.vocab_size={self.config.dataset.vocab_size} but the tokenizer has '
-                      f'{self.data.tokenizer.vocab_size} tokens; set them equal')
+                      f'{self.info.tokenizer.vocab_size} tokens; set them equal')
     d = self.config.decode
     if d.beam_size < 1 or d.max_len < 1 or d.alpha < 0:
       raise UserError(f'config.decode needs beam_size >= 1, max_len >= 1 and alpha >= 0; got {d.beam_size}, '
@@ -81,44 +77,34 @@ class TranslationTask(SupervisedTask):
       raise UserError(f'learned positions cover model.max_len={m.max_len} tokens, but dataset.src_len='
                       f'{ds.src_len}, dataset.tgt_len={ds.tgt_len} and decode.max_len={d.max_len}; raise '
                       f'model.max_len or use sinusoidal positions')
-    return models.build(self.config.model, vocab_size=self.config.dataset.vocab_size)
+    return registry.build(self.config.model, vocab_size=self.config.dataset.vocab_size)
 
   def model_inputs(self, batch):
     return (batch['src'], batch['tgt_in'])
 
-  def _logits(self, params, batch, *, train, rng=None):
-    return self.model.apply(
-        {'params': params}, batch['src'], batch['tgt_in'], train=train, src_segments_BxS=batch['src_segments'],
-        src_positions_BxS=batch['src_positions'], tgt_segments_BxT=batch['tgt_segments'],
-        tgt_positions_BxT=batch['tgt_positions'], rngs={'dropout': rng} if train else {})
+  def model_kwargs(self, batch):
+    return {'src_segments_BxS': batch['src_segments'], 'src_positions_BxS': batch['src_positions'],
+            'tgt_segments_BxT': batch['tgt_segments'], 'tgt_positions_BxT': batch['tgt_positions']}
 
   def _sums(self, logits_BxTxV, batch, w_BxT):
     """Summed label-smoothed loss, plain cross-entropy and correct predictions over weighted tokens."""
-    labels_BxTxV = optax.smooth_labels(jax.nn.one_hot(batch['tgt_out'], logits_BxTxV.shape[-1]),
-                                       self.config.label_smoothing)
-    return {'loss_sum': jnp.sum(optax.softmax_cross_entropy(logits_BxTxV, labels_BxTxV) * w_BxT),
-            'nll_sum': jnp.sum(optax.softmax_cross_entropy_with_integer_labels(logits_BxTxV, batch['tgt_out'])
-                               * w_BxT),
-            'correct': jnp.sum((jnp.argmax(logits_BxTxV, -1) == batch['tgt_out']) * w_BxT),
-            'tokens': jnp.sum(w_BxT)}
+    return losses.token_sums(logits_BxTxV, batch['tgt_out'], w_BxT, self.config.label_smoothing)
 
   def loss_fn(self, params, model_state, batch, rng):
-    logits_BxTxV = self._logits(params, batch, train=True, rng=rng)
-    sums = self._sums(logits_BxTxV, batch, (batch['tgt_segments'] != 0).astype(jnp.float32))
-    denom = jnp.maximum(sums['tokens'], 1.0)
-    loss = sums['loss_sum'] / denom
-    return loss, ({'loss': loss, 'nll': sums['nll_sum'] / denom, 'accuracy': sums['correct'] / denom},
-                  model_state)
+    logits_BxTxV, model_state = self.apply(params, model_state, self.model_inputs(batch), train=True, rng=rng,
+                                           **self.model_kwargs(batch))
+    metrics = losses.means(self._sums(logits_BxTxV, batch, (batch['tgt_segments'] != 0).astype(jnp.float32)),
+                           nll=True)
+    return metrics['loss'], ({k: metrics[k] for k in ('loss', 'nll', 'accuracy')}, model_state)
 
   def eval_step(self, state, batch):
-    logits_BxTxV = self._logits(state.params, batch, train=False)
-    return self._sums(logits_BxTxV, batch, (batch['tgt_segments'] != 0) * batch['mask'][:, None])
+    return self._sums(self.predict(state, batch), batch, (batch['tgt_segments'] != 0) * batch['mask'][:, None])
 
   def eval_metrics(self, stats):
     """loss: label-smoothed, as in training; nll: plain cross-entropy (nats per target token)."""
-    nll = float(stats['nll_sum'] / stats['tokens'])
-    return {'loss': float(stats['loss_sum'] / stats['tokens']), 'nll': nll,
-            'perplexity': math.exp(min(nll, 700.0)), 'accuracy': float(stats['correct'] / stats['tokens'])}
+    nll = float(stats['nll_sum'] / stats['count'])
+    return {'loss': float(stats['loss_sum'] / stats['count']), 'nll': nll,
+            'perplexity': losses.perplexity(nll), 'accuracy': float(stats['correct'] / stats['count'])}
 
   def throughput(self, state, steps_per_sec):
     del state
@@ -127,7 +113,7 @@ class TranslationTask(SupervisedTask):
 
   def translate(self, params, texts: list[str]) -> list[str]:
     """Translations of `texts`, decoded as config.decode says, in batches of config.batch_size."""
-    tok, d, rows = self.data.tokenizer, self.config.decode, self.config.batch_size
+    tok, d, rows = self.info.tokenizer, self.config.decode, self.config.batch_size
     out = []
     for lo in range(0, len(texts), rows):
       ids = tok.encode_batch(texts[lo:lo + rows])
@@ -139,21 +125,24 @@ class TranslationTask(SupervisedTask):
       src_BxS = np.full((rows, width), tok.pad_id, np.int32)  # the last batch padded with empty rows
       for row, x in enumerate(ids):
         src_BxS[row, :len(x)] = x
-      tokens_BxL = translate_tokens(self.model, params, jnp.asarray(src_BxS), beam_size=d.beam_size,
+      tokens_BxU = translate_tokens(self.model, params, jnp.asarray(src_BxS), beam_size=d.beam_size,
                                     max_len=d.max_len, alpha=d.alpha, bos_id=tok.bos_id, eos_id=tok.eos_id,
                                     pad_id=tok.pad_id)
-      for row in np.asarray(tokens_BxL)[:len(ids)].tolist():
+      for row in np.asarray(tokens_BxU)[:len(ids)].tolist():
         end = row.index(tok.eos_id) if tok.eos_id in row else len(row)
         out.append(tok.decode(row[:end]))
     return out
 
-  def decode_metrics(self, state, outdir: str) -> dict[str, float]:
-    name = self.config.dataset.name
-    splits = [s for s in (self.config.decode.splits or translation_data.decode_splits(name)).split(',') if s]
-    tokenize = self.config.decode.bleu_tokenize or translation_data.bleu_tokenize(name)
+  def decode_splits(self) -> tuple[str, ...]:
+    splits = self.config.decode.splits or self.info.meta.get('decode_splits', '')
+    return tuple(s for s in splits.split(',') if s)
+
+  def decode_metrics(self, state, data, workdir, scorers=None) -> dict[str, float]:
+    del scorers
+    tokenize = self.config.decode.bleu_tokenize or self.info.meta.get('bleu_tokenize', '13a')
     metrics = {}
-    for n, split in enumerate(splits):
-      pairs = translation_data.pairs(self.config.dataset, split)
+    for n, split in enumerate(self.decode_splits()):
+      pairs = data[split].raw
       sources, references = [s for s, _ in pairs], [t for _, t in pairs]
       hypotheses = self.translate(state.params, sources)
       scores = corpus_scores(hypotheses, references, tokenize)
@@ -161,7 +150,7 @@ class TranslationTask(SupervisedTask):
       metrics.update({prefix + k: v for k, v in scores.items() if k != 'bleu_signature'})
       metrics['bleu_signature'] = scores['bleu_signature']
       if jax.process_index() == 0:
-        with open(os.path.join(outdir, f'translations-{split}.tsv'), 'w') as f:
+        with open(workdir.translations(split), 'w') as f:
           f.write('source\treference\thypothesis\n')
           f.writelines(f'{s}\t{r}\t{h}\n' for s, r, h in zip(sources, references, hypotheses))
       print(f'{split}: {len(pairs)} pairs, BLEU {scores["bleu"]:.2f}, chrF {scores["chrf"]:.2f}, exact match '

@@ -72,15 +72,15 @@ class Checkpoints:
                       f'model or optimizer ({str(e).splitlines()[0]}). Use the config it was trained '
                       f'with, or a new --workdir') from e
 
-  def restore_params(self, step: int) -> dict:
-    """The parameters alone of the state at `step`, as host numpy arrays, for any model
-    (fine-tuning reads another model's checkpoint: see model_zoo.transfer.finetune)."""
+  def restore_tree(self, step: int) -> dict:
+    """The state at `step` as nested dicts of host numpy arrays, whatever model wrote it (fine-tuning
+    reads another run's checkpoint: see model_zoo.transfer.finetune)."""
     metadata = self.manager.item_metadata(step)['state']
     tree = getattr(metadata, 'tree', metadata)
     device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
     abstract = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device), tree)
     state = self.manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract)))['state']
-    return jax.tree.map(np.asarray, state['params'])
+    return jax.tree.map(np.asarray, state)
 
   def _check_fits(self, step, abstract_state):
     saved = _shapes(self.manager.item_metadata(step)['state'].tree)

@@ -5,11 +5,10 @@ for adamw and lion, L2 added to the gradient for the others) -> schedule. Weight
 decay never touches biases or normalisation scales (any parameter with ndim < 2).
 
 Fine-tuning options: `layer_decay` < 1 scales each update by layer_decay^(depth from the top)
-(layer-wise learning-rate decay, Clark et al., 2020; `block_i` is layer i + 1, embeddings layer 0,
-everything else, heads included, the top), and `frozen(path)` True gives that parameter an update
-of exactly zero (weight decay included).
+(layer-wise learning-rate decay, Clark et al., 2020; depths as model_zoo.models.protocol defines
+them: `block_i` is layer i + 1, input layers 0, everything else, heads included, the top), and
+`frozen(path)` True gives that parameter an update of exactly zero (weight decay included).
 """
-import re
 from typing import Callable
 
 import jax
@@ -18,6 +17,7 @@ import optax
 
 from model_zoo.config import lookup
 from model_zoo.errors import UserError
+from model_zoo.models import protocol
 
 
 def schedule(cfg: ml_collections.ConfigDict, num_train_steps: int) -> optax.Schedule:
@@ -46,19 +46,6 @@ def decay_mask(params):
   return jax.tree.map(lambda p: p.ndim >= 2, params)
 
 
-def path_names(keys) -> tuple[str, ...]:
-  """A key path as its names: ('block_0', 'mlp', 'wi', 'kernel')."""
-  return tuple(str(getattr(k, 'key', k)) for k in keys)
-
-
-def layer_of(path: tuple[str, ...], num_layers: int) -> int:
-  """Depth of a parameter: 0 for embeddings, i + 1 inside `block_i`, num_layers + 1 above the blocks."""
-  for part in path:
-    if m := re.fullmatch(r'block_(\d+)', part):
-      return int(m.group(1)) + 1
-  return 0 if path[0].startswith(('embed', 'pos_embedding', 'type_embedding')) else num_layers + 1
-
-
 def finetuning(layer_decay: float = 1.0, frozen: Callable[[tuple[str, ...]], bool] | None = None
                ) -> optax.GradientTransformation:
   """Zeroes what belongs to frozen parameters and scales the rest by layer_decay^(top - depth).
@@ -71,18 +58,20 @@ def finetuning(layer_decay: float = 1.0, frozen: Callable[[tuple[str, ...]], boo
 
   def update(updates, state, params=None):
     del params
-    paths = [path_names(p) for p, _ in jax.tree_util.tree_flatten_with_path(updates)[0]]
-    blocks = [layer_of(p, 0) for p in paths if any(part.startswith('block_') for part in p)]
+    paths = [protocol.path_names(p) for p, _ in jax.tree_util.tree_flatten_with_path(updates)[0]]
+    blocks = [i for i in map(protocol.block_index, paths) if i is not None]
     if layer_decay != 1.0 and not blocks:
-      raise UserError('config.optimizer.layer_decay needs a model whose layers are named block_<i> '
-                      '(bert, gpt); set it to 1.0 for this one')
-    num_layers = max(blocks, default=0)
+      raise UserError('config.optimizer.layer_decay needs a model with layers named block_<i> '
+                      '(model_zoo/models/protocol.py); set it to 1.0 for this one')
+    num_blocks = max(blocks, default=-1) + 1
 
     def scale(keys, u):
-      path = path_names(keys)
+      path = protocol.path_names(keys)
       if frozen is not None and frozen(path):
         return jax.numpy.zeros_like(u)
-      return u * layer_decay ** (num_layers + 1 - layer_of(path, num_layers)) if layer_decay != 1.0 else u
+      if layer_decay == 1.0:
+        return u
+      return u * layer_decay ** (num_blocks + 1 - protocol.depth(path, num_blocks))
     return jax.tree_util.tree_map_with_path(scale, updates), state
 
   return optax.GradientTransformation(lambda params: optax.EmptyState(), update)

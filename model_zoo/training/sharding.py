@@ -1,8 +1,9 @@
 """The device mesh, and shardings from logical axis names.
 
-Modules name their parameter axes (`nn.with_logical_partitioning`); RULES maps
-those names onto mesh axes. Data parallel, FSDP and tensor parallel differ only
-in the mesh shape (`config.mesh`): the code path is the same.
+Modules name their parameter axes (`nn.with_logical_partitioning`, in every family: see
+model_zoo.models.protocol); RULES maps those names onto mesh axes. Data parallel, FSDP and tensor
+parallel differ only in the mesh shape (`config.mesh`): the code path is the same. A dimension
+that does not divide over the mesh axes its name maps to stays whole (replicated over them).
 """
 import flax.linen as nn
 import jax
@@ -98,4 +99,16 @@ def state_shardings(abstract_state, mesh: Mesh):
 
   tree = jax.tree.map(specs, abstract_state,
                       is_leaf=lambda x: isinstance(x, (TrainState, nn.LogicallyPartitioned)))
-  return nn.logical_to_mesh_sharding(tree, mesh, RULES)
+  shardings = nn.logical_to_mesh_sharding(tree, mesh, RULES)
+  return jax.tree.map(lambda s, x: _fit(s, x.shape), shardings, nn.unbox(abstract_state))
+
+
+def _fit(sharding: NamedSharding, shape: tuple) -> NamedSharding:
+  """`sharding` with every mesh axis dropped from a dimension that it does not divide."""
+  spec = list(sharding.spec) + [None] * (len(shape) - len(sharding.spec))
+
+  def fits(axes, size):
+    axes = axes if isinstance(axes, tuple) else (axes,)
+    return size % int(np.prod([sharding.mesh.shape[a] for a in axes])) == 0
+  fitted = [axes if axes is None or fits(axes, size) else None for axes, size in zip(spec, shape)]
+  return sharding if fitted == spec else NamedSharding(sharding.mesh, P(*fitted))

@@ -5,19 +5,21 @@ import time
 
 import jax
 
+from model_zoo.workdir import Workdir
+
 
 class MetricWriter:
-  """Appends `{"step", "split", **metrics}` lines to <workdir>/metrics.jsonl (process 0 only).
+  """Appends `{"step", "split", **metrics}` lines to the workdir's metrics.jsonl (process 0 only).
 
   On resume from `start_step`, lines written after that step by an interrupted run
   are dropped, so the file ends up as if the run had never stopped.
   """
 
-  def __init__(self, workdir: str, start_step: int):
+  def __init__(self, workdir: Workdir, start_step: int):
     self.enabled = jax.process_index() == 0
     if not self.enabled:
       return
-    path = os.path.join(workdir, 'metrics.jsonl')
+    path = workdir.metrics
     kept = []
     if os.path.exists(path):
       with open(path) as f:
@@ -26,7 +28,7 @@ class MetricWriter:
     self.file.writelines(kept)
     self.file.flush()
     from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
-    self.tb = SummaryWriter(os.path.join(workdir, 'tensorboard'), purge_step=start_step + 1 if start_step else None)
+    self.tb = SummaryWriter(workdir.tensorboard, purge_step=start_step + 1 if start_step else None)
 
   def write(self, step: int, split: str, metrics: dict[str, float]):
     if not self.enabled:

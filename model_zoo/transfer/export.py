@@ -20,12 +20,14 @@ import numpy as np
 from flax import traverse_util
 
 from model_zoo.errors import UserError
+from model_zoo.models.protocol import is_lora
+from model_zoo.workdir import Workdir
 
 
 def merge_lora(params: dict, alpha: float) -> dict:
   """The parameters with every `<proj>_lora_a`/`<proj>_lora_b` pair folded into `<proj>/kernel`."""
   flat = traverse_util.flatten_dict(jax.device_get(params))
-  out = {k: np.asarray(v) for k, v in flat.items() if not any('_lora_' in part for part in k)}
+  out = {k: np.asarray(v) for k, v in flat.items() if not is_lora(k)}
   for key in flat:
     if len(key) >= 2 and key[-2].endswith('_lora_a'):
       proj = key[-2][:-len('_lora_a')]
@@ -36,7 +38,7 @@ def merge_lora(params: dict, alpha: float) -> dict:
   return traverse_util.unflatten_dict(out)
 
 
-def export(config: ml_collections.ConfigDict, params, workdir: str, outdir: str) -> str:
+def export(config: ml_collections.ConfigDict, params, workdir: Workdir, outdir: str) -> str:
   """Writes the inference artifact of `params` (see the module doc) to `outdir`; returns it."""
   from safetensors.numpy import save_file  # pylint: disable=g-import-not-at-top
   if os.path.exists(outdir) and (not os.path.isdir(outdir) or os.listdir(outdir)):
@@ -53,8 +55,8 @@ def export(config: ml_collections.ConfigDict, params, workdir: str, outdir: str)
     config.init_from, config.freeze = '', 'none'
   with open(os.path.join(outdir, 'config.json'), 'w') as f:
     f.write(config.to_json_best_effort(indent=2, sort_keys=True))
-  if os.path.exists(os.path.join(workdir, 'tokenizer.model')):
-    shutil.copyfile(os.path.join(workdir, 'tokenizer.model'), os.path.join(outdir, 'tokenizer.model'))
+  if os.path.exists(workdir.tokenizer):
+    shutil.copyfile(workdir.tokenizer, os.path.join(outdir, os.path.basename(workdir.tokenizer)))
   if (config.model.name == 'bert' and 'mlm_head' in merged) or config.model.name == 'gpt':
     from model_zoo.transfer import hf  # pylint: disable=g-import-not-at-top
     try:

@@ -3,25 +3,31 @@
   config.init_from = 'runs/bert'        the latest checkpoint of one of our workdirs
   config.init_from = 'hf:/path/to/dir'  a Hugging Face BERT or GPT-2 directory (model_zoo.transfer.hf);
                                         the model's shape and tokenizer are then taken from it
-  config.freeze = 'backbone'            only the parameters that init_from did not provide train
+  config.freeze = 'backbone'            only the heads and LoRA adapters train
 
 A parameter belongs to a head when a module on its path is named `*_head`, and to a LoRA adapter
-when one is named `*_lora_*` (models.bert.is_head). A fresh run takes every other parameter from
-init_from, which must hold it with the same shape. Heads and adapters are taken too where
-init_from has them with the same shape (a Hugging Face BERT's pooler), and start from their
-initialisation otherwise. What init_from holds beyond that (a pretraining head) is left out. Once
-the run has checkpoints of its own, it resumes from those and init_from's weights are not read again.
+when one is named `*_lora_*` (model_zoo.models.protocol), in every family. A fresh run takes every
+other variable (parameters, and batch statistics where the model has them) from init_from, which
+must hold it with the same shape. Heads and adapters are taken too where init_from has them with
+the same shape (a Hugging Face BERT's pooler), and start from their initialisation otherwise (a
+classifier for another number of classes). What init_from holds beyond that (a pretraining head) is
+left out. Once the run has checkpoints of its own, it resumes from those and init_from is not read again.
 """
 import os
 
 import jax
 import ml_collections
 import numpy as np
+from flax import traverse_util
 
-from model_zoo.data import text
 from model_zoo.errors import UserError
-from model_zoo.models.bert import is_head
-from model_zoo.training.optimizers import path_names
+from model_zoo.models.protocol import is_head, is_lora, path_names
+from model_zoo.workdir import Workdir
+
+
+def trains_when_frozen(path: tuple[str, ...]) -> bool:
+  """Heads and LoRA adapters: what `freeze='backbone'` trains and `init_from` may start afresh."""
+  return is_head(path) or is_lora(path)
 
 
 def resolve(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
@@ -47,81 +53,84 @@ def resolve(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
 
 def frozen_fn(config: ml_collections.ConfigDict):
   """For the optimizer: path -> True where the parameter must not train, or None (all train)."""
-  return (lambda path: not is_head(path)) if config.freeze == 'backbone' else None
+  return (lambda path: not trains_when_frozen(path)) if config.freeze == 'backbone' else None
 
 
-def prepare_workdir(config: ml_collections.ConfigDict, workdir: str):
-  """A fine-tuning run from one of our workdirs uses that run's SentencePiece tokenizer: it is
-  copied into `workdir` before the data is read (so no new one is trained)."""
+def source_workdir(config: ml_collections.ConfigDict, workdir: Workdir) -> Workdir | None:
+  """The work directory a fresh fine-tuning run starts from (its tokenizer is this run's too), after
+  checking it; None without init_from, with init_from='hf:...', or when `workdir` resumes."""
   source = config.init_from
-  if not source or source.startswith('hf:') or os.path.isdir(os.path.join(workdir, 'checkpoints')):
-    return  # nothing to start from, or a run that resumes from its own checkpoints
-  if not os.path.isdir(os.path.join(source, 'checkpoints')):
-    raise UserError(f'config.init_from={source!r} is not a workdir with checkpoints: train it first, or give '
+  if not source or source.startswith('hf:') or workdir.has_checkpoints():
+    return None
+  source = Workdir(source)
+  if not source.has_checkpoints():
+    raise UserError(f'config.init_from={source.path!r} is not a workdir with checkpoints: train it first, or give '
                     f"'hf:<directory>' for Hugging Face weights")
-  source_path, path = os.path.join(source, 'tokenizer.model'), os.path.join(workdir, 'tokenizer.model')
-  if not os.path.exists(source_path):
-    return
-  with open(source_path, 'rb') as f:
-    wanted = f.read()
-  if os.path.exists(path):
-    with open(path, 'rb') as f:
-      if f.read() != wanted:
-        raise UserError(f'{path} is not the tokenizer of config.init_from={source!r}: this workdir was started '
-                        f'from something else; use a new --workdir')
-    return
-  os.makedirs(workdir, exist_ok=True)
-  text.write_atomically(path, wanted)  # every process may do this: each writes the same bytes
+  if os.path.exists(source.tokenizer) and os.path.exists(workdir.tokenizer):
+    with open(source.tokenizer, 'rb') as f, open(workdir.tokenizer, 'rb') as g:
+      if f.read() != g.read():
+        raise UserError(f'{workdir.tokenizer} is not the tokenizer of config.init_from={source.path!r}: this '
+                        f'workdir was started from something else; use a new --workdir')
+  return source
 
 
-def _source_params(init_from: str, model_name: str) -> dict:
+def _variables_of_state(state: dict) -> dict:
+  """The model variables in a saved train state: {'params', 'model_state': {...}}, or a dict of such
+  states, one per sub-model (a GAN's generator and discriminator)."""
+  if 'params' in state:
+    return {'params': state['params'], **state.get('model_state', {})}
+  parts = {name: _variables_of_state(sub) for name, sub in state.items() if isinstance(sub, dict)}
+  collections = {c for v in parts.values() for c in v}
+  return {c: {name: v[c] for name, v in parts.items() if c in v} for c in collections}
+
+
+def _source_variables(init_from: str, model_name: str) -> dict:
   if init_from.startswith('hf:'):
     from model_zoo.transfer import hf  # pylint: disable=g-import-not-at-top
-    return hf.load_params(init_from[3:], model_name)
+    return {'params': hf.load_params(init_from[3:], model_name)}
   from model_zoo.training.checkpoints import Checkpoints  # pylint: disable=g-import-not-at-top
-  ckpt = Checkpoints(os.path.join(init_from, 'checkpoints'))
+  ckpt = Checkpoints(Workdir(init_from).checkpoints)
   try:
     step = ckpt.latest_step()
     if step is None:
       raise UserError(f'config.init_from={init_from!r} has no checkpoint yet: train it first')
-    return ckpt.restore_params(step)
+    return _variables_of_state(ckpt.restore_tree(step))
   finally:
     ckpt.close()
 
 
-def initial_params(config: ml_collections.ConfigDict, params):
-  """`params` (a fresh initialisation) with every non-head parameter taken from config.init_from."""
-  source = {path_names(k): v for k, v in jax.tree_util.tree_flatten_with_path(_source_params(
-      config.init_from, config.model.name))[0]}
+def initial_variables(config: ml_collections.ConfigDict, variables: dict) -> dict:
+  """`variables` (a fresh initialisation) with every variable but new heads taken from config.init_from."""
+  source = {path_names(k): v for k, v in traverse_util.flatten_dict(
+      _source_variables(config.init_from, config.model.name)).items()}
   missing, mismatched, taken = [], [], set()
+  name = lambda path: '/'.join(path[1:] if path[0] == 'params' else path)
 
-  def take(keys, value):
-    path = path_names(keys)
+  def take(path, value):
     fits = path in source and tuple(source[path].shape) == tuple(value.shape)
-    if is_head(path) and not fits:
+    if trains_when_frozen(path) and not fits:
       return value
     if path not in source:
-      missing.append('/'.join(path))
+      missing.append(name(path))
       return value
     if not fits:
-      mismatched.append(f'{"/".join(path)}: {tuple(source[path].shape)} there, {tuple(value.shape)} here')
+      mismatched.append(f'{name(path)}: {tuple(source[path].shape)} there, {tuple(value.shape)} here')
       return value
     taken.add(path)
     return np.asarray(source[path], value.dtype)
 
-  params = jax.tree_util.tree_map_with_path(take, jax.device_get(params))
+  flat = {path: take(path, v) for path, v in traverse_util.flatten_dict(jax.device_get(variables)).items()}
   if missing or mismatched:
     first = f'{missing[0]} is not there' if missing else f'shape of {mismatched[0]}'
     raise UserError(f'config.init_from={config.init_from!r} does not hold this model\'s backbone '
                     f'({len(missing)} parameters missing, {len(mismatched)} of another shape; first: {first}). '
                     f'Use the same model shape as the pretrained one')
-  new = [p for p in (path_names(k) for k, _ in jax.tree_util.tree_flatten_with_path(params)[0])
-         if is_head(p) and p not in taken]
+  new = [p for p in flat if p[0] == 'params' and trains_when_frozen(p) and p not in taken]
   if config.freeze == 'backbone' and not new:
     raise UserError(f'config.freeze=backbone would train nothing: every parameter of {config.model.name!r} comes '
                     f'from config.init_from (it has no new head, and model.lora_rank adds no adapters)')
   heads = sorted({part for p in new for part in p if part.endswith('_head')})
-  lora = sum(any('_lora_' in part for part in p) for p in new)
+  lora = sum(is_lora(p) for p in new)
   print(f'init_from {config.init_from}: {len(taken)} arrays restored; new: {", ".join(heads) or "no head"}'
         f'{f" and {lora} LoRA arrays" if lora else ""}', flush=True)
-  return params
+  return traverse_util.unflatten_dict(flat)

@@ -2,8 +2,8 @@
 
 `model_config(dir)` turns config.json into the fields of our `config.model` (plus `vocab_size`);
 `load_params(dir, name)` reads the weights (model.safetensors, sharded or not, else
-pytorch_model.bin) into our parameter tree as float32 numpy arrays; `HFTokenizer(dir)` is the
-checkpoint's tokenizer; `save(dir, params, model_config)` writes our parameters back as a checkpoint
+pytorch_model.bin) into our parameter tree as float32 numpy arrays (the checkpoint's tokenizer is
+model_zoo.data.tokenizers.HFTokenizer); `save(dir, params, model_config)` writes our parameters back as a checkpoint
 that `transformers` loads. Names, with Hugging Face's without its 'bert.' / 'transformer.' prefix:
 
   BERT                                                 ours
@@ -249,95 +249,16 @@ def load_params(directory: str, model_name: str) -> dict:
   return traverse_util.unflatten_dict(flat)
 
 
-class HFTokenizer:
-  """A checkpoint directory's tokenizer, with the `tokenizers` library: tokenizer.json, else BERT's
-  vocab.txt (WordPiece; do_lower_case etc. from tokenizer_config.json) or GPT-2's vocab.json +
-  merges.txt (byte-level BPE). BERT: pad/bos/eos/mask are [PAD]/[CLS]/[SEP]/[MASK]; GPT-2: pad, bos
-  and eos are all <|endoftext|> and there is no mask. `encode` adds no special tokens; `decode`
-  drops them. Pickles as its directory (grain may copy it to worker processes)."""
-
-  def __init__(self, directory: str):
-    import tokenizers  # pylint: disable=g-import-not-at-top
-    from tokenizers import decoders, models, normalizers, pre_tokenizers  # pylint: disable=g-import-not-at-top
-    self.directory = directory
-    path = lambda name: os.path.join(directory, name)
-    conf = _read_json(path('tokenizer_config.json')) if os.path.exists(path('tokenizer_config.json')) else {}
-
-    def token(key, default):
-      value = conf.get(key) or default
-      return value.get('content') if isinstance(value, dict) else value
-
-    try:
-      if os.path.exists(path('tokenizer.json')):
-        tok = tokenizers.Tokenizer.from_file(path('tokenizer.json'))
-      elif os.path.exists(path('vocab.txt')):
-        tok = tokenizers.Tokenizer(models.WordPiece.from_file(path('vocab.txt'), unk_token=token('unk_token', '[UNK]')))
-        tok.normalizer = normalizers.BertNormalizer(
-            clean_text=True, handle_chinese_chars=conf.get('tokenize_chinese_chars', True),
-            strip_accents=conf.get('strip_accents'), lowercase=conf.get('do_lower_case', True))
-        tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
-        tok.decoder = decoders.WordPiece()
-      elif os.path.exists(path('vocab.json')) and os.path.exists(path('merges.txt')):
-        tok = tokenizers.Tokenizer(models.BPE.from_file(path('vocab.json'), path('merges.txt')))
-        tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=conf.get('add_prefix_space', False))
-        tok.decoder = decoders.ByteLevel()
-      else:
-        raise UserError(f'{directory} has no tokenizer: expected tokenizer.json, vocab.txt (BERT) or '
-                        f'vocab.json + merges.txt (GPT-2)')
-    except Exception as e:  # pylint: disable=broad-except
-      if isinstance(e, UserError):
-        raise
-      raise UserError(f'could not read the tokenizer in {directory}: {e}') from e
-    tok.no_padding()
-    tok.no_truncation()
-    if tok.token_to_id(token('cls_token', '[CLS]')) is not None:  # BERT
-      names = {'pad': token('pad_token', '[PAD]'), 'bos': token('cls_token', '[CLS]'),
-               'eos': token('sep_token', '[SEP]'), 'mask': token('mask_token', '[MASK]'),
-               'unk': token('unk_token', '[UNK]')}
-    else:  # GPT-2
-      eos = token('eos_token', '<|endoftext|>')
-      names = {'pad': eos, 'bos': token('bos_token', eos), 'eos': eos, 'mask': None, 'unk': token('unk_token', eos)}
-    tok.add_special_tokens([name for name in names.values() if name])  # marks them special: kept whole, not decoded
-    for role, name in names.items():
-      if name is not None and tok.token_to_id(name) is None:
-        raise UserError(f'the tokenizer in {directory} has no {role} token {name!r}')
-      setattr(self, f'{role}_id', None if name is None else tok.token_to_id(name))
-    self._tok = tok
-    self.vocab_size = tok.get_vocab_size(with_added_tokens=True)
-
-  def __getstate__(self):
-    return {'directory': self.directory}
-
-  def __setstate__(self, state):
-    self.__init__(state['directory'])
-
-  def encode(self, text: str) -> list[int]:
-    return self._tok.encode(text, add_special_tokens=False).ids
-
-  def encode_batch(self, texts) -> list[list[int]]:
-    return [e.ids for e in self._tok.encode_batch(list(texts), add_special_tokens=False)]
-
-  def decode(self, ids) -> str:
-    return self._tok.decode([int(i) for i in np.asarray(ids).reshape(-1)], skip_special_tokens=True)
-
-  def token_bytes(self) -> np.ndarray:
-    """UTF-8 bytes of each token decoded alone (0 for special tokens), for bits per byte. Exact for
-    whole characters; a byte-level token holding part of a multi-byte character counts as 3 (U+FFFD)."""
-    texts = self._tok.decode_batch([[i] for i in range(self.vocab_size)], skip_special_tokens=True)
-    return np.array([len(t.encode('utf-8')) for t in texts], np.int32)
-
-
 def save(directory: str, params, model_config: dict):
   """Writes our BERT (its mlm head and pooler if present) or GPT parameters as a Hugging Face
   checkpoint: config.json and model.safetensors. `model_config` is our config.model ('name' and the
   fields that differ from the model's defaults); sizes are read from the parameters."""
   import safetensors.numpy  # pylint: disable=g-import-not-at-top
-  from model_zoo.models.bert import BERT  # pylint: disable=g-import-not-at-top
-  from model_zoo.models.gpt import GPT  # pylint: disable=g-import-not-at-top
+  from model_zoo.models import registry  # pylint: disable=g-import-not-at-top
   name = model_config.get('name')
   if name not in _PREFIX:
     raise UserError(f"can only save models 'bert' and 'gpt' as Hugging Face checkpoints, not {name!r}")
-  get = lambda key: model_config.get(key, getattr(BERT if name == 'bert' else GPT, key))
+  get = lambda key: model_config.get(key, getattr(registry.MODELS[name], key))
   flat = {'/'.join(k): np.asarray(w, np.float32)
           for k, w in traverse_util.flatten_dict(nn.unbox(dict(params))).items()}
   if any('_lora_' in k for k in flat):

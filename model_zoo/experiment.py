@@ -1,0 +1,159 @@
+"""What train.py and eval.py share: the checks of a run, in an order that writes nothing until all
+have passed, and the Experiment (devices, task, the state's layout) they build.
+
+  1. the config alone: ranges, the names of task, model and data set, the mesh and the batch;
+     fine-tuning's source; a resumed run's config against the one it was started with
+  2. the data: each split the run needs is loaded; what a data set derives (a tokenizer, an
+     encoded split) goes to a staging directory beside the work directory, not into it
+  3. the task, its model and the train state, traced for shapes and shardings only
+Only then does training `commit` the staged files into the work directory (model_zoo.workdir).
+"""
+import dataclasses
+import json
+import os
+
+import flax.linen as nn
+import jax
+import ml_collections
+import numpy as np
+
+from model_zoo import config as config_lib
+from model_zoo.data import registry as data_registry
+from model_zoo.data.base import DataInfo, Dataset
+from model_zoo.errors import UserError
+from model_zoo.models import registry as model_registry
+from model_zoo.tasks import registry as task_registry
+from model_zoo.tasks.base import Task
+from model_zoo.training import sharding
+from model_zoo.training.checkpoints import Checkpoints
+from model_zoo.transfer import finetune
+from model_zoo.workdir import Staging, Workdir
+
+
+@dataclasses.dataclass
+class Experiment:
+  """What train and eval both build from a config: devices, task, and the state's layout."""
+  config: ml_collections.ConfigDict
+  mesh: jax.sharding.Mesh
+  task: Task
+  abstract_state: object   # jax.ShapeDtypeStruct leaves that carry their sharding
+  state_shardings: object
+  example: dict            # a batch of one example, for shapes
+
+  def init_state(self):
+    init_rng = jax.random.fold_in(jax.random.key(self.config.seed), 0)
+    init = jax.jit(lambda rng: nn.unbox(self.task.init_state(rng, self.example)),
+                   out_shardings=self.state_shardings)
+    state = init(init_rng)
+    if self.config.init_from:  # fine-tuning: the backbone from a pretrained model, a fresh optimizer
+      variables = finetune.initial_variables(self.config, self.task.variables(state))
+      state = jax.device_put(self.task.with_variables(state, variables), self.state_shardings)
+    return state
+
+  def checkpoints(self, workdir: str) -> Checkpoints:
+    return Checkpoints(Workdir(workdir).checkpoints, max_to_keep=self.config.max_checkpoints_to_keep)
+
+
+def check(config: ml_collections.ConfigDict) -> jax.sharding.Mesh:
+  """Everything that can be checked from the config alone; -> the device mesh."""
+  config_lib.validate(config)
+  task_registry.check_name(config)
+  model_registry.check_name(config.model)
+  data_registry.check_name(config.dataset)
+  mesh = sharding.make_mesh(config.mesh)
+  sharding.check_batch(config.batch_size, config.grad_accum_steps, mesh)
+  return mesh
+
+
+def build_experiment(config: ml_collections.ConfigDict, info: DataInfo, mesh=None) -> Experiment:
+  """The task built on `info`, and the shapes and shardings of its state (nothing is allocated)."""
+  if mesh is None:
+    mesh = check(config)
+  task = task_registry.build(config, info)
+  example = jax.tree.map(lambda x: np.asarray(x)[None], info.example)
+  boxed = jax.eval_shape(task.init_state, jax.random.key(0), example)
+  state_shardings = sharding.state_shardings(boxed, mesh)
+  abstract_state = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                                nn.unbox(boxed), state_shardings)
+  return Experiment(config, mesh, task, abstract_state, state_shardings, example)
+
+
+# Keys that may change when a run resumes: how long it runs and how it reports, not what it computes.
+RESUMABLE_CHANGES = ('num_train_steps', 'log_every_steps', 'eval_every_steps', 'checkpoint_every_steps',
+                     'max_checkpoints_to_keep', 'dataset.prefetch', 'dataset.data_dir', 'dataset.download')
+
+
+def check_same_run(config: ml_collections.ConfigDict, workdir: Workdir):
+  """A workdir resumes only with the config it was started with (up to RESUMABLE_CHANGES)."""
+  if not os.path.exists(workdir.config):
+    return
+  with open(workdir.config) as f:
+    saved = _flat(json.load(f))
+  current = _flat(json.loads(config.to_json_best_effort()))
+  changed = [k for k in sorted(set(saved) | set(current))
+             if saved.get(k) != current.get(k) and k not in RESUMABLE_CHANGES]
+  if changed:
+    k = changed[0]
+    raise UserError(f'{workdir.path} holds a run with {k}={saved.get(k)!r}, but the config has {k}='
+                    f'{current.get(k)!r}{f" (and {len(changed) - 1} more differences)" if len(changed) > 1 else ""}; '
+                    f'resume it with the same config, or use a new --workdir')
+
+
+def _flat(d: dict, prefix: str = '') -> dict:
+  out = {}
+  for k, v in d.items():
+    out.update(_flat(v, f'{prefix}{k}.') if isinstance(v, dict) else {f'{prefix}{k}': v})
+  return out
+
+
+@dataclasses.dataclass
+class Run:
+  """A checked experiment on its work directory, with the splits loaded so far."""
+  config: ml_collections.ConfigDict
+  workdir: Workdir
+  experiment: Experiment
+  data: dict[str, Dataset]
+  staging: Staging | None
+  tokenizer_from: Workdir | None
+
+  def load(self, splits) -> dict[str, Dataset]:
+    """The data of `splits` (loaded once each), reading and staging files as the first splits did."""
+    files = self.workdir.data_files(self.staging, self.tokenizer_from)
+    for split in splits:
+      if split not in self.data:
+        self.data[split] = data_registry.load(self.config.dataset, split, files)
+    return {split: self.data[split] for split in splits}
+
+  def commit(self):
+    """Moves the staged files into the work directory, and copies the tokenizer of the run that
+    fine-tuning starts from; creates the work directory."""
+    copies = {}
+    if self.tokenizer_from is not None and os.path.exists(self.tokenizer_from.tokenizer):
+      copies[self.tokenizer_from.tokenizer] = os.path.basename(self.workdir.tokenizer)
+    if self.staging is not None:
+      self.staging.commit(copies)
+
+  def close(self):
+    if self.staging is not None:
+      self.staging.close()
+
+
+def prepare(config: ml_collections.ConfigDict, workdir: str, splits, *, staging: bool) -> Run:
+  """Checks `config` and loads `splits` (the first one builds the task); with `staging`, files the
+  data derives are kept to be committed, else they live in memory only. Writes nothing into `workdir`."""
+  config = finetune.resolve(config)
+  mesh = check(config)
+  wd = Workdir(workdir)
+  if os.path.exists(workdir) and not os.path.isdir(workdir):
+    raise UserError(f'--workdir={workdir} is a file, not a directory')
+  tokenizer_from = finetune.source_workdir(config, wd)
+  if staging and wd.has_checkpoints():
+    check_same_run(config, wd)
+  run = Run(config, wd, None, {}, Staging(wd) if staging else None, tokenizer_from)
+  try:
+    data = run.load(list(dict.fromkeys(splits)))
+    run.experiment = build_experiment(config, data[splits[0]].info, mesh)
+  except BaseException:
+    run.close()
+    raise
+  return run

@@ -1,0 +1,143 @@
+"""The one place that names the files of a work directory.
+
+  config.json              the config of the run (written once every check has passed)
+  metrics.jsonl            one JSON object a line: step, split, metrics
+  tensorboard/             TensorBoard event files
+  checkpoints/<step>/      Orbax checkpoints: state, data (input-pipeline position), log
+  tokenizer.model          a SentencePiece tokenizer trained for the run
+  tokens-<split>.npy       an encoded split of a large corpus (lm1b), reused by later runs
+  eval.json                eval.py's metrics; training_curves.png, confusion_matrix.png, translations-<split>.tsv,
+                           reconstructions.png, interpolation.png, samples.png: its plots and files
+  classifier/              the work directory of the classifier that scores a GAN's samples
+  export/                  eval.py --mode=export
+
+Nothing else in model_zoo builds these names: loaders, tasks and tools are given paths. Files a
+data set derives (a tokenizer, an encoded split) are first written to a staging directory
+(`Staging`) and moved in only once config, data, model, mesh and batch have all been checked, so
+a run that fails its checks leaves no work directory behind.
+"""
+import os
+import shutil
+import tempfile
+
+from model_zoo.data.base import Files, temp_path
+
+
+class Workdir:
+  """The paths of one work directory (which need not exist yet)."""
+
+  def __init__(self, path: str):
+    self.path = path
+
+  def _join(self, *names: str) -> str:
+    return os.path.join(self.path, *names)
+
+  @property
+  def config(self) -> str:
+    return self._join('config.json')
+
+  @property
+  def metrics(self) -> str:
+    return self._join('metrics.jsonl')
+
+  @property
+  def tensorboard(self) -> str:
+    return self._join('tensorboard')
+
+  @property
+  def checkpoints(self) -> str:
+    return self._join('checkpoints')
+
+  @property
+  def tokenizer(self) -> str:
+    return self._join('tokenizer.model')
+
+  def encoded(self, split: str) -> str:
+    return self._join(f'tokens-{split}.npy')
+
+  @property
+  def eval(self) -> str:
+    return self._join('eval.json')
+
+  @property
+  def training_curves(self) -> str:
+    return self._join('training_curves.png')
+
+  @property
+  def confusion_matrix(self) -> str:
+    return self._join('confusion_matrix.png')
+
+  def translations(self, split: str) -> str:
+    return self._join(f'translations-{split}.tsv')
+
+  @property
+  def reconstructions(self) -> str:
+    return self._join('reconstructions.png')
+
+  @property
+  def interpolation(self) -> str:
+    return self._join('interpolation.png')
+
+  @property
+  def samples(self) -> str:
+    return self._join('samples.png')
+
+  def scorer(self, name: str) -> str:
+    """The work directory of a model that scores this run's output (the GAN's 'classifier')."""
+    return self._join(name)
+
+  @property
+  def export(self) -> str:
+    return self._join('export')
+
+  def has_checkpoints(self) -> bool:
+    return os.path.isdir(self.checkpoints) and bool(os.listdir(self.checkpoints))
+
+  def data_files(self, staging: 'Staging | None' = None, tokenizer_from: 'Workdir | None' = None) -> Files:
+    """What a data set may reuse from this work directory (or, for the tokenizer, from `tokenizer_from`,
+    the run that fine-tuning starts from), and where it writes anything new: into `staging`, or, without
+    one, nowhere (it is kept in memory)."""
+    tokenizer = self.tokenizer
+    if not os.path.exists(tokenizer) and tokenizer_from is not None and os.path.exists(tokenizer_from.tokenizer):
+      tokenizer = tokenizer_from.tokenizer
+    if staging is None:
+      return Files(tokenizer=tokenizer, encoded=self.encoded)
+    return Files(tokenizer=tokenizer, new_tokenizer=staging.path(os.path.basename(self.tokenizer)),
+                 encoded=self.encoded, new_encoded=lambda name: staging.path(os.path.basename(self.encoded(name))))
+
+
+class Staging:
+  """A temporary directory for files on their way into a work directory; removed when closed.
+
+  Placed beside the work directory where its parent exists, so that `commit` is a rename.
+  """
+
+  def __init__(self, workdir: Workdir):
+    parent = os.path.dirname(os.path.abspath(workdir.path))
+    self.directory = tempfile.mkdtemp(prefix='.model_zoo-staging-', dir=parent if os.path.isdir(parent) else None)
+    self.workdir = workdir
+
+  def path(self, name: str) -> str:
+    return os.path.join(self.directory, name)
+
+  def commit(self, copies: dict[str, str] | None = None):
+    """Moves every staged file into the work directory (creating it) and copies `copies`
+    ({source path: name in the work directory}); a file already there is left as it is."""
+    os.makedirs(self.workdir.path, exist_ok=True)
+    moves = {self.path(n): n for n in os.listdir(self.directory)}
+    for source, name in {**moves, **(copies or {})}.items():
+      target = os.path.join(self.workdir.path, name)
+      if os.path.exists(target) or not os.path.exists(source):
+        continue
+      tmp = temp_path(target)
+      (shutil.move if source in moves else shutil.copyfile)(source, tmp)
+      os.replace(tmp, target)   # every process may commit the same bytes: each rename is whole
+
+  def close(self):
+    shutil.rmtree(self.directory, ignore_errors=True)
+
+  def __enter__(self):
+    return self
+
+  def __exit__(self, *exc):
+    self.close()

@@ -4,7 +4,12 @@ import os
 import subprocess
 import sys
 
-from conftest import ROOT
+from conftest import FAST_COMPILE, ROOT
+
+
+def xla_flags(devices: int) -> str:
+  """XLA_FLAGS for a process of the tests with `devices` fake CPU devices."""
+  return f'{FAST_COMPILE} --xla_force_host_platform_device_count={devices}'
 
 # A small MLP run on digits that still learns: a few seconds on 2 CPU cores.
 TINY = ['--config.batch_size=32', '--config.model.hidden_sizes=(32,)', '--config.num_train_steps=60',
@@ -18,9 +23,9 @@ def preset(name, arg=''):
   return config_lib.load(os.path.join(ROOT, 'configs', f'{name}.py' + (f':{arg}' if arg else '')))
 
 
-def tiny_config(name='mlp', **overrides):
-  """configs/<name>.py made tiny, with `overrides` as dotted keys ('optimizer.name': 'sgd')."""
-  config = preset(name)
+def tiny_config(name='mlp', arg='', **overrides):
+  """configs/<name>.py[:arg] made tiny, with `overrides` as dotted keys ('optimizer.name': 'sgd')."""
+  config = preset(name, arg)
   defaults = {'batch_size': 32, 'num_train_steps': 30, 'log_every_steps': 10, 'eval_every_steps': 30,
               'checkpoint_every_steps': 30, 'optimizer.warmup_steps': 5,
               'optimizer.learning_rate': 1e-2}
@@ -40,7 +45,7 @@ def tiny_config(name='mlp', **overrides):
 def run_cli(script, *args, devices=1, timeout=300, check=False):
   """Runs train.py or eval.py in a fresh process, as a user would."""
   env = dict(os.environ)
-  env['XLA_FLAGS'] = f'--xla_force_host_platform_device_count={devices}'
+  env['XLA_FLAGS'] = xla_flags(devices)
   proc = subprocess.run([sys.executable, os.path.join(ROOT, script), *args], cwd=ROOT, env=env,
                         capture_output=True, text=True, timeout=timeout)
   if check and proc.returncode != 0:

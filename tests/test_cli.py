@@ -10,7 +10,7 @@ import orbax.checkpoint as ocp
 import pytest
 
 from conftest import ROOT
-from helpers import TINY, read_metrics, run_cli
+from helpers import TINY, read_metrics, run_cli, xla_flags
 
 MLP = '--config=configs/mlp.py'
 
@@ -135,7 +135,7 @@ def _final_state(workdir):
 
 
 def _start_and_wait_for_checkpoint(workdir, step):
-  env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=1')
+  env = dict(os.environ, XLA_FLAGS=xla_flags(1))
   proc = subprocess.Popen([sys.executable, 'train.py', MLP, f'--workdir={workdir}', *LONG], cwd=ROOT,
                           env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
   deadline = time.time() + 240

@@ -115,3 +115,12 @@ def test_train_resume_and_eval_commands(tmp_path):
   assert sum(result['class_counts']) == 50
   assert os.path.exists(os.path.join(whole, 'samples.png'))
   assert os.path.exists(os.path.join(whole, 'classifier', 'eval.json'))
+  # A classifier trained elsewhere is an input: used as it is, nothing trained, the same scores.
+  proc = run_cli('eval.py', '--config=configs/gan.py', f'--workdir={split}', *TINY,
+                 f'--config.classifier_workdir={whole}/classifier', check=True)
+  assert 'training the evaluation classifier' not in proc.stdout
+  assert not os.path.exists(os.path.join(split, 'classifier'))
+  with open(os.path.join(split, 'eval.json')) as f:
+    again = json.load(f)
+  assert {k: again[k] for k in ('confident_share', 'class_spread', 'class_counts')} == {
+      k: result[k] for k in ('confident_share', 'class_spread', 'class_counts')}

@@ -7,7 +7,7 @@ import numpy as np
 import portpicker
 
 from conftest import ROOT
-from helpers import TINY, read_metrics, run_cli
+from helpers import TINY, read_metrics, run_cli, xla_flags
 
 
 def test_two_processes_train_like_one(tmp_path):
@@ -16,7 +16,7 @@ def test_two_processes_train_like_one(tmp_path):
 
   multi = str(tmp_path / 'multi')
   port = portpicker.pick_unused_port()
-  env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=4')
+  env = dict(os.environ, XLA_FLAGS=xla_flags(4))
   procs = [subprocess.Popen(
       [sys.executable, 'train.py', '--config=configs/mlp.py', f'--workdir={multi}', *TINY,
        f'--coordinator_address=127.0.0.1:{port}', '--num_processes=2', f'--process_id={i}'],

@@ -30,9 +30,9 @@ def _classes(config: ml_collections.ConfigDict, num_classes: int) -> list[int] |
 class _Subset:
   """The examples of `source` whose label is in `keep`, relabelled by their place in it."""
 
-  def __init__(self, source, labels_N: np.ndarray, keep: list[int]):
+  def __init__(self, source, labels: np.ndarray, keep: list[int]):
     self._source = source
-    self._index = np.flatnonzero(np.isin(labels_N, keep))
+    self._index = np.flatnonzero(np.isin(labels, keep))
     self._relabel = {c: i for i, c in enumerate(keep)}
 
   def __len__(self):
@@ -83,8 +83,8 @@ def tfds_image_classification(name: str):
     names = tfds_label_names(config, name)
     classes = _classes(config, len(names))
     if classes is not None:
-      labels_N = np.asarray(LazyColumn(source, lambda ex: int(ex['label'])).take(range(len(source))))
-      source, names = _Subset(source, labels_N, classes), tuple(names[c] for c in classes)
+      labels = np.asarray(LazyColumn(source, lambda ex: int(ex['label'])).take(range(len(source))))
+      source, names = _Subset(source, labels, classes), tuple(names[c] for c in classes)
 
     def preprocess(ex):
       return {'image': np.asarray(ex['image'], np.float32) / 255.0,

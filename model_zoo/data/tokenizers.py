@@ -38,9 +38,9 @@ class ByteTokenizer:
     return [self.encode(t) for t in texts]
 
   def decode(self, ids) -> str:
-    ids_N = np.asarray(ids, np.int64).reshape(-1)
-    bytes_N = ids_N[(ids_N >= 3) & (ids_N < self.vocab_size)] - 3
-    return bytes_N.astype(np.uint8).tobytes().decode('utf-8', errors='replace')
+    ids = np.asarray(ids, np.int64).reshape(-1)
+    byte_values = ids[(ids >= 3) & (ids < self.vocab_size)] - 3
+    return byte_values.astype(np.uint8).tobytes().decode('utf-8', errors='replace')
 
   def token_bytes(self) -> np.ndarray:
     """UTF-8 bytes each id stands for: 0 for pad/BOS/EOS, 1 for every byte."""

@@ -56,9 +56,9 @@ def confusion_matrix(confusion, class_names, path: str):
   plt.close(fig)
 
 
-def image_grid(images_NxHxWxC, path: str, *, columns: int = 10, title: str = '', row_labels=None):
+def image_grid(images_BxHxWxC, path: str, *, columns: int = 10, title: str = '', row_labels=None):
   """Images in [0, 1] (grey or RGB) tiled `columns` to a row, saved as one PNG."""
-  images = np.clip(np.asarray(images_NxHxWxC, np.float32), 0.0, 1.0)
+  images = np.clip(np.asarray(images_BxHxWxC, np.float32), 0.0, 1.0)
   n, h, w, c = images.shape
   rows = -(-n // columns)
   grid = np.ones((rows * (h + 1) + 1, columns * (w + 1) + 1, c), np.float32)

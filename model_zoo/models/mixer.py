@@ -26,9 +26,9 @@ class MlpBlock(nn.Module):
   axis: str
 
   @nn.compact
-  def __call__(self, x_BxNxM):
-    h_BxNxF = nn.gelu(layers.linear(self.hidden, 'wi', axes=(self.axis, 'mlp'))(x_BxNxM))
-    return layers.linear(x_BxNxM.shape[-1], 'wo', axes=('mlp', self.axis))(h_BxNxF)
+  def __call__(self, x):
+    h = nn.gelu(layers.linear(self.hidden, 'wi', axes=(self.axis, 'mlp'))(x))
+    return layers.linear(x.shape[-1], 'wo', axes=('mlp', self.axis))(h)
 
 
 class MixerBlock(nn.Module):

@@ -123,24 +123,24 @@ class GANTask(Task):
   def decode_metrics(self, state, data, workdir, scorers=None):
     del data
     images = np.asarray(jax.jit(self.samples, static_argnums=1)(state, self.config.eval_samples))
-    probs_NxL = np.asarray(jax.nn.softmax(scorers['classifier']({'image': images}), -1))
-    scores = sample_scores(probs_NxL)
+    probs_BxL = np.asarray(jax.nn.softmax(scorers['classifier']({'image': images}), -1))
+    scores = sample_scores(probs_BxL)
     if jax.process_index() == 0:
-      order = np.argsort(np.argmax(probs_NxL[:100], -1), kind='stable')   # grouped by predicted class
+      order = np.argsort(np.argmax(probs_BxL[:100], -1), kind='stable')   # grouped by predicted class
       plots.image_grid(images[:100][order], workdir.samples,
                        title=f'100 samples, grouped by the classifier\'s class; confident share '
                              f'{scores["confident_share"]:.2f}, class spread {scores["class_spread"]:.2f}')
-    counts = np.bincount(np.argmax(probs_NxL, -1), minlength=probs_NxL.shape[1]).tolist()
+    counts = np.bincount(np.argmax(probs_BxL, -1), minlength=probs_BxL.shape[1]).tolist()
     print(f'{len(images)} samples: confident share {scores["confident_share"]:.4f}, class spread '
           f'{scores["class_spread"]:.4f}, predicted classes {counts}', flush=True)
     return {**scores, 'class_counts': counts}
 
 
-def sample_scores(probs_NxL) -> dict[str, float]:
+def sample_scores(probs_BxL) -> dict[str, float]:
   """confident_share and class_spread (see the module docstring) from class probabilities."""
-  probs_NxL = np.asarray(probs_NxL, np.float64)
-  c = probs_NxL.shape[1]
-  hist_L = np.bincount(np.argmax(probs_NxL, -1), minlength=c) / len(probs_NxL)
+  probs_BxL = np.asarray(probs_BxL, np.float64)
+  c = probs_BxL.shape[1]
+  hist_L = np.bincount(np.argmax(probs_BxL, -1), minlength=c) / len(probs_BxL)
   nz = hist_L[hist_L > 0]
-  return {'confident_share': float(np.mean(probs_NxL.max(-1) >= CONFIDENT)),
+  return {'confident_share': float(np.mean(probs_BxL.max(-1) >= CONFIDENT)),
           'class_spread': float(max(0.0, -(nz * np.log(nz)).sum() / np.log(c)))}

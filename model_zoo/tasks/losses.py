@@ -46,9 +46,9 @@ def perplexity(nll: float) -> float:
 
 def confusion(logits, labels, weights, num_classes: int):
   """[true, predicted] counts, weighted (padding has weight 0)."""
-  true_NxL = jax.nn.one_hot(labels, num_classes) * weights[..., None]
-  pred_NxL = jax.nn.one_hot(jnp.argmax(logits, -1), num_classes)
-  return jnp.einsum('...t,...p->tp', true_NxL, pred_NxL)
+  true_onehot = jax.nn.one_hot(labels, num_classes) * weights[..., None]
+  pred_onehot = jax.nn.one_hot(jnp.argmax(logits, -1), num_classes)
+  return jnp.einsum('...t,...p->tp', true_onehot, pred_onehot)
 
 
 def classification_metrics(confusion_LxL) -> dict[str, float]:

@@ -22,7 +22,7 @@ import numpy as np
 from model_zoo.data.base import Dataset
 from model_zoo.errors import UserError
 from model_zoo.evaluation import plots
-from model_zoo.models import registry, vae
+from model_zoo.models import registry
 from model_zoo.tasks import losses
 from model_zoo.tasks.base import SupervisedTask
 from model_zoo.training.state import TrainState
@@ -60,22 +60,22 @@ class _ReconstructionTask(SupervisedTask):
 
   def decode_metrics(self, state, data, workdir, scorers=None):
     del scorers
-    x_NxHxWxC = _examples(data[self.config.dataset.eval_split])
+    x_BxHxWxC = _examples(data[self.config.dataset.eval_split])
     encode, decode = jax.jit(self.encode), jax.jit(self.decode)
-    z_NxZ = np.asarray(encode(state.params, x_NxHxWxC))
-    x_hat_NxHxWxC = np.asarray(decode(state.params, z_NxZ))
-    a_P, b_P = np.arange(0, 10, 2), np.arange(1, 10, 2)       # pairs of consecutive classes
+    z_BxZ = np.asarray(encode(state.params, x_BxHxWxC))
+    x_hat_BxHxWxC = np.asarray(decode(state.params, z_BxZ))
+    a, b = np.arange(0, 10, 2), np.arange(1, 10, 2)       # pairs of consecutive classes
     t_T = np.linspace(0.0, 1.0, INTERPOLATION_STEPS)
-    z_PxTxZ = z_NxZ[a_P, None] * (1 - t_T[None, :, None]) + z_NxZ[b_P, None] * t_T[None, :, None]
-    x_PxTxHxWxC = np.asarray(decode(state.params, z_PxTxZ.reshape(-1, z_NxZ.shape[-1])))
-    x_PxTxHxWxC = x_PxTxHxWxC.reshape(len(a_P), INTERPOLATION_STEPS, *self.image_shape)
+    z_pairs_BxTxZ = z_BxZ[a, None] * (1 - t_T[None, :, None]) + z_BxZ[b, None] * t_T[None, :, None]
+    x_pairs_BxTxHxWxC = np.asarray(decode(state.params, z_pairs_BxTxZ.reshape(-1, z_BxZ.shape[-1])))
+    x_pairs_BxTxHxWxC = x_pairs_BxTxHxWxC.reshape(len(a), INTERPOLATION_STEPS, *self.image_shape)
     if jax.process_index() == 0:
-      rows = [x_NxHxWxC[:10], x_hat_NxHxWxC[:10], x_NxHxWxC[10:], x_hat_NxHxWxC[10:]]
+      rows = [x_BxHxWxC[:10], x_hat_BxHxWxC[:10], x_BxHxWxC[10:], x_hat_BxHxWxC[10:]]
       plots.image_grid(np.concatenate(rows), workdir.reconstructions, columns=10,
                        title=f'test images (rows 1, 3) and their reconstructions (rows 2, 4), '
                              f'{self.reconstruction_title}',
                        row_labels=['original', 'reconstruction'] * 2)
-      grid = np.concatenate([x_NxHxWxC[a_P, None], x_PxTxHxWxC, x_NxHxWxC[b_P, None]], axis=1)
+      grid = np.concatenate([x_BxHxWxC[a, None], x_pairs_BxTxHxWxC, x_BxHxWxC[b, None]], axis=1)
       plots.image_grid(grid.reshape(-1, *self.image_shape), workdir.interpolation,
                        columns=INTERPOLATION_STEPS + 2,
                        title=f'test image, {INTERPOLATION_STEPS} decoded points on the line between the '
@@ -155,13 +155,12 @@ class VAETask(_ReconstructionTask):
     x_BxHxWxC, mask_B = batch['image'], batch['mask']
     variables = {'params': state.params}
     mu_BxZ, log_var_BxZ = self.model.apply(variables, x_BxHxWxC, method='encode')
-    eps_KxBxZ = jax.random.normal(jax.random.key(EVAL_SEED), (EVAL_SAMPLES, *mu_BxZ.shape), mu_BxZ.dtype)
+    eps_QxBxZ = jax.random.normal(jax.random.key(EVAL_SEED), (EVAL_SAMPLES, *mu_BxZ.shape), mu_BxZ.dtype)
 
-    def reconstruction_B(eps_BxZ):
-      z_BxZ = vae.reparameterize(mu_BxZ, log_var_BxZ, eps_BxZ)
-      return self.nll(x_BxHxWxC, self.model.apply(variables, z_BxZ, method='decode'))
+    def reconstruction_B(eps_BxZ):  # the model's own z = mu + sigma * eps, decoded
+      return self.nll(x_BxHxWxC, self.model.apply(variables, x_BxHxWxC, eps_BxZ)[0])
 
-    reconstruction_B = jnp.mean(jax.vmap(reconstruction_B)(eps_KxBxZ), axis=0)
+    reconstruction_B = jnp.mean(jax.vmap(reconstruction_B)(eps_QxBxZ), axis=0)
     x_hat_BxHxWxC = self.decode(state.params, mu_BxZ)
     return {'reconstruction_sum': jnp.sum(reconstruction_B * mask_B),
             'kl_sum': jnp.sum(losses.kl_to_standard_normal(mu_BxZ, log_var_BxZ) * mask_B),
@@ -176,10 +175,10 @@ class VAETask(_ReconstructionTask):
 
   def decode_metrics(self, state, data, workdir, scorers=None):
     metrics = super().decode_metrics(state, data, workdir)
-    z_NxZ = jax.random.normal(jax.random.key(EVAL_SEED), (100, self.config.model.latent_dim))
-    x_NxHxWxC = np.asarray(jax.jit(self.decode)(state.params, z_NxZ))
+    z_BxZ = jax.random.normal(jax.random.key(EVAL_SEED), (100, self.config.model.latent_dim))
+    x_BxHxWxC = np.asarray(jax.jit(self.decode)(state.params, z_BxZ))
     if jax.process_index() == 0:
-      plots.image_grid(x_NxHxWxC, workdir.samples, columns=10,
+      plots.image_grid(x_BxHxWxC, workdir.samples, columns=10,
                        title='100 samples from the prior: decoder means at z ~ N(0, I)')
     return metrics
 

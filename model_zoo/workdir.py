@@ -19,6 +19,7 @@ a run that fails its checks leaves no work directory behind.
 import os
 import shutil
 import tempfile
+import uuid
 
 from model_zoo.data.base import Files, temp_path
 
@@ -109,12 +110,15 @@ class Workdir:
 class Staging:
   """A temporary directory for files on their way into a work directory; removed when closed.
 
-  Placed beside the work directory where its parent exists, so that `commit` is a rename.
+  Placed beside the work directory where its parent exists, so that `commit` is a rename. It is
+  only created by the first file written into it (`path(name)` names one; the writer makes the
+  directory), so a run that derives no file leaves no trace at all.
   """
 
   def __init__(self, workdir: Workdir):
     parent = os.path.dirname(os.path.abspath(workdir.path))
-    self.directory = tempfile.mkdtemp(prefix='.model_zoo-staging-', dir=parent if os.path.isdir(parent) else None)
+    self.directory = os.path.join(parent if os.path.isdir(parent) else tempfile.gettempdir(),
+                                  f'.model_zoo-staging-{uuid.uuid4().hex}')
     self.workdir = workdir
 
   def path(self, name: str) -> str:
@@ -124,7 +128,7 @@ class Staging:
     """Moves every staged file into the work directory (creating it) and copies `copies`
     ({source path: name in the work directory}); a file already there is left as it is."""
     os.makedirs(self.workdir.path, exist_ok=True)
-    moves = {self.path(n): n for n in os.listdir(self.directory)}
+    moves = {self.path(n): n for n in os.listdir(self.directory)} if os.path.isdir(self.directory) else {}
     for source, name in {**moves, **(copies or {})}.items():
       target = os.path.join(self.workdir.path, name)
       if os.path.exists(target) or not os.path.exists(source):

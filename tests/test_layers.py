@@ -145,9 +145,10 @@ def test_cached_decoding_equals_the_full_forward_pass(positional, num_kv_heads):
   decoder, cache = model.clone(decode=True), init_cache(model, jnp.zeros((2, 16), jnp.int32))
   positions = jnp.broadcast_to(jnp.arange(11), (2, 11))
   logits = []
+  step = jax.jit(lambda cache, t, p: decoder.apply({'params': params, 'cache': cache}, t, train=False,
+                                                   positions_BxT=p, mutable=['cache']))
   for start, stop in [(0, 4)] + [(i, i + 1) for i in range(4, 11)]:  # a prompt, then one token at a time
-    out, variables = decoder.apply({'params': params, 'cache': cache}, tokens[:, start:stop], train=False,
-                                   positions_BxT=positions[:, start:stop], mutable=['cache'])
+    out, variables = step(cache, tokens[:, start:stop], positions[:, start:stop])
     cache = variables['cache']
     logits.append(out)
   np.testing.assert_allclose(jnp.concatenate(logits, 1), full, rtol=1e-5, atol=1e-5)
@@ -160,8 +161,10 @@ def test_packed_rows_equal_documents_run_alone():
   segments = jnp.array([[1] * 5 + [2] * 4])
   positions = jnp.array([list(range(5)) + list(range(4))])
   params = nn.unbox(model.init(jax.random.key(0), packed, train=False)['params'])
-  got = model.apply({'params': params}, packed, train=False, positions_BxT=positions, segment_ids_BxT=segments)
-  alone = [model.apply({'params': params}, doc, train=False) for doc in (doc_a, doc_b)]
+  apply = jax.jit(lambda t, p=None, s=None: model.apply({'params': params}, t, train=False, positions_BxT=p,
+                                                       segment_ids_BxT=s))
+  got = apply(packed, positions, segments)
+  alone = [apply(doc) for doc in (doc_a, doc_b)]
   np.testing.assert_allclose(got, jnp.concatenate(alone, 1), rtol=1e-5, atol=1e-5)
 
 
@@ -174,5 +177,5 @@ def test_causality_by_gradients():
     p = jax.tree.map(lambda x: x, params)
     p['pos_embedding'] = params['pos_embedding'] + emb_delta
     return model.apply({'params': p}, tokens, train=False)[0, 3].sum()
-  g = jax.grad(f)(jnp.zeros((8, 16)))
+  g = jax.jit(jax.grad(f))(jnp.zeros((8, 16)))
   assert np.abs(g[4:]).max() == 0 and np.abs(g[:4]).max() > 0

@@ -73,9 +73,12 @@ def test_greedy_generation_equals_argmax_of_the_full_forward_pass():
   got = sampling.generate(model, params, jnp.array([prompt]), jax.random.key(0), max_new_tokens=8,
                           temperature=0.0)
   tokens = list(prompt)
-  for _ in range(8):  # the reference: no cache, the whole sequence each time
-    logits = model.apply({'params': params}, jnp.array([tokens]), train=False)
-    tokens.append(int(jnp.argmax(logits[0, -1])))
+  # the reference: no cache, the whole sequence each time (padded to one width: causal, so what follows
+  # cannot change the last token's logits)
+  full = jax.jit(lambda t: model.apply({'params': params}, t, train=False))
+  for _ in range(8):
+    logits = full(jnp.array([tokens + [0] * (12 - len(tokens))]))
+    tokens.append(int(jnp.argmax(logits[0, len(tokens) - 1])))
   assert np.asarray(got)[0].tolist() == tokens[len(prompt):]
 
 
@@ -157,7 +160,7 @@ def test_remat_changes_the_program_not_the_gradients():
   for remat in (False, True):
     model, params = _model_and_params(remat=remat)
     loss = lambda p, m=model: m.apply({'params': p}, tokens, train=False).mean()
-    grads.append(jax.grad(loss)(params))
+    grads.append(jax.jit(jax.grad(loss))(params))
     programs.append(str(jax.make_jaxpr(jax.grad(loss))(params)))
   assert 'remat' not in programs[0] and 'remat' in programs[1]
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7), *grads)
@@ -168,10 +171,25 @@ def test_bfloat16_compute_keeps_float32_parameters():
   model32, params = _model_and_params()
   model16 = model32.clone(dtype='bfloat16')
   assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(params))
-  logits32 = model32.apply({'params': params}, tokens, train=False)
-  logits16 = model16.apply({'params': params}, tokens, train=False)
+  logits32 = jax.jit(lambda p: model32.apply({'params': p}, tokens, train=False))(params)
+  logits16 = jax.jit(lambda p: model16.apply({'params': p}, tokens, train=False))(params)
   assert logits16.dtype == jnp.float32  # the loss is computed in float32
   assert not np.array_equal(logits16, logits32)
   np.testing.assert_allclose(logits16, logits32, atol=0.05)
-  grads = jax.grad(lambda p: model16.apply({'params': p}, tokens, train=False).mean())(params)
+  grads = jax.jit(jax.grad(lambda p: model16.apply({'params': p}, tokens, train=False).mean()))(params)
   assert all(g.dtype == jnp.float32 for g in jax.tree.leaves(grads))
+
+
+def test_lora_adapters_start_at_the_base_model_and_are_what_freeze_trains():
+  from model_zoo.transfer.finetune import trains_when_frozen  # pylint: disable=g-import-not-at-top
+  base, _ = _model_and_params()
+  lora = base.clone(lora_rank=4)
+  tokens = jax.random.randint(jax.random.key(1), (2, 8), 0, 23)
+  params = nn.unbox(lora.init(jax.random.key(0), tokens, train=False)['params'])
+  adapters = [k for k, _ in jax.tree_util.tree_flatten_with_path(params)[0] if trains_when_frozen(
+      tuple(str(getattr(p, 'key', p)) for p in k))]
+  assert len(adapters) == 2 * 4 * 2   # A and B on q, k, v, out in each of 2 blocks
+  from model_zoo.transfer import export  # pylint: disable=g-import-not-at-top
+  # B starts at zero: the adapted model is the base model, and merging keeps it
+  np.testing.assert_allclose(lora.apply({'params': params}, tokens, train=False),
+                             base.apply({'params': export.merge_lora(params, 16.0)}, tokens, train=False), atol=1e-5)

@@ -79,15 +79,17 @@ def test_cached_decoding_equals_the_full_forward_pass():
   params = _params(model)
   src = jnp.array([[3, 4, 5, 6, 0, 0], [6, 5, 4, 3, 5, 6]])
   tgt_in = jnp.array([[BOS, 3, 4, 5, 6], [BOS, 6, 6, 5, 3]])
-  full_BxTxV = model.apply({'params': params}, src, tgt_in, train=False)
+  full_BxTxV = jax.jit(lambda s, t: model.apply({'params': params}, s, t, train=False))(src, tgt_in)
   seg = (src != 0).astype(jnp.int32)
-  z = model.apply({'params': params}, src, train=False, src_segments_BxS=seg, method=Transformer.encode)
+  z = jax.jit(lambda s: model.apply({'params': params}, s, train=False, src_segments_BxS=seg,
+                                    method=Transformer.encode))(src)
   cache = init_cache(model, src, tgt_in)
   decoder = model.clone(decode=True)
+  step = jax.jit(lambda cache, token, i: decoder.apply(
+      {'params': params, 'cache': cache}, z, seg, token, train=False, tgt_positions_BxT=jnp.full((2, 1), i),
+      method=Transformer.decode_logits, mutable=['cache']))
   for i in range(tgt_in.shape[1]):
-    logits, v = decoder.apply({'params': params, 'cache': cache}, z, seg, tgt_in[:, i:i + 1], train=False,
-                              tgt_positions_BxT=jnp.full((2, 1), i), method=Transformer.decode_logits,
-                              mutable=['cache'])
+    logits, v = step(cache, tgt_in[:, i:i + 1], i)
     cache = v['cache']
     # logits up to ~25 in float32 (weights scaled by 3): the cached path differs by rounding only
     np.testing.assert_allclose(logits[:, 0], full_BxTxV[:, i], atol=5e-5, rtol=1e-5)
@@ -130,11 +132,14 @@ def test_greedy_equals_argmax_of_repeated_full_passes_and_beam_size_1_equals_gre
   beam1, _ = beam_search.beam_search(_step_fn(model, params, src), cache, 3, beam_size=1, max_len=max_len,
                                      alpha=0.6, bos_id=BOS, eos_id=EOS)
   np.testing.assert_array_equal(greedy, beam1)
-  for b in range(3):  # reference: no cache, the whole prefix through the model at every step
+  # reference: no cache, the whole prefix through the model at every step (padded to one width: the
+  # decoder is causal, so what follows the prefix cannot change its last logits)
+  full = jax.jit(lambda s, t: model.apply({'params': params}, s, t, train=False))
+  for b in range(3):
     prefix = [BOS]
     for _ in range(max_len):
-      logits = model.apply({'params': params}, src[b:b + 1], jnp.array([prefix]), train=False)
-      prefix.append(int(jnp.argmax(logits[0, -1])))
+      logits = full(src[b:b + 1], jnp.array([prefix + [PAD] * (max_len + 1 - len(prefix))]))
+      prefix.append(int(jnp.argmax(logits[0, len(prefix) - 1])))
       if prefix[-1] == EOS:
         break
     out = prefix[1:] + [PAD] * (max_len - len(prefix) + 1)
@@ -157,8 +162,8 @@ def test_beam_search_with_a_wide_beam_finds_the_exhaustive_optimum(alpha):
     candidates = [list(c) + [EOS] for n in range(max_len) for c in itertools.product(others, repeat=n)]
     width = max(map(len, candidates))
     tgt_in = jnp.array([[BOS] + c + [PAD] * (width - len(c)) for c in candidates])
-    logp = jax.nn.log_softmax(model.apply({'params': params}, jnp.repeat(src[b:b + 1], len(candidates), 0),
-                                          tgt_in, train=False), -1)
+    logp = np.asarray(jax.nn.log_softmax(jax.jit(model.apply, static_argnames='train')(
+        {'params': params}, jnp.repeat(src[b:b + 1], len(candidates), 0), tgt_in, train=False), -1), np.float64)
     scores = [sum(float(logp[j, i, t]) for i, t in enumerate(c)) / ((5 + len(c)) / 6) ** alpha
               for j, c in enumerate(candidates)]
     best = int(np.argmax(scores))
@@ -248,7 +253,7 @@ def test_train_eval_translate_commands(tmp_path):
           '--config.model.d_model=32', '--config.model.d_ff=64', '--config.model.num_encoder_layers=1',
           '--config.model.num_decoder_layers=1', '--config.num_train_steps=40', '--config.log_every_steps=20',
           '--config.eval_every_steps=40', '--config.checkpoint_every_steps=40', '--config.optimizer.warmup_steps=10',
-          '--config.decode.beam_size=2']
+          '--config.decode.beam_size=2', '--config.decode.max_len=16']
   run_cli('train.py', *args, check=True)
   run_cli('eval.py', *args, check=True)
   with open(f'{workdir}/eval.json') as f:

@@ -105,7 +105,8 @@ def write_atomically(path: str, data: bytes):
 
 
 def temp_path(path: str) -> str:
-  """A new empty file next to `path`, to be renamed onto it when complete."""
+  """A new empty file next to `path` (its directory made if need be), to be renamed onto it when complete."""
+  os.makedirs(os.path.dirname(path) or '.', exist_ok=True)
   fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path) or '.', prefix=os.path.basename(path) + '.tmp')
   os.close(fd)
   return tmp

@@ -5,6 +5,9 @@ comma-separated list of class indices ('' = all), keeps only those classes, rela
 in the order given: a few-class task from a many-class data set, for fine-tuning with a new head
 (pretrain on digits 0-5, fine-tune on 6-9).
 """
+import importlib.util
+import os
+
 import ml_collections
 import numpy as np
 
@@ -44,6 +47,18 @@ class _Subset:
     return ex
 
 
+def _load_digits():
+  """scikit-learn's bundled digits (1797 x 64 pixels in 0..16, and labels), read from its data file: what
+  `sklearn.datasets.load_digits` returns, without importing scikit-learn (most of a second a process)."""
+  spec = importlib.util.find_spec('sklearn')
+  path = os.path.join(spec.submodule_search_locations[0], 'datasets', 'data', 'digits.csv.gz') if spec else ''
+  if not os.path.exists(path):
+    from sklearn.datasets import load_digits  # pylint: disable=g-import-not-at-top
+    return load_digits(return_X_y=True)
+  table = np.loadtxt(path, delimiter=',')
+  return table[:, :-1], table[:, -1].astype(np.int64)
+
+
 def digits(config: ml_collections.ConfigDict, split: str, files=None) -> Dataset:
   """The 1,797 8x8 handwritten digits of the UCI set, bundled with scikit-learn.
 
@@ -51,8 +66,7 @@ def digits(config: ml_collections.ConfigDict, split: str, files=None) -> Dataset
   class, every fifth example (in the bundled order) is test, the rest train.
   """
   del files
-  from sklearn.datasets import load_digits  # pylint: disable=g-import-not-at-top
-  images, labels = load_digits(return_X_y=True)
+  images, labels = _load_digits()
   rank = np.zeros(len(labels), np.int64)
   for c in range(10):
     idx = np.flatnonzero(labels == c)

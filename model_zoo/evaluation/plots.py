@@ -1,14 +1,25 @@
-"""PNG plots for a person to look at: training curves and confusion matrices."""
-import collections
+"""PNG plots for a person to look at: training curves, confusion matrices, image grids.
 
-import matplotlib
-matplotlib.use('Agg')
-import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top,wrong-import-position
+matplotlib is imported on the first plot, not with the module: training never plots, and the
+import costs more than half a second per process.
+"""
+import collections
+import functools
+
 import numpy as np
+
+
+@functools.cache
+def _pyplot():
+  import matplotlib  # pylint: disable=g-import-not-at-top
+  matplotlib.use('Agg')
+  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+  return plt
 
 
 def training_curves(records: list[dict], path: str):
   """One panel per metric that appears in metrics.jsonl; train and eval curves in each."""
+  plt = _pyplot()
   series = collections.defaultdict(lambda: collections.defaultdict(list))
   for r in records:
     for k, v in r.items():
@@ -38,6 +49,7 @@ def training_curves(records: list[dict], path: str):
 
 
 def confusion_matrix(confusion, class_names, path: str):
+  plt = _pyplot()
   c = np.asarray(confusion).astype(int)
   n = len(c)
   fig, ax = plt.subplots(figsize=(1.0 + 0.5 * n, 0.8 + 0.5 * n))
@@ -58,6 +70,7 @@ def confusion_matrix(confusion, class_names, path: str):
 
 def image_grid(images_BxHxWxC, path: str, *, columns: int = 10, title: str = '', row_labels=None):
   """Images in [0, 1] (grey or RGB) tiled `columns` to a row, saved as one PNG."""
+  plt = _pyplot()
   images = np.clip(np.asarray(images_BxHxWxC, np.float32), 0.0, 1.0)
   n, h, w, c = images.shape
   rows = -(-n // columns)

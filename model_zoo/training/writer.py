@@ -1,6 +1,7 @@
 """Where metrics go: metrics.jsonl, TensorBoard event files, and the console."""
 import json
 import os
+import sys
 import time
 
 import jax
@@ -27,8 +28,7 @@ class MetricWriter:
     self.file = open(path, 'w')
     self.file.writelines(kept)
     self.file.flush()
-    from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
-    self.tb = SummaryWriter(workdir.tensorboard, purge_step=start_step + 1 if start_step else None)
+    self.tb = _summary_writer()(workdir.tensorboard, purge_step=start_step + 1 if start_step else None)
 
   def write(self, step: int, split: str, metrics: dict[str, float]):
     if not self.enabled:
@@ -67,3 +67,17 @@ class Progress:
     width = len(str(self.total))
     print(f'step {step:>{width}}/{self.total}  {shown}  {rate:.1f} steps/s{extra}  '
           f'ETA {eta // 3600}:{eta // 60 % 60:02d}:{eta % 60:02d}', flush=True)
+
+
+def _summary_writer():
+  """tensorboardX's SummaryWriter. tensorboardX imports torch when it is installed, only to accept torch
+  tensors, which we never pass: it is imported with torch hidden, saving a second a process."""
+  hide = 'torch' not in sys.modules
+  if hide:
+    sys.modules['torch'] = None  # `import torch` raises ImportError while this is so
+  try:
+    from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
+  finally:
+    if hide:
+      del sys.modules['torch']
+  return SummaryWriter

@@ -1,7 +1,7 @@
 """Models by name: `config.model.name` -> a flax.linen Module class.
 
 The other fields of `config.model` are passed to the class as keyword arguments. Adding a family
-is one model file and one line here (see the README).
+is one model file and its entry here (see the README).
 """
 import collections.abc
 import typing

@@ -16,7 +16,8 @@ MODE = flags.DEFINE_enum('mode', 'eval', ['eval', 'sample', 'translate', 'export
                          'inference, LoRA merged, to --output.')
 OUTPUT = flags.DEFINE_string('output', None, 'Directory for --mode=export; default <workdir>/export.')
 INPUT = flags.DEFINE_multi_string('input', [], 'Text(s) to translate with --mode=translate; repeat for several.')
-PROMPT = flags.DEFINE_multi_string('prompt', ['The '], 'Prompt(s) for --mode=sample; repeat for several.')
+PROMPT = flags.DEFINE_multi_string('prompt', ['The '], 'Prompt(s) for --mode=sample; repeat for several; "" '
+                                   'samples from the start of a document.')
 NUM_SAMPLES = flags.DEFINE_integer('num_samples', 1, 'Continuations per prompt.')
 MAX_NEW_TOKENS = flags.DEFINE_integer('max_new_tokens', 100, 'Tokens to generate per continuation.')
 TEMPERATURE = flags.DEFINE_float('temperature', 0.8, 'Sampling temperature; 0 = greedy.')
@@ -32,8 +33,6 @@ def main(config, workdir):
                     max_new_tokens=MAX_NEW_TOKENS.value, temperature=TEMPERATURE.value, top_k=TOP_K.value,
                     top_p=TOP_P.value, num_samples=NUM_SAMPLES.value)
   elif MODE.value == 'translate':
-    if not INPUT.value:
-      raise cli.UserError('--mode=translate needs at least one --input="..."')
     evaluate.translate(config, workdir, INPUT.value, step=STEP.value)
   elif MODE.value == 'export':
     evaluate.export(config, workdir, OUTPUT.value, step=STEP.value)

@@ -20,7 +20,9 @@ PROCESS_ID = flags.DEFINE_integer('process_id', None, 'Multi-host: this process\
 
 
 def _fail(message: str, code: int):
-  print(f'error: {message}', file=sys.stderr, flush=True)
+  """`error: <message>` as one line (a library's multi-line message folded), and exit with `code`."""
+  one_line = ' '.join(part.strip() for part in message.splitlines() if part.strip())
+  print(f'error: {one_line}', file=sys.stderr, flush=True)
   sys.exit(code)
 
 
@@ -80,7 +82,7 @@ def _parse_flags(argv):
   except (UserError, flags.Error) as e:
     if '--verbose' in argv:
       traceback.print_exc()
-    _fail(str(e).replace('\n', ' '), 2)
+    _fail(str(e), 2)
 
 
 def workdir() -> str:
@@ -101,8 +103,6 @@ def run(main):
       import jax  # pylint: disable=g-import-not-at-top
       jax.distributed.initialize(COORDINATOR.value, NUM_PROCESSES.value, PROCESS_ID.value)
     try:
-      if os.path.exists(workdir()) and not os.path.isdir(workdir()):
-        raise UserError(f'--workdir={workdir()} is a file, not a directory')
       main(flags.FLAGS.config, workdir())
     except UserError as e:
       if VERBOSE.value:

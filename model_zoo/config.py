@@ -82,24 +82,10 @@ def validate(config: ml_collections.ConfigDict):
   _check(config.batch_size % config.grad_accum_steps == 0,
          f'config.batch_size={config.batch_size} must be a multiple of '
          f'config.grad_accum_steps={config.grad_accum_steps}')
-  opt = config.optimizer
-  _check(opt.learning_rate > 0, f'config.optimizer.learning_rate must be > 0, got {opt.learning_rate}')
-  _check(opt.weight_decay >= 0, f'config.optimizer.weight_decay must be >= 0, got {opt.weight_decay}')
-  _check(opt.grad_clip_norm >= 0, f'config.optimizer.grad_clip_norm must be >= 0, got {opt.grad_clip_norm}')
-  _check(0 <= opt.warmup_steps <= config.num_train_steps,
-         f'config.optimizer.warmup_steps must be in [0, num_train_steps={config.num_train_steps}], '
-         f'got {opt.warmup_steps}')
-  _check(0 <= opt.end_learning_rate_factor <= 1, 'config.optimizer.end_learning_rate_factor must be in [0, 1]')
-  for key in ('momentum', 'b1', 'b2'):
-    _check(0 <= opt[key] < 1, f'config.optimizer.{key} must be in [0, 1), got {opt[key]}')
-  _check(0 < opt.layer_decay <= 1, f'config.optimizer.layer_decay must be in (0, 1], got {opt.layer_decay}')
   _check(config.freeze in ('none', 'backbone'), f"config.freeze must be 'none' or 'backbone', got {config.freeze!r}")
   _check(config.freeze == 'none' or config.init_from,
          "config.freeze='backbone' freezes pretrained weights: set config.init_from to a workdir or 'hf:<dir>'")
   _check(config.dataset.prefetch >= 0, 'config.dataset.prefetch must be >= 0')
-  if 'dropout_rate' in config.model:
-    _check(0 <= config.model.dropout_rate < 1,
-           f'config.model.dropout_rate must be in [0, 1), got {config.model.dropout_rate}')
 
 
 def lookup(registry: dict, name: str, what: str, key: str):
@@ -129,9 +115,16 @@ def load(spec: str) -> ml_collections.ConfigDict:
   if not callable(getattr(module, 'get_config', None)):
     raise UserError(f'{path} has no get_config(): a config file defines get_config() returning a ConfigDict')
   try:
-    return module.get_config(arg) if arg else module.get_config()
-  except (ValueError, TypeError, KeyError) as e:
+    config = module.get_config(arg) if arg else module.get_config()
+  except UserError:
+    raise
+  except (ValueError, TypeError, KeyError) as e:  # as `config.options` raises for a bad argument
     raise UserError(f'{spec}: {e}') from e
+  except Exception as e:  # pylint: disable=broad-except
+    raise UserError(f'{spec}: get_config() failed: {type(e).__name__}: {e}') from e
+  if not isinstance(config, ml_collections.ConfigDict):
+    raise UserError(f'{path}: get_config() returned a {type(config).__name__}, not an ml_collections.ConfigDict')
+  return config
 
 
 def _import(path: str):
@@ -155,5 +148,5 @@ def _import(path: str):
     return module
   except SyntaxError as e:
     raise UserError(f'{path} line {e.lineno}: syntax error: {e.msg}') from e
-  except ImportError as e:
-    raise UserError(f'{path}: {e}') from e
+  except Exception as e:  # pylint: disable=broad-except
+    raise UserError(f'{path} could not be imported: {type(e).__name__}: {e}') from e

@@ -9,6 +9,7 @@ have passed, and the Experiment (devices, task, the state's layout) they build.
 Only then does training `commit` the staged files into the work directory (model_zoo.workdir).
 """
 import dataclasses
+import fnmatch
 import json
 import os
 
@@ -24,7 +25,7 @@ from model_zoo.errors import UserError
 from model_zoo.models import registry as model_registry
 from model_zoo.tasks import registry as task_registry
 from model_zoo.tasks.base import Task
-from model_zoo.training import sharding
+from model_zoo.training import optimizers, sharding
 from model_zoo.training.checkpoints import Checkpoints
 from model_zoo.transfer import finetune
 from model_zoo.workdir import Staging, Workdir
@@ -57,8 +58,9 @@ class Experiment:
 def check(config: ml_collections.ConfigDict) -> jax.sharding.Mesh:
   """Everything that can be checked from the config alone; -> the device mesh."""
   config_lib.validate(config)
-  task_registry.check_name(config)
-  model_registry.check_name(config.model)
+  optimizers.check(config.optimizer, config.num_train_steps)
+  task_registry.check(config)
+  model_registry.check(config.model)
   data_registry.check_name(config.dataset)
   mesh = sharding.make_mesh(config.mesh)
   sharding.check_batch(config.batch_size, config.grad_accum_steps, mesh)
@@ -78,25 +80,41 @@ def build_experiment(config: ml_collections.ConfigDict, info: DataInfo, mesh=Non
   return Experiment(config, mesh, task, abstract_state, state_shardings, example)
 
 
-# Keys that may change when a run resumes: how long it runs and how it reports, not what it computes.
+# Keys that may change when a run resumes: how long it runs, how it reports and on which devices, not
+# what it computes (the kernels attention_impl picks and remat compute the same function).
 RESUMABLE_CHANGES = ('num_train_steps', 'log_every_steps', 'eval_every_steps', 'checkpoint_every_steps',
-                     'max_checkpoints_to_keep', 'dataset.prefetch', 'dataset.data_dir', 'dataset.download')
+                     'max_checkpoints_to_keep', 'dataset.prefetch', 'dataset.data_dir', 'dataset.download',
+                     'mesh.*', 'model.attention_impl', 'model.remat')
+# ... and when a trained run is evaluated, sampled, translated or exported: how it was trained, not its
+# model, data or tokenizer. (An optimizer whose state has another structure still fails the checkpoint's
+# own check.) `decode.*` is how eval.py decodes, the eval split what it measures.
+EVAL_CHANGES = RESUMABLE_CHANGES + ('batch_size', 'grad_accum_steps', 'optimizer.*', 'discriminator_optimizer.*',
+                                    'init_from', 'freeze', 'dataset.train_split',
+                                    'dataset.eval_split', 'dataset.augment', 'decode.*', 'classifier_workdir',
+                                    'classifier.*')
 
 
-def check_same_run(config: ml_collections.ConfigDict, workdir: Workdir):
-  """A workdir resumes only with the config it was started with (up to RESUMABLE_CHANGES)."""
+def check_same_run(config: ml_collections.ConfigDict, workdir: Workdir, may_change=RESUMABLE_CHANGES,
+                   doing: str = 'resume it'):
+  """A workdir is resumed (or evaluated) only with the config it was started with, up to `may_change`."""
   if not os.path.exists(workdir.config):
     return
-  with open(workdir.config) as f:
-    saved = _flat(json.load(f))
+  try:
+    with open(workdir.config) as f:
+      saved = _flat(json.load(f))
+  except (OSError, ValueError) as e:
+    raise UserError(f'{workdir.config} cannot be read ({type(e).__name__}: {str(e).splitlines()[0]}): the config '
+                    f'the run was started with is damaged. Restore it (train.py writes it from the config file and '
+                    f'overrides the run used), or move it aside to go on without the check') from e
   current = _flat(json.loads(config.to_json_best_effort()))
   changed = [k for k in sorted(set(saved) | set(current))
-             if saved.get(k) != current.get(k) and k not in RESUMABLE_CHANGES]
+             if saved.get(k) != current.get(k) and not any(fnmatch.fnmatchcase(k, p) for p in may_change)]
   if changed:
     k = changed[0]
     raise UserError(f'{workdir.path} holds a run with {k}={saved.get(k)!r}, but the config has {k}='
                     f'{current.get(k)!r}{f" (and {len(changed) - 1} more differences)" if len(changed) > 1 else ""}; '
-                    f'resume it with the same config, or use a new --workdir')
+                    f'{doing} with the config it was trained with (`--config.{k}={saved.get(k)!r}`), or use a '
+                    f'new --workdir')
 
 
 def _flat(d: dict, prefix: str = '') -> dict:
@@ -144,11 +162,12 @@ def prepare(config: ml_collections.ConfigDict, workdir: str, splits, *, staging:
   config = finetune.resolve(config)
   mesh = check(config)
   wd = Workdir(workdir)
-  if os.path.exists(workdir) and not os.path.isdir(workdir):
-    raise UserError(f'--workdir={workdir} is a file, not a directory')
+  wd.check(write=staging)
   tokenizer_from = finetune.source_workdir(config, wd)
   if staging and wd.has_checkpoints():
     check_same_run(config, wd)
+  elif not staging:
+    check_same_run(config, wd, EVAL_CHANGES, 'evaluate it')
   run = Run(config, wd, None, {}, Staging(wd) if staging else None, tokenizer_from)
   try:
     data = run.load(list(dict.fromkeys(splits)))

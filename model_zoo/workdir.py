@@ -4,6 +4,7 @@
   metrics.jsonl            one JSON object a line: step, split, metrics
   tensorboard/             TensorBoard event files
   checkpoints/<step>/      Orbax checkpoints: state, data (input-pipeline position), log
+  checkpoints-skipped/     incomplete or damaged checkpoints that training moved out of the way
   tokenizer.model          a SentencePiece tokenizer trained for the run
   tokens-<split>.npy       an encoded split of a large corpus (lm1b), reused by later runs
   eval.json                eval.py's metrics; training_curves.png, confusion_matrix.png, translations-<split>.tsv,
@@ -22,6 +23,7 @@ import tempfile
 import uuid
 
 from model_zoo.data.base import Files, temp_path
+from model_zoo.errors import UserError
 
 
 class Workdir:
@@ -90,6 +92,25 @@ class Workdir:
   @property
   def export(self) -> str:
     return self._join('export')
+
+  def check(self, write: bool):
+    """A UserError, touching nothing, if this cannot be a work directory: a file, a path under a file,
+    or (with `write`) a place where no file can be made."""
+    if os.path.exists(self.path) and not os.path.isdir(self.path):
+      raise UserError(f'--workdir={self.path} is a file, not a directory; choose another --workdir')
+    existing = os.path.abspath(self.path)
+    while not os.path.exists(existing):
+      existing = os.path.dirname(existing)
+    if not os.path.isdir(existing):
+      raise UserError(f'--workdir={self.path} lies under {existing}, which is a file; choose another --workdir')
+    if write:
+      try:
+        fd, probe = tempfile.mkstemp(dir=existing, prefix='.model_zoo-write-test-')
+        os.close(fd)
+        os.remove(probe)
+      except OSError as e:
+        raise UserError(f'--workdir={self.path} cannot be written: no file can be made in {existing} '
+                        f'({e.strerror}); choose a writable --workdir') from e
 
   def has_checkpoints(self) -> bool:
     return os.path.isdir(self.checkpoints) and bool(os.listdir(self.checkpoints))

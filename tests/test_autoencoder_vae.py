@@ -11,6 +11,7 @@ from helpers import run_cli, tiny_config
 from model_zoo.data import registry
 from model_zoo.errors import UserError
 from model_zoo.evaluation import evaluate
+from model_zoo import experiment
 from model_zoo.experiment import build_experiment
 from model_zoo.models import autoencoder, vae
 from model_zoo.tasks import losses, reconstruction
@@ -109,8 +110,8 @@ def test_vae_noise_comes_from_the_step_rng():
 
 def test_config_errors():
   config = tiny_config('vae', likelihood='poisson')
-  with pytest.raises(UserError, match='likelihood'):
-    reconstruction.VAETask(config, registry.load(config.dataset, 'train').info)
+  with pytest.raises(UserError, match='likelihood'):  # from the config alone, before any data is read
+    experiment.check(config)
 
 
 def test_autoencoder_train_and_eval(tmp_path):

@@ -78,11 +78,28 @@ def test_checkpoint_that_does_not_fit_leaves_the_workdir_alone(trained):
                                         'config has model.hidden_sizes=[48]'), proc.stderr
   proc = run_cli('eval.py', MLP, f'--workdir={trained}', *tiny, *changed)
   assert proc.returncode == 1, proc.stderr
-  assert proc.stderr.strip().startswith('error: the checkpoint at step 60') and 'does not fit' in proc.stderr
-  assert 'block_0/bias: checkpoint (32,) vs model (48,)' in proc.stderr
+  assert proc.stderr.strip().startswith(f'error: {trained} holds a run with model.hidden_sizes=[32], but the '
+                                        'config has model.hidden_sizes=[48]; evaluate it with'), proc.stderr
   proc = run_cli('eval.py', MLP, f'--workdir={trained}', *TINY, '--config.optimizer.name=sgd')
   assert proc.returncode == 1 and 'not in checkpoint' in proc.stderr, proc.stderr
   assert _snapshot(trained) == before
+
+
+def test_checkpoint_that_does_not_fit_without_config_json(tmp_path, trained):
+  """Without config.json to compare with, the checkpoint's shapes are still checked against the model."""
+  import shutil
+  workdir = str(tmp_path / 'copy')
+  shutil.copytree(trained, workdir)
+  os.remove(os.path.join(workdir, 'config.json'))
+  before = _snapshot(workdir)
+  tiny = [a for a in TINY if 'hidden_sizes' not in a]
+  for script in ('train.py', 'eval.py'):
+    proc = run_cli(script, MLP, f'--workdir={workdir}', *tiny, '--config.model.hidden_sizes=(48,)',
+                   '--config.num_train_steps=80')
+    assert proc.returncode == 1, proc.stderr
+    assert proc.stderr.strip().startswith('error: the checkpoint at step 60') and 'does not fit' in proc.stderr
+    assert 'block_0/bias: checkpoint (32,) vs model (48,)' in proc.stderr
+  assert _snapshot(workdir) == before
 
 
 def test_resume_with_a_longer_schedule_is_allowed(tmp_path, trained):

@@ -15,7 +15,7 @@ PACKAGE = os.path.join(ROOT, 'model_zoo')
 ALLOWED = {
     'model_zoo.models': {'model_zoo.errors', 'model_zoo.config'},
     'model_zoo.data': {'model_zoo.errors', 'model_zoo.config'},
-    'model_zoo.workdir': {'model_zoo.data.base'},
+    'model_zoo.workdir': {'model_zoo.data.base', 'model_zoo.errors'},
     'model_zoo.inference': {'model_zoo.models'},
     'model_zoo.evaluation.plots': set(),
 }

@@ -4,6 +4,7 @@ import json
 
 import flax.linen as nn
 import jax
+import ml_collections
 import numpy as np
 import pytest
 
@@ -186,8 +187,8 @@ def test_bad_model_fields_are_user_errors():
   with pytest.raises(UserError, match='patch_size=3'):
     ViT(num_classes=2, patch_size=3, d_model=8, num_layers=1, num_heads=2, d_ff=8).init(
         jax.random.key(0), np.zeros((1, 8, 8, 1), np.float32), train=False)
-  with pytest.raises(UserError, match='stem'):
-    ResNet(num_classes=2, stem='cifa').init(jax.random.key(0), np.zeros((1, 8, 8, 1), np.float32), train=False)
+  with pytest.raises(UserError, match="config.model.stem='cifa' is not one of 'imagenet', 'cifar'"):
+    models.build(ml_collections.ConfigDict({'name': 'resnet', 'stem': 'cifa'}), num_classes=2)
   with pytest.raises(UserError, match='depth=one of tiny, 18, 34, 50'):
     _preset('resnet', 'depth=19')
 

@@ -267,6 +267,6 @@ def test_train_eval_translate_commands(tmp_path):
   proc = run_cli('eval.py', *args, '--mode=translate', '--input=three hundred and five', '--input=twelve', check=True)
   assert proc.stdout.splitlines()[-2].startswith('three hundred and five\t')
   proc = run_cli('eval.py', *args, '--mode=translate')
-  assert proc.returncode == 1 and 'needs at least one --input' in proc.stderr
+  assert proc.returncode == 1 and 'needs a non-empty --input' in proc.stderr
   proc = run_cli('eval.py', *args, '--config.decode.beam_size=0')
   assert proc.returncode == 1 and 'beam_size >= 1' in proc.stderr

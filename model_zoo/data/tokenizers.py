@@ -64,7 +64,15 @@ class SentencePieceTokenizer:
   def _load(self, proto: bytes):
     import sentencepiece as spm  # pylint: disable=g-import-not-at-top
     self._proto = proto
-    self._sp = spm.SentencePieceProcessor(model_proto=proto)
+    problem = '' if proto else 'the file is empty'
+    try:
+      self._sp = spm.SentencePieceProcessor(model_proto=proto) if proto else None
+    except RuntimeError as e:
+      problem = f'it cannot be parsed ({len(proto)} bytes; {str(e).splitlines()[0]})'
+    if problem:
+      raise UserError(f'{self.path} is not a usable SentencePiece model: {problem}. A run\'s checkpoints need the '
+                      f'exact tokenizer they were trained with: restore the file from a copy; only in a workdir '
+                      f'without checkpoints may it be deleted, to be trained again')
     self.vocab_size = self._sp.get_piece_size()
     self.pad_id, self.bos_id, self.eos_id = self._sp.pad_id(), self._sp.bos_id(), self._sp.eos_id()
     if (self.pad_id, self.bos_id, self.eos_id) != (PAD_ID, BOS_ID, EOS_ID):

@@ -14,6 +14,7 @@ from model_zoo.evaluation import plots
 from model_zoo.experiment import prepare
 from model_zoo.tasks import registry as task_registry
 from model_zoo.training import loop
+from model_zoo.training.writer import read_metrics
 from model_zoo.workdir import Workdir
 
 
@@ -51,8 +52,7 @@ def evaluate(config, workdir: str, step: int | None = None) -> dict[str, float]:
     with open(wd.eval, 'w') as f:
       json.dump({'step': step, **metrics}, f, indent=2)
     if os.path.exists(wd.metrics):
-      with open(wd.metrics) as f:
-        plots.training_curves([json.loads(line) for line in f if line.strip()], wd.training_curves)
+      plots.training_curves(read_metrics(wd.metrics)[0], wd.training_curves)
     task.eval_artifacts(stats, wd)
   print(f'eval of step {step} on {config.dataset.name}:{config.dataset.eval_split}: '
         + '  '.join(f'{k} {v:.4f}' for k, v in metrics.items() if isinstance(v, float)), flush=True)
@@ -65,9 +65,16 @@ def sample(config, workdir: str, prompts: list[str], *, step: int | None = None,
   """Prints and returns `num_samples` continuations of each prompt."""
   if not hasattr(task_registry.TASKS.get(config.task), 'generate_text'):
     raise UserError(f'--mode=sample needs a language model; config.task is {config.task!r}')
-  if max_new_tokens <= 0 or temperature < 0 or top_k < 0 or not 0 < top_p <= 1:
-    raise UserError('need max_new_tokens > 0, temperature >= 0, top_k >= 0 and 0 < top_p <= 1')
+  if max_new_tokens <= 0 or temperature < 0 or top_k < 0 or not 0 < top_p <= 1 or num_samples < 1:
+    raise UserError(f'--mode=sample needs --max_new_tokens > 0, --temperature >= 0, --top_k >= 0, 0 < --top_p <= 1 '
+                    f'and --num_samples >= 1; got {max_new_tokens}, {temperature}, {top_k}, {top_p}, {num_samples}')
+  if not prompts:
+    raise UserError('--mode=sample needs at least one --prompt ("" starts a new document)')
   run, step, state = _restore(config, workdir, step)
+  vocab = run.experiment.task.info.tokenizer.vocab_size
+  if top_k > vocab:
+    raise UserError(f'--top_k={top_k} is more than the {vocab} tokens of the vocabulary; use at most {vocab} '
+                    f'(or 0 for all)')
   prompts = [p for p in prompts for _ in range(num_samples)]
   texts = run.experiment.task.generate_text(state.params, prompts, jax.random.key(seed),
                                             max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
@@ -81,6 +88,10 @@ def translate(config, workdir: str, texts: list[str], *, step: int | None = None
   """Prints and returns translations of `texts` by the model in `workdir`."""
   if not hasattr(task_registry.TASKS.get(config.task), 'translate'):
     raise UserError(f'--mode=translate needs a translation model; config.task is {config.task!r}')
+  empty = [i for i, t in enumerate(texts) if not t.strip()]
+  if not texts or empty:
+    raise UserError(f'--mode=translate needs a non-empty --input="..." (input {empty[0] + 1 if empty else 1} '
+                    f'is empty)')
   run, step, state = _restore(config, workdir, step)
   outputs = run.experiment.task.translate(state.params, texts)
   for source, output in zip(texts, outputs):

@@ -15,12 +15,12 @@ A/B embedding. Dropout is on the embeddings, each sublayer's output, the FFN's h
 (the shared MLP's, which the paper does not have) and the pooled vector; not on attention
 probabilities, which the shared attention kernel does not drop.
 """
+from typing import Literal
+
 import flax.linen as nn
 import jax.numpy as jnp
 
 from model_zoo.models import layers
-
-HEADS = ('mlm', 'classify', 'tokens')
 
 
 class MLMHead(nn.Module):
@@ -73,27 +73,23 @@ class BERT(nn.Module):
   d_ff: int = 512
   max_len: int = 512
   type_vocab_size: int = 2
-  activation: str = 'gelu_exact'     # gelu_exact (BERT's erf GELU) | gelu (tanh approximation) | relu
+  activation: layers.Activation = 'gelu_exact'  # BERT's erf GELU
   ln_epsilon: float = 1e-12
   dropout_rate: float = 0.1
-  head: str = 'mlm'                  # mlm | classify | tokens
+  head: Literal['mlm', 'classify', 'tokens'] = 'mlm'
   num_classes: int = 0               # classify / tokens: set from the data set
-  pooling: str = 'cls'               # classify: cls (BERT's pooler on [CLS]) | mean (over real tokens)
+  pooling: Literal['cls', 'mean'] = 'cls'  # classify: BERT's pooler on [CLS], or the mean of real tokens
   lora_rank: int = 0                 # > 0: LoRA adapters of this rank on every attention projection
   lora_alpha: float = 16.0
-  dtype: str = 'float32'
-  attention_impl: str = ''           # '' (JAX picks) | 'xla' | 'cudnn'
+  dtype: layers.ComputeDtype = 'float32'
+  attention_impl: layers.AttentionImpl = ''
 
   @nn.compact
   def __call__(self, tokens_BxT, *, train: bool, type_ids_BxT=None, segment_ids_BxT=None, mlm_positions_BxM=None):
     """Logits of the head: [B, T, V] (mlm), [B, L] (classify) or [B, T, L] (tokens), in float32.
     With `mlm_positions_BxM`, the masked-LM head runs on those M positions only: [B, M, V]."""
-    if self.head not in HEADS:
-      raise ValueError(f'head must be one of {", ".join(HEADS)}, got {self.head!r}')
     if self.head != 'mlm' and self.num_classes < 2:
       raise ValueError(f'head {self.head!r} needs num_classes >= 2, got {self.num_classes}')
-    if self.pooling not in ('cls', 'mean'):
-      raise ValueError(f"pooling must be 'cls' or 'mean', got {self.pooling!r}")
     dtype = jnp.dtype(self.dtype)
     t = tokens_BxT.shape[1]
     type_ids_BxT = jnp.zeros_like(tokens_BxT) if type_ids_BxT is None else type_ids_BxT

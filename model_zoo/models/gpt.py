@@ -7,6 +7,8 @@ Blocks are the shared pre-LN `TransformerBlock` (GPT-2's layout). Packed rows ar
 segment ids (attention stays inside a document) and per-document positions. A decoder in the sense
 of model_zoo.models.protocol: `decode=True` keeps a key/value cache.
 """
+from typing import Literal
+
 import flax.linen as nn
 import jax.numpy as jnp
 
@@ -21,14 +23,14 @@ class GPT(nn.Module):
   num_kv_heads: int = 0             # 0: as many as query heads; fewer: grouped-query attention
   d_ff: int = 512
   max_len: int = 256
-  positional: str = 'learned'        # learned | sinusoidal | rotary
-  activation: str = 'gelu'           # gelu (tanh approximation) | gelu_exact | relu | swiglu
+  positional: Literal['learned', 'sinusoidal', 'rotary'] = 'learned'
+  activation: layers.Activation = 'gelu'  # gelu: the tanh approximation; gelu_exact: erf
   pre_ln: bool = True
   tie_embeddings: bool = True
   dropout_rate: float = 0.0
-  dtype: str = 'float32'             # compute dtype; parameters stay float32
+  dtype: layers.ComputeDtype = 'float32'
   remat: bool = False
-  attention_impl: str = ''           # '' (JAX picks) | 'xla' | 'cudnn'
+  attention_impl: layers.AttentionImpl = ''
   attention_bias: bool = False       # biases on q, k, v and the output projection (GPT-2 has them)
   ln_epsilon: float = 1e-5
   lora_rank: int = 0                 # > 0: LoRA adapters of this rank on every attention projection

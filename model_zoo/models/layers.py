@@ -19,7 +19,7 @@ N query heads, K key/value heads, E head dim, F d_ff).
 """
 import dataclasses
 import functools
-from typing import Any, Callable
+from typing import Any, Callable, Literal
 
 import flax.linen as nn
 import jax
@@ -28,6 +28,13 @@ import numpy as np
 
 Dtype = Any
 logical = nn.with_logical_partitioning
+
+# The choices of the options the families share. A model field typed with one of these (or with any
+# Literal) is checked by model_zoo.models.registry before anything is built or read: a misspelt value
+# is an error that lists the choices, never a silent default.
+Activation = Literal['gelu', 'gelu_exact', 'relu', 'swiglu']
+ComputeDtype = Literal['float32', 'bfloat16', 'float16']     # parameters stay float32
+AttentionImpl = Literal['', 'xla', 'cudnn']                   # '': JAX picks
 
 
 # Plain layers for the families without attention: kernels [in, out] named ('embed', 'mlp') and
@@ -206,7 +213,7 @@ class MLP(nn.Module):
   """Position-wise feed-forward block: GELU (tanh approximation: GPT-2, ViT; 'gelu_exact', with
   erf: BERT), ReLU (the original) or SwiGLU."""
   d_ff: int
-  activation: str = 'gelu'
+  activation: Activation = 'gelu'
   dropout_rate: float = 0.0
   use_bias: bool = True
   dtype: Dtype = jnp.float32
@@ -234,7 +241,7 @@ class BlockConfig:
   d_ff: int
   num_kv_heads: int = 0              # 0: one per query head; fewer: grouped-query attention
   pre_ln: bool = True                # x + F(LN(x)); False: LN(x + F(x)), the original
-  activation: str = 'gelu'           # of the MLP: gelu | gelu_exact | relu | swiglu
+  activation: Activation = 'gelu'    # of the MLP
   rotary: bool = False               # rotary positions in self-attention
   dropout_rate: float = 0.0          # on each sublayer's output and the MLP's hidden activations
   attention_bias: bool = False       # biases on q, k, v and the output projection

@@ -18,13 +18,12 @@ Batch statistics live in the 'batch_stats' collection; under jit over a batch sh
 devices, mu_B and var_B are those of the global batch (synchronised BN).
 """
 from functools import partial
-from typing import Sequence
+from typing import Literal, Sequence
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from model_zoo.errors import UserError
 from model_zoo.models import layers
 
 
@@ -59,16 +58,13 @@ class ResNet(nn.Module):
   """ResNet-18: stage_sizes (2, 2, 2, 2) basic; -34: (3, 4, 6, 3) basic; -50: (3, 4, 6, 3) bottleneck."""
   num_classes: int
   stage_sizes: Sequence[int] = (2, 2, 2, 2)
-  block: str = 'basic'        # basic | bottleneck
+  block: Literal['basic', 'bottleneck'] = 'basic'
   width: int = 64             # channels of the first stage (and the stem)
-  stem: str = 'imagenet'      # imagenet: 7x7/2 conv + 3x3/2 max-pool | cifar: 3x3 conv
+  stem: Literal['imagenet', 'cifar'] = 'imagenet'  # 7x7/2 conv + 3x3/2 max-pool | 3x3 conv
   bn_momentum: float = 0.9    # running average: r <- momentum * r + (1 - momentum) * batch statistic
 
   @nn.compact
   def __call__(self, x_BxHxWxC: jax.Array, *, train: bool) -> jax.Array:
-    if self.block not in ('basic', 'bottleneck') or self.stem not in ('imagenet', 'cifar'):
-      raise UserError(f'config.model.block must be basic|bottleneck and config.model.stem imagenet|cifar; '
-                      f'got {self.block!r}, {self.stem!r}')
     norm = partial(layers.batch_norm, train=train, momentum=self.bn_momentum, epsilon=1e-5)
     if self.stem == 'imagenet':
       h = nn.relu(norm(name='stem_bn')(_conv(self.width, 7, 2, name='stem_conv')(x_BxHxWxC)))

@@ -24,6 +24,8 @@ the last state of each call is kept in the 'cache' collection and the next call 
 so a sequence can be fed a prompt, then a token at a time. Shape letters: T time steps, D input
 size, F state size, G gates x F, V vocab, L classes.
 """
+from typing import Literal
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -123,7 +125,7 @@ class RNN(nn.Module):
 class RNNLM(nn.Module):
   """Language model: p(x_{t+1} | x_<=t) = softmax(W_o h_t + b_o) (lm_head), h_t from an embedding of x_t."""
   vocab_size: int
-  cell: str = 'lstm'                 # lstm | gru
+  cell: Literal['lstm', 'gru'] = 'lstm'
   num_layers: int = 2
   embed_size: int = 128
   hidden_size: int = 256
@@ -148,7 +150,7 @@ class RNNClassifier(nn.Module):
   """Reads an image row by row (T = image height steps of width * channels pixels) and
   classifies it from the last hidden state: logits = W_o h_T + b_o (cls_head)."""
   num_classes: int
-  cell: str = 'lstm'                 # lstm | gru
+  cell: Literal['lstm', 'gru'] = 'lstm'
   num_layers: int = 1
   hidden_size: int = 128
   dropout_rate: float = 0.0

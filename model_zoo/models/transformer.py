@@ -14,6 +14,8 @@ the sense of model_zoo.models.protocol (`decode=True` caches the decoder's keys 
 """
 import functools
 
+from typing import Literal
+
 import flax.linen as nn
 import jax.numpy as jnp
 
@@ -46,13 +48,13 @@ class Transformer(nn.Module):
   num_heads: int = 4
   d_ff: int = 512
   max_len: int = 256                 # longest sequence, for learned positions
-  positional: str = 'sinusoidal'     # sinusoidal | learned
-  activation: str = 'relu'           # relu | gelu | swiglu
+  positional: Literal['sinusoidal', 'learned'] = 'sinusoidal'
+  activation: layers.Activation = 'relu'
   pre_ln: bool = False
   share_embeddings: bool = True      # source, target and output share one matrix
   dropout_rate: float = 0.1
-  dtype: str = 'float32'             # compute dtype; parameters stay float32
-  attention_impl: str = ''           # '' (JAX picks) | 'xla' | 'cudnn'
+  dtype: layers.ComputeDtype = 'float32'
+  attention_impl: layers.AttentionImpl = ''
   decode: bool = False               # decoder self-attention keeps a key/value cache
 
   def setup(self):

@@ -50,6 +50,10 @@ class Task(abc.ABC):
     self.config = config
     self.info = info
 
+  @classmethod
+  def check_config(cls, config: ml_collections.ConfigDict):
+    """A UserError for a config this task cannot run, from the config alone (before any data is read)."""
+
   @abc.abstractmethod
   def init_state(self, rng: jax.Array, batch: dict):
     """A fresh train state; `batch` gives input shapes. Params may carry logical-axis boxes."""

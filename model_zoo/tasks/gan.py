@@ -34,6 +34,10 @@ CONFIDENT = 0.9
 class GANTask(Task):
   """Batches hold `image` in [0, 1]; labels, if any, are not used."""
 
+  @classmethod
+  def check_config(cls, config):
+    optimizers.check(config.discriminator_optimizer, config.num_train_steps, 'discriminator_optimizer')
+
   def __init__(self, config, info):
     super().__init__(config, info)
     image_shape = tuple(int(d) for d in np.shape(info.example['image']))

@@ -16,10 +16,11 @@ from model_zoo.tasks.classification import TextModel
 class MaskedLMTask(TextModel, SupervisedTask):
   head = 'mlm'
 
-  def build_model(self):
-    if not self.config.dataset.get('mlm_probability', 0) > 0:
-      raise UserError('task masked_lm needs config.dataset.mlm_probability > 0 (0.15 in BERT)')
-    return super().build_model()
+  @classmethod
+  def check_config(cls, config):
+    if not 0 < config.dataset.get('mlm_probability', 0) < 1:
+      raise UserError(f'task masked_lm needs config.dataset.mlm_probability in (0, 1) (0.15 in BERT), got '
+                      f'{config.dataset.get("mlm_probability")}')
 
   def model_kwargs(self, batch):
     return {**super().model_kwargs(batch), 'mlm_positions_BxM': batch['mlm_positions']}

@@ -115,8 +115,8 @@ class VAETask(_ReconstructionTask):
   """`config.likelihood`: 'bernoulli' (decoder logits) or 'gaussian' (decoder mean, std `config.decoder_std`)."""
   reconstruction_title = 'decoder mean at z = mu'
 
-  def __init__(self, config, info):
-    super().__init__(config, info)
+  @classmethod
+  def check_config(cls, config):
     if config.likelihood not in ('bernoulli', 'gaussian'):
       raise UserError(f"unknown likelihood {config.likelihood!r} in config.likelihood; known: bernoulli, gaussian")
     if not config.decoder_std > 0:

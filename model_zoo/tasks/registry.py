@@ -16,9 +16,9 @@ TASKS = {'classification': ClassificationTask, 'text_classification': TextClassi
          'autoencoder': AutoencoderTask, 'vae': VAETask}
 
 
-def check_name(config):
-  """A UserError now, before any data is read, if config.task is not a task."""
-  lookup(TASKS, config.task, 'task', 'task')
+def check(config):
+  """A UserError now, before any data is read, if config.task is not a task or its options do not fit it."""
+  lookup(TASKS, config.task, 'task', 'task').check_config(config)
 
 
 def build(config, info: DataInfo) -> Task:

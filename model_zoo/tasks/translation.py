@@ -62,21 +62,28 @@ def corpus_scores(hypotheses: list[str], references: list[str], bleu_tokenize: s
 class TranslationTask(SupervisedTask):
   """Batches hold the packed rows of model_zoo.data.translation."""
 
-  def build_model(self):
-    if self.info.tokenizer.vocab_size != self.config.dataset.vocab_size:
-      raise UserError(f'config.dataset.vocab_size={self.config.dataset.vocab_size} but the tokenizer has '
-                      f'{self.info.tokenizer.vocab_size} tokens; set them equal')
-    d = self.config.decode
+  @classmethod
+  def check_config(cls, config):
+    d = config.decode
     if d.beam_size < 1 or d.max_len < 1 or d.alpha < 0:
       raise UserError(f'config.decode needs beam_size >= 1, max_len >= 1 and alpha >= 0; got {d.beam_size}, '
                       f'{d.max_len}, {d.alpha}')
-    if not 0 <= self.config.label_smoothing < 1:
-      raise UserError(f'config.label_smoothing must be in [0, 1), got {self.config.label_smoothing}')
-    m, ds = self.config.model, self.config.dataset
+    if not 0 <= config.label_smoothing < 1:
+      raise UserError(f'config.label_smoothing must be in [0, 1), got {config.label_smoothing}')
+    import sacrebleu  # pylint: disable=g-import-not-at-top
+    if d.bleu_tokenize and d.bleu_tokenize not in sacrebleu.metrics.BLEU.TOKENIZERS:
+      raise UserError(f'config.decode.bleu_tokenize={d.bleu_tokenize!r} is not a sacrebleu tokenizer; one of '
+                      f'{", ".join(sacrebleu.metrics.BLEU.TOKENIZERS)} (or \'\' for the data set\'s own)')
+    m, ds = config.model, config.dataset
     if m.positional == 'learned' and max(ds.src_len, ds.tgt_len, d.max_len) > m.max_len:
       raise UserError(f'learned positions cover model.max_len={m.max_len} tokens, but dataset.src_len='
                       f'{ds.src_len}, dataset.tgt_len={ds.tgt_len} and decode.max_len={d.max_len}; raise '
                       f'model.max_len or use sinusoidal positions')
+
+  def build_model(self):
+    if self.info.tokenizer.vocab_size != self.config.dataset.vocab_size:
+      raise UserError(f'config.dataset.vocab_size={self.config.dataset.vocab_size} but the tokenizer has '
+                      f'{self.info.tokenizer.vocab_size} tokens; set them equal')
     return registry.build(self.config.model, vocab_size=self.config.dataset.vocab_size)
 
   def model_inputs(self, batch):

@@ -3,8 +3,14 @@
 Each step directory holds `state` (the train state, restorable onto any mesh), `data`
 (the grain iterator state, one JSON file per process) and `log` (the per-step metrics
 not yet averaged into a metrics.jsonl line), committed atomically.
+
+A step directory that is incomplete or damaged (a part missing, a JSON file cut short) is never
+restored: `latest_step` passes over it and says so. Training moves it aside (`set_aside`), so that
+the step can be saved again, and deletes nothing.
 """
+import json
 import os
+import shutil
 
 import grain
 import jax
@@ -34,8 +40,50 @@ class Checkpoints:
                        'data': grain.checkpoint.CheckpointHandler(),
                        'log': ocp.JsonCheckpointHandler()})
 
-  def latest_step(self) -> int | None:
-    return self.manager.latest_step()
+  def latest_step(self, training: bool = False, report=print) -> int | None:
+    """The latest step whose checkpoint is complete (with `training`, also its input-pipeline
+    position and log); each newer one it passes over is reported with what is wrong with it."""
+    for step in sorted(self.all_steps(), reverse=True):
+      problem = self.problem(step, training)
+      if problem is None:
+        return step
+      report(f'skipping the checkpoint at step {step} in {self.directory}: {problem}')
+    return None
+
+  def problem(self, step: int, training: bool = False) -> str | None:
+    """What makes the checkpoint at `step` unusable (for evaluation, or with `training` for
+    resuming too), or None. Reads only metadata."""
+    path = os.path.join(self.directory, str(step))
+    parts = ['state'] + (['data', 'log'] if training else [])
+    missing = [p for p in parts if not os.path.isdir(os.path.join(path, p))]
+    if missing:
+      return f'it has no {" or ".join(p + "/" for p in missing)} (a save that did not finish, or removed files)'
+    files = [os.path.join(path, 'state', '_METADATA')]
+    if training:
+      data = os.path.join(path, 'data')
+      files += [os.path.join(data, n) for n in sorted(os.listdir(data)) if n.endswith('.json')]
+      if len(files) == 1:
+        return 'its data/ holds no input-pipeline position'
+      files.append(os.path.join(path, 'log', 'metadata'))
+    for name in files:
+      try:
+        with open(name) as f:
+          json.load(f)
+      except (OSError, ValueError) as e:
+        return f'{os.path.relpath(name, path)} cannot be read ({type(e).__name__}: {str(e).splitlines()[0]})'
+    return None
+
+  def set_aside(self, step: int) -> str:
+    """Moves the step directory out of the way (into checkpoints-skipped/ beside it) and returns where."""
+    target = os.path.join(os.path.dirname(self.directory), 'checkpoints-skipped', str(step))
+    n = 0
+    while os.path.exists(target + (f'.{n}' if n else '')):
+      n += 1
+    target += f'.{n}' if n else ''
+    os.makedirs(os.path.dirname(target), exist_ok=True)
+    shutil.move(os.path.join(self.directory, str(step)), target)
+    self.manager.reload()
+    return target
 
   def all_steps(self) -> list[int]:
     return list(self.manager.all_steps())
@@ -58,6 +106,10 @@ class Checkpoints:
     if step not in self.all_steps():
       raise UserError(f'no checkpoint for step {step} in {self.directory}; '
                       f'there are: {self.all_steps() or "none"}')
+    problem = self.problem(step, training=data_iterator is not None)
+    if problem is not None:
+      raise UserError(f'the checkpoint at step {step} in {self.directory} cannot be used: {problem}; '
+                      f'choose another --step (there are: {self.all_steps()})')
     self._check_fits(step, abstract_state)
     if data_iterator is not None:
       self._check_process_count(step)
@@ -67,10 +119,11 @@ class Checkpoints:
     try:
       restored = self.manager.restore(step, args=ocp.args.Composite(**args))
       return restored['state'] if data_iterator is None else (restored['state'], restored['log'])
-    except (ValueError, KeyError, TypeError) as e:
-      raise UserError(f'the checkpoint at step {step} in {self.directory} does not fit the configured '
-                      f'model or optimizer ({str(e).splitlines()[0]}). Use the config it was trained '
-                      f'with, or a new --workdir') from e
+    except Exception as e:  # pylint: disable=broad-except
+      # The shapes fit (checked above), so a failure here is in the files themselves.
+      raise UserError(f'the checkpoint at step {step} in {self.directory} could not be read '
+                      f'({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ""}); it may be damaged: '
+                      f'move {os.path.join(self.directory, str(step))} aside to use the one before it') from e
 
   def restore_tree(self, step: int) -> dict:
     """The state at `step` as nested dicts of host numpy arrays, whatever model wrote it (fine-tuning

@@ -71,6 +71,20 @@ def _finite(metrics: list[dict], step: int) -> list[dict]:
   return metrics
 
 
+def _resume_step(ckpt) -> int | None:
+  """The latest complete checkpoint; newer, incomplete ones are moved aside (by process 0), not deleted,
+  so that their steps can be saved again."""
+  start = ckpt.latest_step(training=True, report=lambda m: print(m, flush=True) if jax.process_index() == 0 else None)
+  newer = [s for s in ckpt.all_steps() if start is None or s > start]
+  if newer:
+    if jax.process_index() == 0:
+      for step in newer:
+        print(f'moved the unusable checkpoint of step {step} to {ckpt.set_aside(step)}', flush=True)
+    multihost_utils.sync_global_devices('model_zoo: incomplete checkpoints moved aside')
+    ckpt.manager.reload()
+  return start
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str):
   """Trains `config` in `workdir`, resuming from its latest checkpoint if there is one."""
   run = prepare(config, workdir, [config.dataset.train_split, config.dataset.eval_split], staging=True)
@@ -86,7 +100,7 @@ def _train(run):
   train_iter = pipeline.train_iterator(train_data, batch_size=config.batch_size, seed=config.seed,
                                        prefetch=config.dataset.prefetch)
   ckpt = exp.checkpoints(workdir.path)
-  start = ckpt.latest_step()
+  start = _resume_step(ckpt)
   if start is None:
     start, state, pending = 0, exp.init_state(), []
   else:

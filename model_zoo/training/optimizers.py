@@ -20,6 +20,29 @@ from model_zoo.errors import UserError
 from model_zoo.models import protocol
 
 
+NAMES = ('sgd', 'momentum', 'nesterov', 'adam', 'adamw', 'rmsprop', 'adafactor', 'lion')
+SCHEDULES = ('constant', 'warmup_cosine', 'warmup_linear', 'rsqrt')
+
+
+def check(cfg: ml_collections.ConfigDict, num_train_steps: int, key: str = 'optimizer'):
+  """A UserError, before anything is built, for an optimizer config (`config.<key>`) that cannot be."""
+  def need(ok, what):
+    if not ok:
+      raise UserError(f'config.{key}.{what}')
+  lookup(dict.fromkeys(NAMES), cfg.name, 'optimizer', f'{key}.name')
+  lookup(dict.fromkeys(SCHEDULES), cfg.schedule, 'schedule', f'{key}.schedule')
+  need(cfg.learning_rate > 0, f'learning_rate must be > 0, got {cfg.learning_rate}')
+  need(cfg.weight_decay >= 0, f'weight_decay must be >= 0, got {cfg.weight_decay}')
+  need(cfg.grad_clip_norm >= 0, f'grad_clip_norm must be >= 0, got {cfg.grad_clip_norm}')
+  need(0 <= cfg.warmup_steps <= num_train_steps,
+       f'warmup_steps must be in [0, num_train_steps={num_train_steps}], got {cfg.warmup_steps}')
+  need(0 <= cfg.end_learning_rate_factor <= 1, f'end_learning_rate_factor must be in [0, 1], got '
+       f'{cfg.end_learning_rate_factor}')
+  for name in ('momentum', 'b1', 'b2'):
+    need(0 <= cfg[name] < 1, f'{name} must be in [0, 1), got {cfg[name]}')
+  need(0 < cfg.get('layer_decay', 1.0) <= 1, f'layer_decay must be in (0, 1], got {cfg.get("layer_decay")}')
+
+
 def schedule(cfg: ml_collections.ConfigDict, num_train_steps: int) -> optax.Schedule:
   lr, warmup = cfg.learning_rate, cfg.warmup_steps
   end = lr * cfg.end_learning_rate_factor

@@ -6,7 +6,32 @@ import time
 
 import jax
 
+from model_zoo.data.base import write_atomically
+from model_zoo.errors import UserError
 from model_zoo.workdir import Workdir
+
+
+def read_metrics(path: str) -> tuple[list[dict], bool]:
+  """The records of a metrics.jsonl, and whether its last line was cut short (a process killed while
+  writing it), which is left out. Any other line that is not a JSON object is a UserError."""
+  with open(path, 'rb') as f:
+    lines = f.read().split(b'\n')
+  records, cut = [], False
+  for i, line in enumerate(lines):
+    if not line.strip():
+      continue
+    try:
+      record = json.loads(line)
+      if not isinstance(record, dict) or 'step' not in record:
+        raise ValueError('not a {"step": ...} object')
+    except ValueError as e:
+      if i == len(lines) - 1:  # no newline after it: the write of this line never finished
+        cut = True
+        continue
+      raise UserError(f'line {i + 1} of {path} is damaged ({str(e).splitlines()[0]}); fix or remove that line '
+                      f'(the run\'s checkpoints do not depend on it)') from e
+    records.append(record)
+  return records, cut
 
 
 class MetricWriter:
@@ -21,13 +46,14 @@ class MetricWriter:
     if not self.enabled:
       return
     path = workdir.metrics
-    kept = []
     if os.path.exists(path):
-      with open(path) as f:
-        kept = [line for line in f if line.strip() and json.loads(line)['step'] <= start_step]
-    self.file = open(path, 'w')
-    self.file.writelines(kept)
-    self.file.flush()
+      records, cut = read_metrics(path)
+      if cut:
+        print(f'left out the last line of {path}: it was cut short', flush=True)
+      kept = [r for r in records if r['step'] <= start_step]
+      if len(kept) < len(records) or cut:  # rewritten whole, so that a kill now loses nothing
+        write_atomically(path, ''.join(json.dumps(r) + '\n' for r in kept).encode())
+    self.file = open(path, 'a')
     self.tb = _summary_writer()(workdir.tensorboard, purge_step=start_step + 1 if start_step else None)
 
   def write(self, step: int, split: str, metrics: dict[str, float]):

@@ -4,8 +4,10 @@ across a document or pair boundary.
 
 Documents (`PackedRows`): every document becomes [BOS] + tokens + [EOS]; the documents of a split,
 in order, form one stream cut into rows of `seq_len` + 1 tokens that overlap by one. `weights` is 1
-exactly where a target is the next token of the same document, so every real target of a split is
-counted once over all rows: evaluation over the rows is exact.
+exactly where a target is the next token of the same document (its tokens and its EOS), so every
+real target of a split is counted once over all rows: evaluation over the rows is exact. Where one
+id is BOS, EOS and padding alike (GPT-2's <|endoftext|>), the special ids of the stream pair up as
+(BOS, EOS) of each document, so a document starts at every other one of them.
 
 Pairs (`PackedPairs`): consecutive pairs share a row while both sides fit. Each row:
   src, src_segments, src_positions                                                  [S]
@@ -22,7 +24,7 @@ import numpy as np
 
 from model_zoo.data.base import temp_path
 from model_zoo.data.tokenizers import BOS_ID, EOS_ID, PAD_ID
-
+from model_zoo.errors import UserError
 
 
 def _stream_dtype(vocab_size: int):
@@ -68,12 +70,19 @@ def encode_documents(docs: Sequence[str], tokenizer, cache: str | None) -> np.nd
   return np.load(cache, mmap_mode='r')
 
 
-def _doc_starts(stream: np.ndarray, bos_id: int, chunk: int = 1 << 24) -> np.ndarray:
-  """Indices of the BOS tokens (document starts) in the stream, in order."""
+def _doc_starts(stream: np.ndarray, bos_id: int, eos_id: int, chunk: int = 1 << 24) -> np.ndarray:
+  """Indices of the documents' BOS tokens (document starts) in the stream, in order."""
   dtype = np.int32 if len(stream) < np.iinfo(np.int32).max else np.int64
   parts = [np.flatnonzero(stream[lo:lo + chunk] == bos_id).astype(dtype) + dtype(lo)
            for lo in range(0, len(stream), chunk)]
-  return np.concatenate(parts) if parts else np.zeros(0, dtype)
+  found = np.concatenate(parts) if parts else np.zeros(0, dtype)
+  if bos_id != eos_id:
+    return found
+  # One id for both: BOS, EOS, BOS, EOS, ... and each EOS right before the next BOS.
+  if len(found) % 2 or np.any(found[2::2] != found[1:-1:2] + 1) or (len(found) and found[0] != 0):
+    raise UserError(f'a document contains the tokenizer\'s BOS/EOS token (id {bos_id}) in its text, so documents '
+                    f'cannot be told apart; remove that token from the text')
+  return found[0::2]
 
 
 class PackedRows:
@@ -87,9 +96,10 @@ class PackedRows:
     weights (float32): 1 where the target is the next token of the input's document.
   """
 
-  def __init__(self, stream: np.ndarray, seq_len: int, bos_id: int = BOS_ID, pad_id: int = PAD_ID):
+  def __init__(self, stream: np.ndarray, seq_len: int, bos_id: int = BOS_ID, pad_id: int = PAD_ID,
+               eos_id: int = EOS_ID):
     self.stream, self.seq_len, self.pad_id = stream, seq_len, pad_id
-    self.doc_starts = _doc_starts(stream, bos_id)
+    self.doc_starts = _doc_starts(stream, bos_id, eos_id)
     self._len = max(0, -(-(len(stream) - 1) // seq_len))
 
   def __len__(self):

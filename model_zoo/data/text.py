@@ -67,7 +67,7 @@ def language_modeling(documents: Callable[[ml_collections.ConfigDict, str], Sequ
       tokenizer = tokenizers.build(config, files, train_texts)
       stream = packing.encode_documents(docs, tokenizer, files.new_encoded(name) if name and files.new_encoded
                                         else None)
-    source = packing.PackedRows(stream, seq_len, tokenizer.bos_id, tokenizer.pad_id)
+    source = packing.PackedRows(stream, seq_len, tokenizer.bos_id, tokenizer.pad_id, tokenizer.eos_id)
     return Dataset(source, lambda ex: ex, tokenizer=tokenizer)
   return load
 

@@ -3,7 +3,8 @@
 
 The prompt fills the cache in one call (prefill); then each step feeds back one token. Prompts
 of different lengths are left-padded (segment id 0 marks padding, positions count real tokens),
-so all rows decode in lockstep. Sampling: greedy (temperature 0), temperature, top-k, top-p
+so all rows decode in lockstep. Which tokens are padding is given by the prompts' lengths, not by
+their ids: a tokenizer may pad with its BOS id (GPT-2's <|endoftext|> is both). Sampling: greedy (temperature 0), temperature, top-k, top-p
 (nucleus: the smallest set of tokens whose probability adds up to at least p).
 """
 import functools
@@ -37,11 +38,15 @@ def sample_logits(logits_BxV, rng, *, temperature: float, top_k: int = 0, top_p:
 @functools.partial(jax.jit, static_argnames=('model', 'max_new_tokens', 'temperature', 'top_k', 'top_p',
                                              'eos_id', 'pad_id'))
 def generate(model: nn.Module, params, prompt_BxT, rng, *, max_new_tokens: int, temperature: float = 1.0,
-             top_k: int = 0, top_p: float = 1.0, eos_id: int | None = None, pad_id: int = 0):
-  """-> new tokens [B, max_new_tokens]; after a row's `eos_id` the rest of it is `pad_id`."""
+             top_k: int = 0, top_p: float = 1.0, eos_id: int | None = None, pad_id: int = 0, lengths_B=None):
+  """-> new tokens [B, max_new_tokens]; after a row's `eos_id` the rest of it is `pad_id`.
+  `lengths_B`: each left-padded prompt's length (default: its tokens that are not `pad_id`)."""
   b, t = prompt_BxT.shape
   decoder = model.clone(decode=True)
-  valid_BxT = prompt_BxT != pad_id
+  if lengths_B is None:
+    valid_BxT = prompt_BxT != pad_id
+  else:
+    valid_BxT = jnp.arange(t)[None, :] >= t - jnp.asarray(lengths_B)[:, None]
   positions_BxT = jnp.maximum(jnp.cumsum(valid_BxT, -1) - 1, 0)
   cache = protocol.init_cache(model, jnp.zeros((b, t + max_new_tokens), jnp.int32))
   logits_BxTxV, variables = decoder.apply(

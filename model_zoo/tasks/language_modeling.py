@@ -17,6 +17,11 @@ from model_zoo.tasks.base import SupervisedTask
 from model_zoo.training import perf
 
 
+def _until(ids: list[int], eos_id: int) -> list[int]:
+  """The tokens before the first `eos_id` (generation pads the rest)."""
+  return ids[:ids.index(eos_id)] if eos_id in ids else ids
+
+
 class LanguageModelingTask(SupervisedTask):
   """Batches hold `inputs`, `targets`, `positions`, `segment_ids` and `weights`, each [B, T]."""
 
@@ -89,5 +94,5 @@ class LanguageModelingTask(SupervisedTask):
       prompt_BxT[row, width - len(ids):] = ids  # left-padded: every row ends where decoding starts
     new_BxU = sampling.generate(self.model, params, jnp.asarray(prompt_BxT), rng, max_new_tokens=max_new_tokens,
                                 temperature=temperature, top_k=top_k, top_p=top_p, eos_id=tok.eos_id,
-                                pad_id=tok.pad_id)
-    return [tok.decode([t for t in row if t != tok.pad_id]) for row in np.asarray(new_BxU).tolist()]
+                                pad_id=tok.pad_id, lengths_B=np.array([len(ids) for ids in encoded], np.int32))
+    return [tok.decode(_until(row, tok.eos_id)) for row in np.asarray(new_BxU).tolist()]

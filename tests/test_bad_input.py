@@ -85,6 +85,7 @@ DOES_NOT_APPLY = [
     ('model.lora_rank', 4, ['config.model.lora_rank', 'is not an option of model']),
     ('freeze', 'backbone', ['config.freeze', 'config.init_from']),
     ('init_from', '/nonexistent/run', ['config.init_from', '/nonexistent/run']),
+    ('grad_accum_steps', 2, ['config.grad_accum_steps=2', 'does not apply to the GAN']),
 ]
 
 
@@ -117,6 +118,8 @@ def _cases():
       applies = _has(config, key) and not (key == 'dataset.classes' and config.dataset.name in IMAGE_CLASSIFICATION)
       if key.startswith('model.'):
         applies = not _has(config, key)   # an option of another family
+      if key == 'grad_accum_steps':
+        applies = config.task == 'gan'
       if applies:
         cases.append(pytest.param(name, key, value, words, id=f'{name}-{key}={value}-does-not-apply'))
   return cases

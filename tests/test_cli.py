@@ -196,3 +196,4 @@ def test_signal_saves_the_current_step_and_resumes_exactly(tmp_path, uninterrupt
   proc = run_cli('train.py', MLP, f'--workdir={workdir}', *LONG, check=True)
   assert f'resumed from the checkpoint at step {stopped}' in proc.stdout
   _assert_same_run(workdir, uninterrupted)
+

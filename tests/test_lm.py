@@ -174,10 +174,21 @@ def test_bfloat16_compute_keeps_float32_parameters():
   logits32 = jax.jit(lambda p: model32.apply({'params': p}, tokens, train=False))(params)
   logits16 = jax.jit(lambda p: model16.apply({'params': p}, tokens, train=False))(params)
   assert logits16.dtype == jnp.float32  # the loss is computed in float32
-  assert not np.array_equal(logits16, logits32)
-  np.testing.assert_allclose(logits16, logits32, atol=0.05)
+  # bfloat16 keeps 8 bits of mantissa (relative rounding 2^-8 = 0.4%): through two blocks the error stays a
+  # few percent of the logits' spread; a wrong computation would be of the order of the spread itself.
+  err, spread = float(jnp.max(jnp.abs(logits16 - logits32))), float(jnp.std(logits32))
+  assert 0 < err < 0.05 * spread, (err, spread)
   grads = jax.jit(jax.grad(lambda p: model16.apply({'params': p}, tokens, train=False).mean()))(params)
   assert all(g.dtype == jnp.float32 for g in jax.tree.leaves(grads))
+
+
+def test_a_bfloat16_run_trains_through_the_loop(tmp_path):
+  config = tiny_config('gpt', **{**GPT_TINY, 'model.dtype': 'bfloat16', 'num_train_steps': 30,
+                                 'optimizer.learning_rate': 3e-3})
+  loop.train_and_evaluate(config, str(tmp_path))
+  with open(os.path.join(tmp_path, 'metrics.jsonl')) as f:
+    train = [m for m in map(json.loads, f) if m['split'] == 'train']
+  assert all(np.isfinite(m['loss']) for m in train) and train[-1]['loss'] < train[0]['loss'] - 0.5, train
 
 
 def test_lora_adapters_start_at_the_base_model_and_are_what_freeze_trains():

@@ -9,10 +9,11 @@ import pytest
 import tensorflow_datasets as tfds
 
 from helpers import tiny_config
-from model_zoo.data import registry
+from model_zoo.data import pipeline, registry
 from model_zoo.evaluation import evaluate
 from model_zoo.experiment import build_experiment
 from model_zoo.training import loop, sharding
+from model_zoo.training.checkpoints import Checkpoints
 
 
 @pytest.mark.parametrize('name', ['mlp', 'cnn'])
@@ -88,3 +89,58 @@ def test_tfds_dataset_through_the_loop(tmp_path):
   lines = [json.loads(line) for line in open(tmp_path / 'metrics.jsonl')]
   assert lines[-1]['split'] == 'eval' and lines[-1]['step'] == 10
   assert np.isfinite(lines[-1]['loss'])
+
+
+def test_gradient_accumulation_weights_micro_batches_by_their_tokens():
+  """A token loss is a mean over tokens: micro-batches holding 32 and 2 targets must not count alike."""
+  results = []
+  for steps in (1, 4):
+    config = tiny_config('gpt', grad_accum_steps=steps, batch_size=16,
+                         **{'model.num_layers': 1, 'model.d_model': 32, 'model.num_heads': 2, 'model.d_ff': 64,
+                            'dataset.seq_len': 16, 'model.dropout_rate': 0.0, 'optimizer.name': 'sgd',
+                            'optimizer.learning_rate': 0.5, 'optimizer.schedule': 'constant', 'mesh.data': 1,
+                            'mesh.fsdp': 1, 'mesh.tensor': 8})
+    data = registry.load(config.dataset, 'train')
+    exp = build_experiment(config, data.info)
+    state = exp.init_state()
+    batch = jax.tree.map(lambda *rows: np.stack(rows), *[data.source[i] for i in range(16)])
+    # micro-batch i takes rows i, i + 4, ...: rows 0, 4, 8, 12 keep every target, the others 2 of 16
+    batch['weights'] = np.where(np.arange(16)[:, None] % 4 == 0, batch['weights'],
+                                batch['weights'] * (np.arange(16) < 2)).astype(np.float32)
+    step = jax.jit(exp.task.train_step, in_shardings=(exp.state_shardings, sharding.batch_sharding(exp.mesh), None))
+    new_state, metrics = step(state, sharding.to_global(batch, exp.mesh), jax.random.key(0))
+    results.append((jax.device_get(new_state.params), float(metrics['loss'])))
+  (p1, loss1), (p4, loss4) = results
+  assert loss1 == pytest.approx(loss4, rel=1e-5)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6), p1, p4)
+
+
+def test_a_diverged_run_keeps_no_checkpoint_after_its_last_finite_loss(tmp_path, monkeypatch):
+  """One training image is NaN: the loss is finite until the step whose batch holds it. Checkpoints come
+  every 2 steps and log lines every 3, so the guard must look at the steps since the last log line."""
+  from model_zoo.data import images  # pylint: disable=g-import-not-at-top
+  from model_zoo.errors import UserError  # pylint: disable=g-import-not-at-top
+  load = images._load_digits
+  config = tiny_config('mlp', num_train_steps=40, checkpoint_every_steps=2, log_every_steps=3, eval_every_steps=40,
+                       max_checkpoints_to_keep=100)
+  for row in range(0, 200, 7):   # a row whose batch comes late enough for some checkpoints to be written first
+    def poisoned(row=row):
+      x, y = load()
+      x = x.copy()
+      x[row] = np.nan
+      return x, y
+    monkeypatch.setattr(images, '_load_digits', poisoned)
+    data = registry.load(config.dataset, 'train')
+    batches = pipeline.train_iterator(data, batch_size=config.batch_size, seed=config.seed, prefetch=0)
+    first_nan = next(s for s in range(1, 100) if np.isnan(next(batches)['image']).any())
+    if 8 < first_nan < 40 and first_nan % 3:
+      break
+  caught_at = next(s for s in range(first_nan, 100) if s % 2 == 0 or s % 3 == 0)  # the next checkpoint or log line
+  workdir = str(tmp_path / 'run')
+  with pytest.raises(UserError, match=f'training diverged: the loss is not finite by step {caught_at}\\.'):
+    loop.train_and_evaluate(config, workdir)
+  ckpt = Checkpoints(os.path.join(workdir, 'checkpoints'))
+  saved = ckpt.all_steps()
+  assert saved == list(range(2, first_nan, 2)), (saved, first_nan)
+  assert all(np.isfinite(x).all() for x in jax.tree.leaves(ckpt.restore_tree(saved[-1])))
+  ckpt.close()

@@ -103,7 +103,13 @@ class Task(abc.ABC):
 
 
 class SupervisedTask(Task):
-  """One model, one optimizer. Subclasses write `loss_fn`; gradient accumulation is here."""
+  """One model, one optimizer. Subclasses write `loss_fn`; gradient accumulation is here.
+
+  Accumulation weights each micro-batch by `loss_weight` (the count its mean loss divides by: its
+  examples, or its targets for token losses), so `grad_accum_steps` micro-batches give the gradient
+  of one big batch. The exception is BatchNorm: each micro-batch is normalised by its own statistics
+  (and updates the running ones in turn), as smaller batches on more devices would be.
+  """
 
   def __init__(self, config, info):
     super().__init__(config, info)
@@ -126,6 +132,10 @@ class SupervisedTask(Task):
   @abc.abstractmethod
   def loss_fn(self, params, model_state, batch, rng):
     """-> (scalar loss, (metrics, new model_state)) on a training batch."""
+
+  def loss_weight(self, batch) -> jax.Array:
+    """What `loss_fn`'s mean divides by on this batch; the number of examples unless overridden."""
+    return jnp.float32(jax.tree.leaves(batch)[0].shape[0])
 
   def init_state(self, rng, batch):
     params_rng, dropout_rng = jax.random.split(rng)
@@ -167,12 +177,14 @@ class SupervisedTask(Task):
         grads_sum, model_state = carry
         i, mb = inputs
         (_, (m, model_state)), g = grad_fn(state.params, model_state, mb, jax.random.fold_in(rng, i))
-        return (jax.tree.map(jnp.add, grads_sum, g), model_state), m
+        w = self.loss_weight(mb)
+        return (jax.tree.map(lambda s, g: s + w * g, grads_sum, g), model_state), (m, w)
 
       zeros = jax.tree.map(jnp.zeros_like, state.params)
-      (grads, model_state), metrics = jax.lax.scan(
+      (grads, model_state), (metrics, w_A) = jax.lax.scan(
           accumulate, (zeros, state.model_state), (jnp.arange(steps), micro))
-      grads = jax.tree.map(lambda g: g / steps, grads)
-      metrics = jax.tree.map(lambda m: m.mean(0), metrics)
+      total = jnp.maximum(jnp.sum(w_A), 1.0)   # as losses.means counts an empty batch as one
+      grads = jax.tree.map(lambda g: g / total, grads)
+      metrics = jax.tree.map(lambda m: jnp.sum(m * w_A) / total, metrics)
     metrics = {**metrics, 'grad_norm': optax.tree.norm(grads)}
     return state.apply_gradients(grads, model_state), metrics

@@ -32,6 +32,9 @@ class ClassificationTask(SupervisedTask):
     metrics = losses.means(losses.token_sums(logits, *self.labels_and_weights(batch)))
     return metrics['loss'], (metrics, model_state)
 
+  def loss_weight(self, batch):
+    return jnp.sum(self.labels_and_weights(batch)[1])
+
   def eval_step(self, state, batch):
     logits = self.predict(state, batch)
     labels, weights = self.labels_and_weights(batch)

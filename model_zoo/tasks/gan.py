@@ -20,6 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from model_zoo.errors import UserError
 from model_zoo.evaluation import plots
 from model_zoo.models import registry
 from model_zoo.tasks import losses
@@ -37,6 +38,9 @@ class GANTask(Task):
   @classmethod
   def check_config(cls, config):
     optimizers.check(config.discriminator_optimizer, config.num_train_steps, 'discriminator_optimizer')
+    if config.grad_accum_steps != 1:
+      raise UserError(f'config.grad_accum_steps={config.grad_accum_steps} does not apply to the GAN, whose '
+                      f'discriminator and generator updates alternate on whole batches; set it to 1')
 
   def __init__(self, config, info):
     super().__init__(config, info)

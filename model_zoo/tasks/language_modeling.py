@@ -47,6 +47,9 @@ class LanguageModelingTask(SupervisedTask):
     metrics = losses.means(losses.token_sums(logits_BxTxV, batch['targets'], batch['weights']))
     return metrics['loss'], (metrics, model_state)
 
+  def loss_weight(self, batch):
+    return jnp.sum(batch['weights'])
+
   def eval_step(self, state, batch):
     logits_BxTxV = self.predict(state, batch)
     w_BxT = batch['weights'] * batch['mask'][:, None]

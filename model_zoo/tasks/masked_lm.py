@@ -35,6 +35,9 @@ class MaskedLMTask(TextModel, SupervisedTask):
     metrics = losses.means(self._sums(logits, batch, batch['mlm_weights']))
     return metrics['loss'], (metrics, model_state)
 
+  def loss_weight(self, batch):
+    return jnp.sum(batch['mlm_weights'])
+
   def eval_step(self, state, batch):
     sums = self._sums(self.predict(state, batch), batch, batch['mlm_weights'] * batch['mask'][:, None])
     return {k: sums[k] for k in ('loss_sum', 'correct', 'count')}

@@ -104,6 +104,9 @@ class TranslationTask(SupervisedTask):
                            nll=True)
     return metrics['loss'], ({k: metrics[k] for k in ('loss', 'nll', 'accuracy')}, model_state)
 
+  def loss_weight(self, batch):
+    return jnp.sum(batch['tgt_segments'] != 0).astype(jnp.float32)
+
   def eval_step(self, state, batch):
     return self._sums(self.predict(state, batch), batch, (batch['tgt_segments'] != 0) * batch['mask'][:, None])
 

@@ -158,7 +158,7 @@ def test_the_tokenizer_file_damaged(tmp_path):
   config = tiny_config('gpt', **{'num_train_steps': 2, 'checkpoint_every_steps': 2, 'log_every_steps': 2,
                                  'eval_every_steps': 2, 'optimizer.warmup_steps': 1, 'model.num_layers': 1})
   workdir = str(tmp_path / 'run')
-  loop.train_and_evaluate(config, workdir)
+  os.makedirs(workdir)   # the tokenizer is read before anything else of the workdir
   for content, problem in ((b'', 'the file is empty'), (b'garbage', 'it cannot be parsed')):
     open(f'{workdir}/tokenizer.model', 'wb').write(content)
     for call in (lambda: loop.train_and_evaluate(config, workdir), lambda: evaluate.evaluate(config, workdir)):

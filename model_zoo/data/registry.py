@@ -12,7 +12,7 @@ import numpy as np
 
 from model_zoo.config import lookup
 from model_zoo.data import augment as augment_lib
-from model_zoo.data import images, text, text_classification, translation
+from model_zoo.data import images, text, text_classification, tokenizers, translation
 from model_zoo.data.base import Dataset, Files
 from model_zoo.errors import UserError
 
@@ -45,6 +45,9 @@ IMAGE_CLASSIFICATION = ('digits', 'mnist', 'fashion_mnist', 'cifar10')
 def check_name(dataset_config: ml_collections.ConfigDict):
   """A UserError now, before anything is read, if config.dataset.name is not a data set."""
   lookup(DATASETS, dataset_config.name, 'data set', 'dataset.name')
+  kind = dataset_config.get('tokenizer')
+  if kind is not None and not kind.startswith('hf:') and kind not in tokenizers.KINDS:
+    raise UserError(f'unknown tokenizer {kind!r} in config.dataset.tokenizer; known: {", ".join(tokenizers.KINDS)}')
   if dataset_config.get('classes', '') and dataset_config.name not in IMAGE_CLASSIFICATION:
     raise UserError(f'config.dataset.classes applies to the image classification data sets '
                     f'({", ".join(IMAGE_CLASSIFICATION)}), not {dataset_config.name!r}; set it to \'\'')

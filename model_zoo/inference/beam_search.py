@@ -11,7 +11,9 @@ alpha = 0 ranks by log-probability alone. Each step extends the J alive hypothes
 token and ranks the extensions; those among the best J that end in EOS join the finished set
 (which keeps its J best), and the J best that do not end in EOS stay alive (as in fairseq).
 An example is done once it has J finished hypotheses (early stop at end-of-sentence, as fairseq
-and Hugging Face's early_stopping=True); with J = 1 this is exactly greedy search.
+and Hugging Face's early_stopping=True): from then on its finished set is frozen while the other
+examples of the batch go on, so a batch decodes each example as it would alone. With J = 1 this is
+exactly greedy search.
 """
 import jax
 import jax.numpy as jnp
@@ -86,9 +88,11 @@ def beam_search(step_fn, cache, batch_size: int, *, beam_size: int, max_len: int
     alive_seq_BxJxU = _gather(seq_Bx2JxU, pick_BxJ)
     cache = _gather_cache(cache, _gather(beam_Bx2J, pick_BxJ))
 
-    # Those among the best J that end here join the finished set, which keeps its J best.
+    # Those among the best J that end here join the finished set, which keeps its J best; the set of an
+    # example that was already done stays as it was.
     in_top_j_Bx2J = jnp.arange(2 * j)[None, :] < j
-    new_score_Bx2J = jnp.where(is_eos_Bx2J & is_real_Bx2J & in_top_j_Bx2J,
+    done_Bx1 = finished_score_BxJ[:, -1:] > NEG_INF / 2
+    new_score_Bx2J = jnp.where(is_eos_Bx2J & is_real_Bx2J & in_top_j_Bx2J & ~done_Bx1,
                                top_logp_Bx2J / length_penalty(i + 1, alpha), NEG_INF)
     finished_score_BxJ, pick_BxJ = jax.lax.top_k(jnp.concatenate([finished_score_BxJ, new_score_Bx2J], 1), j)
     finished_seq_BxJxU = _gather(jnp.concatenate([finished_seq_BxJxU, seq_Bx2JxU], 1), pick_BxJ)

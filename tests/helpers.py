@@ -53,6 +53,10 @@ def run_cli(script, *args, devices=1, timeout=300, check=False):
   return proc
 
 
-def read_metrics(workdir, drop=('steps_per_sec',)):
+# Measured speeds: they differ from run to run, so comparisons of two runs leave them out.
+TIMINGS = ('steps_per_sec', 'tokens_per_sec', 'tflops_per_sec', 'mfu')
+
+
+def read_metrics(workdir, drop=TIMINGS):
   with open(os.path.join(workdir, 'metrics.jsonl')) as f:
     return [{k: v for k, v in json.loads(line).items() if k not in drop} for line in f]

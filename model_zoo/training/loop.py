@@ -4,6 +4,7 @@ config -> checks, data and task (model_zoo.experiment, nothing written yet) -> s
 restored with the pipeline's position) -> the work directory's files -> jitted steps ->
 metrics.jsonl, TensorBoard, checkpoints.
 """
+import os
 import signal
 
 import jax
@@ -13,23 +14,35 @@ import numpy as np
 from jax.experimental import multihost_utils
 
 from model_zoo.data import pipeline
-from model_zoo.data.base import Dataset
+from model_zoo.data.base import Dataset, write_atomically
 from model_zoo.errors import UserError
 from model_zoo.experiment import Experiment, prepare
 from model_zoo.training import sharding
 from model_zoo.training.writer import MetricWriter, Progress
 
 
+def fault_point(point: str, step: int):
+  """Fault injection, for the tests that kill training anywhere (tests/test_kill.py): with the environment
+  variable MODEL_ZOO_KILL_AT='<point>:<step>', this process kills itself (SIGKILL) there. Points: 'step'
+  (after the update of `step`), 'eval' (halfway through the evaluation at `step`), 'save' (while the
+  checkpoint of `step` is being written, asynchronously)."""
+  if os.environ.get('MODEL_ZOO_KILL_AT') == f'{point}:{step}':
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
 def make_eval_fn(exp: Experiment):
-  """-> evaluate(state, data): the task's metrics and summed stats over a whole split."""
+  """-> evaluate(state, data, step=None): the task's metrics and summed stats over a whole split."""
   eval_step = jax.jit(exp.task.eval_step, in_shardings=(exp.state_shardings, sharding.batch_sharding(exp.mesh)))
   add = jax.jit(lambda a, b: jax.tree.map(jnp.add, a, b))
 
-  def evaluate(state, data: Dataset):
+  def evaluate(state, data: Dataset, step: int | None = None):
     totals = None
-    for local in pipeline.eval_batches(data, batch_size=exp.config.batch_size, prefetch=exp.config.dataset.prefetch):
+    for i, local in enumerate(pipeline.eval_batches(data, batch_size=exp.config.batch_size,
+                                                    prefetch=exp.config.dataset.prefetch)):
       stats = eval_step(state, sharding.to_global(local, exp.mesh))
       totals = stats if totals is None else add(totals, stats)
+      if i == 0 and step is not None:
+        fault_point('eval', step)
     totals = jax.tree.map(np.asarray, jax.device_get(totals))
     return exp.task.eval_metrics(totals), totals
   return evaluate
@@ -110,8 +123,7 @@ def _train(run):
   # Only now, with the config checked against data, model, mesh, batch and checkpoint, is the workdir written.
   run.commit()
   if jax.process_index() == 0:
-    with open(workdir.config, 'w') as f:
-      f.write(config.to_json_best_effort(indent=2, sort_keys=True))
+    write_atomically(workdir.config, config.to_json_best_effort(indent=2, sort_keys=True).encode())
   writer = MetricWriter(workdir, start)
   evaluate = make_eval_fn(exp)
   train_rng = jax.random.fold_in(jax.random.key(config.seed), 1)
@@ -130,6 +142,7 @@ def _train(run):
       if len(pending) > 1:  # at most one step in flight: a stop signal is served within a step or two
         jax.block_until_ready(pending[-2])
       stopping = stop(step)
+      fault_point('step', step)
       if step % config.log_every_steps == 0 or step == total:
         host = _finite(jax.device_get(pending), step)
         rate = progress.rate(step)
@@ -140,12 +153,13 @@ def _train(run):
         writer.write(step, 'train', {**means, **speed})
         progress.report(step, means, speed)
       if step % config.eval_every_steps == 0 or step == total:
-        eval_metrics, _ = evaluate(state, eval_data)
+        eval_metrics, _ = evaluate(state, eval_data, step)
         writer.write(step, 'eval', eval_metrics)
         print(f'eval at step {step}: ' + '  '.join(f'{k} {v:.4g}' for k, v in eval_metrics.items()),
               flush=True)
       if step % config.checkpoint_every_steps == 0 or step == total or stopping:
         ckpt.save(step, state, train_iter, _finite(jax.device_get(pending), step))
+        fault_point('save', step)
       if stopping:
         print(f'stopped by signal at step {step}; checkpoint saved; run the same command to resume',
               flush=True)

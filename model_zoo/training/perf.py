@@ -2,9 +2,11 @@
 
 GPUs: the vendor's dense peak for the compute dtype, times the number of devices. CPUs have no
 such number, and fake CPU devices share the same cores: the peak is measured as the best of a
-few large matmuls, once per process and dtype.
+few large matmuls, once per process and dtype: n = 2048 and 4096, or the sizes listed in the
+environment variable MODEL_ZOO_PEAK_PROBE_SIZES (the tests set 256, where MFU is not what is tested).
 """
 import functools
+import os
 import time
 
 import jax
@@ -20,10 +22,15 @@ GPU_PEAKS = {
 }
 
 
+def _probe_sizes() -> tuple[int, ...]:
+  return tuple(int(n) for n in os.environ.get('MODEL_ZOO_PEAK_PROBE_SIZES', '2048,4096').split(','))
+
+
 @functools.cache
-def measured_matmul_peak(dtype: str = 'float32', sizes: tuple[int, ...] = (2048, 4096), repeats: int = 3) -> float:
+def measured_matmul_peak(dtype: str = 'float32', sizes: tuple[int, ...] | None = None, repeats: int = 3) -> float:
   """Best FLOP/s of n x n x n matmuls on the default device (the best over sizes and repeats)."""
   best = 0.0
+  sizes = sizes or _probe_sizes()
   for n in sizes:
     a = jax.random.normal(jax.random.key(0), (n, n), jnp.dtype(dtype))
     f = jax.jit(lambda x, y: x @ y)

@@ -1,0 +1,75 @@
+"""Kill anywhere: training is killed with SIGKILL (model_zoo.training.loop.fault_point) before its first
+checkpoint, between two checkpoints, during an evaluation and while a checkpoint is being written, one
+after another, each time resumed by the same command; the run then ends with parameters and metrics
+bit-identical to an uninterrupted one. For the CNN, GPT (a SentencePiece tokenizer trained by the first,
+killed, run), BERT masked-LM (masks drawn from the stream position), translation and the GAN."""
+import os
+import signal
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+
+from conftest import ROOT
+from helpers import read_metrics, xla_flags
+from model_zoo.training.checkpoints import Checkpoints
+
+STEPS = ['--config.num_train_steps=12', '--config.log_every_steps=2', '--config.eval_every_steps=6',
+         '--config.checkpoint_every_steps=4', '--config.max_checkpoints_to_keep=10', '--config.optimizer.warmup_steps=1']
+FAMILIES = {
+    'cnn': ['--config=configs/cnn.py', '--config.batch_size=32', '--config.model.features=(8,16)',
+            '--config.model.dense_size=32'],
+    'gpt': ['--config=configs/gpt.py', '--config.model.num_layers=1', '--config.model.d_model=32',
+            '--config.model.num_heads=2', '--config.model.d_ff=64', '--config.dataset.seq_len=32',
+            '--config.dataset.vocab_size=384', '--config.batch_size=16'],
+    'bert_pretrain': ['--config=configs/bert_pretrain.py', '--config.model.num_layers=1', '--config.model.d_model=32',
+                      '--config.model.num_heads=2', '--config.model.d_ff=64', '--config.dataset.vocab_size=400',
+                      '--config.dataset.seq_len=32', '--config.batch_size=16'],
+    'transformer': ['--config=configs/transformer.py', '--config.model.num_encoder_layers=1',
+                    '--config.model.num_decoder_layers=1', '--config.model.d_model=32', '--config.model.num_heads=2',
+                    '--config.model.d_ff=64', '--config.dataset.train_examples=400', '--config.dataset.vocab_size=296',
+                    '--config.batch_size=16'],
+    'gan': ['--config=configs/gan.py', '--config.model.latent_dim=8', '--config.model.generator_features=8',
+            '--config.model.discriminator_features=8', '--config.batch_size=32'],
+}
+# Where each run of the chain is killed: before the first checkpoint (4), between checkpoints 4 and 8,
+# during the evaluation at step 6, and while checkpoint 8 is being written. The last run is not killed.
+KILLS = ['step:2', 'step:6', 'eval:6', 'save:8']
+
+
+def _train(workdir, args, kill_at=None):
+  env = dict(os.environ, XLA_FLAGS=xla_flags(1))
+  env.pop('MODEL_ZOO_KILL_AT', None)
+  if kill_at:
+    env['MODEL_ZOO_KILL_AT'] = kill_at
+  return subprocess.run([sys.executable, os.path.join(ROOT, 'train.py'), *args, *STEPS, f'--workdir={workdir}'],
+                        cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+
+
+def _state(workdir, step=12):
+  ckpt = Checkpoints(os.path.join(workdir, 'checkpoints'))
+  try:
+    return ckpt.restore_tree(step)
+  finally:
+    ckpt.close()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize('name', list(FAMILIES))
+def test_killed_anywhere_and_resumed_equals_uninterrupted(tmp_path, name):
+  reference, workdir = str(tmp_path / 'uninterrupted'), str(tmp_path / 'killed')
+  proc = _train(reference, FAMILIES[name])
+  assert proc.returncode == 0, proc.stderr
+  survived = 0
+  for kill_at in KILLS:
+    proc = _train(workdir, FAMILIES[name], kill_at)
+    assert proc.returncode == -signal.SIGKILL, (kill_at, proc.returncode, proc.stderr[-2000:])
+    survived += 1
+  proc = _train(workdir, FAMILIES[name])
+  assert proc.returncode == 0, proc.stderr
+  assert 'resumed from the checkpoint at step' in proc.stdout
+  assert read_metrics(workdir) == read_metrics(reference)
+  jax.tree.map(np.testing.assert_array_equal, _state(workdir), _state(reference))
+  assert survived == len(KILLS)

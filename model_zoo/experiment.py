@@ -17,6 +17,7 @@ import flax.linen as nn
 import jax
 import ml_collections
 import numpy as np
+from jax.experimental import multihost_utils
 
 from model_zoo import config as config_lib
 from model_zoo.data import registry as data_registry
@@ -136,15 +137,49 @@ class Run:
 
   def load(self, splits) -> dict[str, Dataset]:
     """The data of `splits` (loaded once each), reading and staging files as the first splits did."""
-    files = self.workdir.data_files(self.staging, self.tokenizer_from)
     for split in splits:
-      if split not in self.data:
+      if split in self.data:
+        continue
+      files = self.workdir.data_files(self.staging, self.tokenizer_from)
+      if not self.data and self.staging is not None and jax.process_count() > 1:
+        self.data[split] = self._load_first_of_several_processes(split, files)
+      else:
         self.data[split] = data_registry.load(self.config.dataset, split, files)
     return {split: self.data[split] for split in splits}
 
+  def _load_first_of_several_processes(self, split: str, files) -> Dataset:
+    """Process 0 loads first and trains the tokenizer, if the run needs a new one; the others receive
+    its bytes and use them (so that one tokenizer is trained, and only process 0 writes it)."""
+    proto, failure = b'', None
+    if jax.process_index() == 0:
+      try:
+        data = data_registry.load(self.config.dataset, split, files)
+      except UserError as e:
+        failure, proto = e, None   # the others must not wait for a tokenizer that will not come
+      if failure is None and files.new_tokenizer and os.path.exists(files.new_tokenizer):
+        with open(files.new_tokenizer, 'rb') as f:
+          proto = f.read()
+    proto = _broadcast_bytes(proto)
+    if failure is not None:
+      raise failure
+    if proto is None:
+      raise UserError('process 0 could not load the data set; its error says why')
+    if jax.process_index() == 0:
+      return data
+    if proto:   # staged here too (this process commits nothing), so that the later splits use it
+      print(f'process {jax.process_index()}: using the tokenizer that process 0 trained', flush=True)
+      path = self.staging.path(os.path.basename(self.workdir.tokenizer))
+      os.makedirs(os.path.dirname(path), exist_ok=True)
+      with open(path, 'wb') as f:
+        f.write(proto)
+      files = self.workdir.data_files(self.staging, self.tokenizer_from)
+    return data_registry.load(self.config.dataset, split, files)
+
   def commit(self):
     """Moves the staged files into the work directory, and copies the tokenizer of the run that
-    fine-tuning starts from; creates the work directory."""
+    fine-tuning starts from; creates the work directory. With several processes, process 0 does it."""
+    if jax.process_index() != 0:
+      return
     copies = {}
     if self.tokenizer_from is not None and os.path.exists(self.tokenizer_from.tokenizer):
       copies[self.tokenizer_from.tokenizer] = os.path.basename(self.workdir.tokenizer)
@@ -154,6 +189,15 @@ class Run:
   def close(self):
     if self.staging is not None:
       self.staging.close()
+
+
+def _broadcast_bytes(data: bytes | None) -> bytes | None:
+  """Process 0's `data` (or None) on every process (a collective: every process must call it)."""
+  n = int(multihost_utils.broadcast_one_to_all(np.int32(-1 if data is None else len(data))))
+  if n <= 0:
+    return None if n < 0 else b''
+  buffer = np.frombuffer(data, np.uint8) if jax.process_index() == 0 else np.zeros(n, np.uint8)
+  return np.asarray(multihost_utils.broadcast_one_to_all(buffer)).tobytes()
 
 
 def prepare(config: ml_collections.ConfigDict, workdir: str, splits, *, staging: bool) -> Run:

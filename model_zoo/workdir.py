@@ -120,7 +120,10 @@ class Workdir:
     the run that fine-tuning starts from), and where it writes anything new: into `staging`, or, without
     one, nowhere (it is kept in memory)."""
     tokenizer = self.tokenizer
-    if not os.path.exists(tokenizer) and tokenizer_from is not None and os.path.exists(tokenizer_from.tokenizer):
+    staged = staging.path(os.path.basename(self.tokenizer)) if staging is not None else None
+    if not os.path.exists(tokenizer) and staged and os.path.exists(staged):
+      tokenizer = staged   # trained for this run by the split loaded first: the later splits use it
+    elif not os.path.exists(tokenizer) and tokenizer_from is not None and os.path.exists(tokenizer_from.tokenizer):
       tokenizer = tokenizer_from.tokenizer
     if staging is None:
       return Files(tokenizer=tokenizer, encoded=self.encoded)

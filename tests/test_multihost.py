@@ -36,3 +36,4 @@ def test_two_processes_train_like_one(tmp_path):
   proc = run_cli('train.py', '--config=configs/mlp.py', f'--workdir={multi}', *TINY, '--config.num_train_steps=80',
                  devices=8)
   assert proc.returncode == 1 and 'was written by 2 process(es) and this run has 1' in proc.stderr, proc.stderr
+

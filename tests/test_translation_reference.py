@@ -115,8 +115,10 @@ def naive_beam_search(logprobs_fn, *, beam_size, max_len, alpha, eos_id):
   hypothesis. Each step extends every alive hypothesis by every token; of the 2J best extensions,
   those among the best J that end in EOS are finished (score logp / ((5 + len) / 6)^alpha, len
   counting EOS) and the best J that do not stay alive; the finished set keeps its J best; the search
-  ends once it holds J, or after max_len tokens (then the best alive one, penalised at max_len)."""
+  ends once it holds J that no alive hypothesis can beat (at best log p / lp(max_len)), or after max_len
+  tokens (then the best finished one, or the best alive one)."""
   alive, finished = [((), 0.0)], []
+  lp_max = ((5 + max_len) / 6) ** alpha
   for i in range(max_len):
     candidates = []
     for prefix, logp in alive:
@@ -127,7 +129,7 @@ def naive_beam_search(logprobs_fn, *, beam_size, max_len, alpha, eos_id):
     finished += [(seq, logp / ((5 + i + 1) / 6) ** alpha) for seq, logp in top[:beam_size] if seq[-1] == eos_id]
     finished = sorted(finished, key=lambda c: -c[1])[:beam_size]
     alive = [c for c in top if c[0][-1] != eos_id][:beam_size]
-    if len(finished) == beam_size:
+    if len(finished) == beam_size and alive[0][1] / lp_max <= finished[-1][1]:
       break
   return list(finished[0][0]) if finished else list(alive[0][0])
 

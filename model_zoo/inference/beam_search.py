@@ -10,10 +10,10 @@ log p(y | x) / lp(y) with the length penalty lp(y) = ((5 + |y|) / 6) ** alpha (|
 alpha = 0 ranks by log-probability alone. Each step extends the J alive hypotheses by every
 token and ranks the extensions; those among the best J that end in EOS join the finished set
 (which keeps its J best), and the J best that do not end in EOS stay alive (as in fairseq).
-An example is done once it has J finished hypotheses (early stop at end-of-sentence, as fairseq
-and Hugging Face's early_stopping=True): from then on its finished set is frozen while the other
-examples of the batch go on, so a batch decodes each example as it would alone. With J = 1 this is
-exactly greedy search.
+An example is done once it has J finished hypotheses and no alive one can still beat the worst of
+them: log-probabilities only fall, so an alive hypothesis scores at best its log p / lp(max_len).
+From then on its finished set is frozen while the other examples of the batch go on, so a batch
+decodes each example exactly as it would alone.
 """
 import jax
 import jax.numpy as jnp
@@ -66,13 +66,18 @@ def beam_search(step_fn, cache, batch_size: int, *, beam_size: int, max_len: int
   alive one. `cache` holds B * beam_size rows."""
   b, j = batch_size, beam_size
 
-  def cond(carry):
-    i, _, _, _, finished_score_BxJ, _ = carry
+  def done(alive_logp_BxJ, finished_score_BxJ):
     has_j_finished_B = finished_score_BxJ[:, -1] > NEG_INF / 2
-    return (i < max_len) & ~jnp.all(has_j_finished_B)
+    best_possible_B = alive_logp_BxJ[:, 0] / length_penalty(max_len, alpha)
+    return has_j_finished_B & (best_possible_B <= finished_score_BxJ[:, -1])
+
+  def cond(carry):
+    i, _, alive_logp_BxJ, _, finished_score_BxJ, _ = carry
+    return (i < max_len) & ~jnp.all(done(alive_logp_BxJ, finished_score_BxJ))
 
   def body(carry):
     i, cache, alive_logp_BxJ, alive_seq_BxJxU, finished_score_BxJ, finished_seq_BxJxU = carry
+    done_Bx1 = done(alive_logp_BxJ, finished_score_BxJ)[:, None]
     last_BxJ = jnp.where(i == 0, bos_id, alive_seq_BxJxU[:, :, jnp.maximum(i - 1, 0)])
     logits_RxV, cache = step_fn(last_BxJ.reshape(b * j, 1), cache, i)
     v = logits_RxV.shape[-1]
@@ -91,7 +96,6 @@ def beam_search(step_fn, cache, batch_size: int, *, beam_size: int, max_len: int
     # Those among the best J that end here join the finished set, which keeps its J best; the set of an
     # example that was already done stays as it was.
     in_top_j_Bx2J = jnp.arange(2 * j)[None, :] < j
-    done_Bx1 = finished_score_BxJ[:, -1:] > NEG_INF / 2
     new_score_Bx2J = jnp.where(is_eos_Bx2J & is_real_Bx2J & in_top_j_Bx2J & ~done_Bx1,
                                top_logp_Bx2J / length_penalty(i + 1, alpha), NEG_INF)
     finished_score_BxJ, pick_BxJ = jax.lax.top_k(jnp.concatenate([finished_score_BxJ, new_score_Bx2J], 1), j)

@@ -34,9 +34,9 @@ FAMILIES = {
     'gan': ['--config=configs/gan.py', '--config.model.latent_dim=8', '--config.model.generator_features=8',
             '--config.model.discriminator_features=8', '--config.batch_size=32'],
 }
-# Where each run of the chain is killed: before the first checkpoint (4), between checkpoints 4 and 8,
-# during the evaluation at step 6, and while checkpoint 8 is being written. The last run is not killed.
-KILLS = ['step:2', 'step:6', 'eval:6', 'save:8']
+# Where each run of the chain is killed: before the first checkpoint (4); during the evaluation at step 6,
+# between checkpoints 4 and 8; while checkpoint 8 is being written. The last run is not killed.
+KILLS = ['step:2', 'eval:6', 'save:8']
 
 
 def _train(workdir, args, kill_at=None):

@@ -57,6 +57,16 @@ def run_cli(script, *args, devices=1, timeout=300, check=False):
 TIMINGS = ('steps_per_sec', 'tokens_per_sec', 'tflops_per_sec', 'mfu')
 
 
+def saved_state(workdir, step):
+  """The train state of `workdir`'s checkpoint at `step`, as nested dicts of numpy arrays."""
+  from model_zoo.training.checkpoints import Checkpoints  # pylint: disable=g-import-not-at-top
+  ckpt = Checkpoints(os.path.join(workdir, 'checkpoints'))
+  try:
+    return ckpt.restore_tree(step)
+  finally:
+    ckpt.close()
+
+
 def read_metrics(workdir, drop=TIMINGS):
   with open(os.path.join(workdir, 'metrics.jsonl')) as f:
     return [{k: v for k, v in json.loads(line).items() if k not in drop} for line in f]

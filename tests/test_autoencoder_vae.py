@@ -14,7 +14,7 @@ from model_zoo.evaluation import evaluate
 from model_zoo import experiment
 from model_zoo.experiment import build_experiment
 from model_zoo.models import autoencoder, vae
-from model_zoo.tasks import losses, reconstruction
+from model_zoo.tasks import losses
 from model_zoo.training import loop, sharding
 
 TINY_AE = {'model.latent_dim': 4, 'model.hidden_sizes': (32,)}

@@ -9,11 +9,10 @@ import jax
 import numpy as np
 import pytest
 
-from helpers import read_metrics, run_cli, tiny_config
+from helpers import read_metrics, run_cli, saved_state, tiny_config
 from model_zoo.evaluation import evaluate
 from model_zoo.experiment import prepare
 from model_zoo.training import loop
-from model_zoo.training.checkpoints import Checkpoints
 
 GPT = {'model.num_layers': 2, 'model.d_model': 64, 'model.num_heads': 4, 'model.d_ff': 128, 'dataset.seq_len': 32,
        'batch_size': 16, 'num_train_steps': 20, 'checkpoint_every_steps': 10, 'log_every_steps': 5,
@@ -70,11 +69,8 @@ def test_resume_on_another_mesh_and_evaluate_on_one_device(tmp_path, trained):
   for a, b in zip(ours, theirs):   # the same run up to the order of floating-point sums
     for k in a:
       assert a[k] == (b[k] if isinstance(b[k], str) else pytest.approx(b[k], rel=2e-4)), (a['step'], k)
-  ckpt_a, ckpt_b = Checkpoints(os.path.join(workdir, 'checkpoints')), Checkpoints(os.path.join(trained, 'checkpoints'))
   jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=2e-3, atol=2e-5),
-               ckpt_a.restore_tree(20), ckpt_b.restore_tree(20))
-  ckpt_a.close()
-  ckpt_b.close()
+               saved_state(workdir, 20), saved_state(trained, 20))
 
   # eval of the (2, 2, 2) run on (8, 1, 1), in this process, and on one device, through eval.py
   on_8 = evaluate.evaluate(_config('8x1x1'), trained)

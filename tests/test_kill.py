@@ -13,8 +13,7 @@ import numpy as np
 import pytest
 
 from conftest import ROOT
-from helpers import read_metrics, xla_flags
-from model_zoo.training.checkpoints import Checkpoints
+from helpers import read_metrics, saved_state, xla_flags
 
 STEPS = ['--config.num_train_steps=12', '--config.log_every_steps=2', '--config.eval_every_steps=6',
          '--config.checkpoint_every_steps=4', '--config.max_checkpoints_to_keep=10', '--config.optimizer.warmup_steps=1']
@@ -48,14 +47,6 @@ def _train(workdir, args, kill_at=None):
                         cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
 
 
-def _state(workdir, step=12):
-  ckpt = Checkpoints(os.path.join(workdir, 'checkpoints'))
-  try:
-    return ckpt.restore_tree(step)
-  finally:
-    ckpt.close()
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize('name', list(FAMILIES))
 def test_killed_anywhere_and_resumed_equals_uninterrupted(tmp_path, name):
@@ -71,5 +62,5 @@ def test_killed_anywhere_and_resumed_equals_uninterrupted(tmp_path, name):
   assert proc.returncode == 0, proc.stderr
   assert 'resumed from the checkpoint at step' in proc.stdout
   assert read_metrics(workdir) == read_metrics(reference)
-  jax.tree.map(np.testing.assert_array_equal, _state(workdir), _state(reference))
+  jax.tree.map(np.testing.assert_array_equal, saved_state(workdir, 12), saved_state(reference, 12))
   assert survived == len(KILLS)

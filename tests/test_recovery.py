@@ -8,7 +8,7 @@ import jax
 import numpy as np
 import pytest
 
-from helpers import read_metrics, tiny_config
+from helpers import read_metrics, saved_state, tiny_config
 from model_zoo.errors import UserError
 from model_zoo.evaluation import evaluate
 from model_zoo.training import loop
@@ -29,17 +29,9 @@ def reference(tmp_path_factory):
   return workdir
 
 
-def _params(workdir, step=80):
-  ckpt = Checkpoints(os.path.join(workdir, 'checkpoints'))
-  try:
-    return ckpt.restore_tree(step)
-  finally:
-    ckpt.close()
-
-
 def _same_run(workdir, reference):
   assert read_metrics(workdir) == read_metrics(reference)
-  jax.tree.map(np.testing.assert_array_equal, _params(workdir), _params(reference))
+  jax.tree.map(np.testing.assert_array_equal, saved_state(workdir, 80), saved_state(reference, 80))
 
 
 def _cut(path, keep):

@@ -74,7 +74,8 @@ class Checkpoints:
     return None
 
   def set_aside(self, step: int) -> str:
-    """Moves the step directory out of the way (into checkpoints-skipped/ beside it) and returns where."""
+    """Moves the step directory out of the way (into checkpoints-skipped/ beside it) and returns where;
+    `manager.reload()` then makes the manager forget it."""
     target = os.path.join(os.path.dirname(self.directory), 'checkpoints-skipped', str(step))
     n = 0
     while os.path.exists(target + (f'.{n}' if n else '')):
@@ -82,7 +83,6 @@ class Checkpoints:
     target += f'.{n}' if n else ''
     os.makedirs(os.path.dirname(target), exist_ok=True)
     shutil.move(os.path.join(self.directory, str(step)), target)
-    self.manager.reload()
     return target
 
   def all_steps(self) -> list[int]:

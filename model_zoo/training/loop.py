@@ -21,12 +21,15 @@ from model_zoo.training import sharding
 from model_zoo.training.writer import MetricWriter, Progress
 
 
+_KILL_AT = os.environ.get('MODEL_ZOO_KILL_AT')
+
+
 def fault_point(point: str, step: int):
   """Fault injection, for the tests that kill training anywhere (tests/test_kill.py): with the environment
   variable MODEL_ZOO_KILL_AT='<point>:<step>', this process kills itself (SIGKILL) there. Points: 'step'
   (after the update of `step`), 'eval' (halfway through the evaluation at `step`), 'save' (while the
   checkpoint of `step` is being written, asynchronously)."""
-  if os.environ.get('MODEL_ZOO_KILL_AT') == f'{point}:{step}':
+  if _KILL_AT is not None and _KILL_AT == f'{point}:{step}':
     os.kill(os.getpid(), signal.SIGKILL)
 
 

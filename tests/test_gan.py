@@ -63,7 +63,9 @@ def test_discriminator_and_its_minibatch_std_channel_by_hand():
   d = Discriminator(features=4)
   x_same = np.tile(np.random.default_rng(0).random((1, 8, 8, 1), np.float32), (6, 1, 1, 1))
   params = nn.unbox(d.init(jax.random.key(0), x_same, train=False))
-  assert _std_by_hand(d, params, x_same) == pytest.approx(1e-4)   # a collapsed batch: no spread
+  # The model's logits match the numpy ones only if it appended this std; the two batches are the two
+  # regimes: a collapsed batch (no spread: sqrt(1e-8)) and a spread one.
+  assert _std_by_hand(d, params, x_same) == pytest.approx(1e-4)
   assert _std_by_hand(d, params, np.random.default_rng(1).random((6, 8, 8, 1), np.float32)) > 0.01
 
 
@@ -107,8 +109,11 @@ def test_train_and_eval_commands(tmp_path):
   assert 'training the evaluation classifier' in proc.stdout
   with open(os.path.join(whole, 'eval.json')) as f:
     result = json.load(f)
-  assert 0 <= result['confident_share'] <= 1 and 0 <= result['class_spread'] <= 1
   assert sum(result['class_counts']) == 50
+  share = np.array([c for c in result['class_counts'] if c]) / 50   # the classes of the 50 samples
+  assert result['class_spread'] == pytest.approx(-(share * np.log(share)).sum() / np.log(10), abs=1e-6)
+  assert 0 <= result['confident_share'] <= 1 and result['confident_share'] * 50 == pytest.approx(
+      round(result['confident_share'] * 50))   # a share of the 50 samples
   assert os.path.exists(os.path.join(whole, 'samples.png'))
   assert os.path.exists(os.path.join(whole, 'classifier', 'eval.json'))
   # A classifier trained elsewhere is an input: used as it is, nothing trained, the same scores.

@@ -55,10 +55,23 @@ def test_bits_per_byte_counts_every_byte_of_the_split(tmp_path):
   data = registry.load(config.dataset, 'validation', Workdir(str(tmp_path)).data_files())
   exp = build_experiment(config, data.info)
   state = exp.checkpoints(str(tmp_path)).restore(5, exp.abstract_state)
-  _, stats = loop.make_eval_fn(exp)(state, data)
+  metrics, stats = loop.make_eval_fn(exp)(state, data)
   docs = text.pydoc(config.dataset, 'validation')
   assert stats['bytes'] == sum(len(d.encode()) for d in docs)
   assert stats['tokens'] == sum(len(data.tokenizer.encode(d)) + 1 for d in docs)  # + EOS per document
+  # The loss, by hand: -log softmax of every weighted target of every packed row, in float64.
+  rows = [data.preprocess(data.source[i]) for i in range(len(data.source))]
+  batch = {k: np.stack([r[k] for r in rows]) for k in rows[0]}
+  logits = np.asarray(exp.task.model.apply({'params': jax.device_get(state.params)}, batch['inputs'], train=False,
+                                           positions_BxT=batch['positions'], segment_ids_BxT=batch['segment_ids']),
+                      np.float64)
+  logp = logits - logits.max(-1, keepdims=True)
+  logp -= np.log(np.exp(logp).sum(-1, keepdims=True))
+  nll = -np.take_along_axis(logp, batch['targets'][..., None], -1)[..., 0]
+  loss_sum = float(np.sum(nll * batch['weights']))
+  assert metrics['loss'] == pytest.approx(loss_sum / stats['tokens'], rel=1e-5)
+  assert metrics['nats_per_byte'] == pytest.approx(loss_sum / sum(len(d.encode()) for d in docs), rel=1e-5)
+  assert metrics['bits_per_byte'] == pytest.approx(metrics['nats_per_byte'] / np.log(2))
 
 
 def _model_and_params(vocab=23, **kw):

@@ -6,7 +6,7 @@ import os
 import pytest
 
 from conftest import ROOT
-from helpers import preset, tiny_config
+from helpers import tiny_config
 from model_zoo.errors import UserError
 from model_zoo.training import loop
 from model_zoo.workdir import Workdir
@@ -24,22 +24,7 @@ def test_every_family_has_a_config():
           'autoencoder', 'vae', 'gan'} == set(CONFIGS)
 
 
-@pytest.mark.parametrize('name', CONFIGS)
-@pytest.mark.parametrize('mistake, message', [
-    ({'batch_size': 36}, 'batch_size=36 .*does not divide over 8 data-parallel devices'),
-    ({'model.name': 'mixr'}, "unknown model 'mixr'"),
-])
-def test_a_failed_check_leaves_no_workdir(tmp_path, name, mistake, message):
-  config = preset(name)
-  for key, value in mistake.items():
-    *path, leaf = key.split('.')
-    node = config
-    for p in path:
-      node = node[p]
-    node[leaf] = value
-  with pytest.raises(UserError, match=message):
-    loop.train_and_evaluate(config, str(tmp_path / 'run'))
-  assert _left_behind(tmp_path) == []
+# A failed check leaves no work directory: tests/test_bad_input.py's table, for every family.
 
 
 def test_a_tokenizer_is_kept_only_once_every_check_has_passed(tmp_path):

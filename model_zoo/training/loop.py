@@ -8,7 +8,6 @@ import os
 import signal
 
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from jax.experimental import multihost_utils
@@ -21,32 +20,31 @@ from model_zoo.training import sharding
 from model_zoo.training.writer import MetricWriter, Progress
 
 
-_KILL_AT = os.environ.get('MODEL_ZOO_KILL_AT')
+_KILL_AT = os.environ.get('MODEL_ZOO_KILL_AT', '').split(':')
 
 
 def fault_point(point: str, step: int):
-  """Fault injection, for the tests that kill training anywhere (tests/test_kill.py): with the environment
-  variable MODEL_ZOO_KILL_AT='<point>:<step>', this process kills itself (SIGKILL) there. Points: 'step'
-  (after the update of `step`), 'eval' (halfway through the evaluation at `step`), 'save' (while the
-  checkpoint of `step` is being written, asynchronously)."""
-  if _KILL_AT is not None and _KILL_AT == f'{point}:{step}':
-    os.kill(os.getpid(), signal.SIGKILL)
+  """Fault injection, for the tests that kill or stop training anywhere (tests/test_kill.py,
+  tests/test_multihost.py): with the environment variable MODEL_ZOO_KILL_AT='<point>:<step>[:<signal>]',
+  this process sends itself the signal (SIGKILL unless named, e.g. SIGTERM) there. Points: 'step' (after
+  the update of `step`), 'eval' (halfway through the evaluation at `step`), 'save' (while the checkpoint of
+  `step` is being written, asynchronously)."""
+  if _KILL_AT[:2] == [point, str(step)]:
+    os.kill(os.getpid(), getattr(signal, _KILL_AT[2] if len(_KILL_AT) > 2 else 'SIGKILL'))
 
 
 def make_eval_fn(exp: Experiment):
   """-> evaluate(state, data, step=None): the task's metrics and summed stats over a whole split."""
   eval_step = jax.jit(exp.task.eval_step, in_shardings=(exp.state_shardings, sharding.batch_sharding(exp.mesh)))
-  add = jax.jit(lambda a, b: jax.tree.map(jnp.add, a, b))
 
   def evaluate(state, data: Dataset, step: int | None = None):
     totals = None
     for i, local in enumerate(pipeline.eval_batches(data, batch_size=exp.config.batch_size,
                                                     prefetch=exp.config.dataset.prefetch)):
-      stats = eval_step(state, sharding.to_global(local, exp.mesh))
-      totals = stats if totals is None else add(totals, stats)
+      stats = jax.tree.map(np.asarray, jax.device_get(eval_step(state, sharding.to_global(local, exp.mesh))))
+      totals = stats if totals is None else jax.tree.map(np.add, totals, stats)
       if i == 0 and step is not None:
         fault_point('eval', step)
-    totals = jax.tree.map(np.asarray, jax.device_get(totals))
     return exp.task.eval_metrics(totals), totals
   return evaluate
 

@@ -15,7 +15,6 @@ feature map) is `generator/stem`, its upsampling block `generator/block_0`, its 
 `discriminator/logit_head`. Shape letters: Z latents, C channels (F = `features` of the networks).
 """
 import flax.linen as nn
-import jax
 import jax.numpy as jnp
 
 from model_zoo.models import layers

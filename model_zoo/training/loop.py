@@ -41,6 +41,8 @@ def make_eval_fn(exp: Experiment):
     totals = None
     for i, local in enumerate(pipeline.eval_batches(data, batch_size=exp.config.batch_size,
                                                     prefetch=exp.config.dataset.prefetch)):
+      # Summed on the host, in the stats' own dtype (the same float32 adds): a device-side add between the
+      # eval steps' all-reduces deadlocked two CPU processes (gloo) in about a third of runs.
       stats = jax.tree.map(np.asarray, jax.device_get(eval_step(state, sharding.to_global(local, exp.mesh))))
       totals = stats if totals is None else jax.tree.map(np.add, totals, stats)
       if i == 0 and step is not None:

@@ -159,7 +159,7 @@ class Staging:
         continue
       tmp = temp_path(target)
       (shutil.move if source in moves else shutil.copyfile)(source, tmp)
-      os.replace(tmp, target)   # every process may commit the same bytes: each rename is whole
+      os.replace(tmp, target)   # each rename is whole
 
   def close(self):
     shutil.rmtree(self.directory, ignore_errors=True)

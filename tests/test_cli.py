@@ -6,12 +6,12 @@ import subprocess
 import sys
 import time
 
+import jax
 import numpy as np
-import orbax.checkpoint as ocp
 import pytest
 
 from conftest import ROOT
-from helpers import TINY, read_metrics, run_cli, xla_flags
+from helpers import TINY, read_metrics, run_cli, saved_state, xla_flags
 
 MLP = '--config=configs/mlp.py'
 
@@ -156,10 +156,6 @@ def uninterrupted(tmp_path_factory):
   return workdir
 
 
-def _final_state(workdir):
-  return ocp.StandardCheckpointer().restore(os.path.join(workdir, 'checkpoints', '1000', 'state'))
-
-
 def _start_and_wait_for_checkpoint(workdir, step):
   env = dict(os.environ, XLA_FLAGS=xla_flags(1))
   proc = subprocess.Popen([sys.executable, 'train.py', MLP, f'--workdir={workdir}', *LONG], cwd=ROOT,
@@ -173,11 +169,7 @@ def _start_and_wait_for_checkpoint(workdir, step):
 
 
 def _assert_same_run(workdir, reference):
-  a, b = _final_state(workdir), _final_state(reference)
-  flat_a, flat_b = ocp.tree.to_flat_dict(a), ocp.tree.to_flat_dict(b)
-  assert flat_a.keys() == flat_b.keys()
-  for k in flat_a:
-    np.testing.assert_array_equal(flat_a[k], flat_b[k], err_msg=str(k))
+  jax.tree.map(np.testing.assert_array_equal, saved_state(workdir, 1000), saved_state(reference, 1000))
   assert read_metrics(workdir) == read_metrics(reference)
 
 

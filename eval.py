@@ -4,6 +4,7 @@
   python eval.py --config=configs/gpt.py --workdir=runs/gpt --mode=sample --prompt="The with statement"
   python eval.py --config=configs/transformer.py --workdir=runs/mt --mode=translate --input="three hundred and five"
   python eval.py --config=configs/bert_finetune.py --workdir=runs/cls --mode=export   # LoRA merged, safetensors
+  python eval.py --config=configs/gpt.py --workdir=runs/gpt --quantize=int8     # eval-int8.json, any --mode
 """
 from absl import flags
 
@@ -24,6 +25,10 @@ TEMPERATURE = flags.DEFINE_float('temperature', 0.8, 'Sampling temperature; 0 = 
 TOP_K = flags.DEFINE_integer('top_k', 0, 'Sample from the k most likely tokens; 0 = all.')
 TOP_P = flags.DEFINE_float('top_p', 0.95, 'Nucleus sampling mass; 1 = off.')
 SEED = flags.DEFINE_integer('seed', 0, 'Sampling seed.')
+QUANTIZE = flags.DEFINE_enum('quantize', None, ['int8', 'int8_dynamic', 'int4', 'int4_gptq'],
+                             'Post-training quantization of the trained weights before any --mode: int8 weights, '
+                             'int8 weights and inputs, int4 weights rounded to nearest, or by GPTQ. Saved in '
+                             '<workdir>/quantized/<SCHEME>/ and reused; --mode=eval writes eval-<SCHEME>.json.')
 
 
 def main(config, workdir):
@@ -31,13 +36,13 @@ def main(config, workdir):
   if MODE.value == 'sample':
     evaluate.sample(config, workdir, PROMPT.value, step=STEP.value, seed=SEED.value,
                     max_new_tokens=MAX_NEW_TOKENS.value, temperature=TEMPERATURE.value, top_k=TOP_K.value,
-                    top_p=TOP_P.value, num_samples=NUM_SAMPLES.value)
+                    top_p=TOP_P.value, num_samples=NUM_SAMPLES.value, quantize=QUANTIZE.value)
   elif MODE.value == 'translate':
-    evaluate.translate(config, workdir, INPUT.value, step=STEP.value)
+    evaluate.translate(config, workdir, INPUT.value, step=STEP.value, quantize=QUANTIZE.value)
   elif MODE.value == 'export':
-    evaluate.export(config, workdir, OUTPUT.value, step=STEP.value)
+    evaluate.export(config, workdir, OUTPUT.value, step=STEP.value, quantize=QUANTIZE.value)
   else:
-    evaluate.evaluate(config, workdir, STEP.value)
+    evaluate.evaluate(config, workdir, STEP.value, quantize=QUANTIZE.value)
 
 
 if __name__ == '__main__':

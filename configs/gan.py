@@ -36,5 +36,7 @@ def get_config():
   # classifier_workdir ('' = <workdir>/classifier), which eval.py trains first if it has no checkpoint.
   config.classifier = cnn.get_config()
   config.classifier_workdir = ''
+  # The generator is the model a GAN deploys: quantization leaves the discriminator float.
+  config.quantization.modules = r'generator/(.*/)?block_\d+(/.*)?'
   config.lock()
   return config

@@ -57,6 +57,18 @@ def base_config() -> ml_collections.ConfigDict:
   c.optimizer.b2 = 0.999
   c.optimizer.layer_decay = 1.0      # < 1: layer-wise lr decay, lr * layer_decay^(depth from the top)
 
+  # Quantization (model_zoo.compression.quantization, through qwix): int weights, and int8 inputs if asked.
+  c.quantization = ml_collections.ConfigDict()
+  c.quantization.mode = 'none'           # none | ptq (eval.py quantizes the trained float model, as --quantize
+  #                                        would with these settings) | qat (fine-tune init_from quantized)
+  c.quantization.weight_dtype = 'int8'   # int8 | int4
+  c.quantization.act_dtype = 'none'      # none (weights only) | int8 (each input row quantized as it comes)
+  c.quantization.calibration = 'absmax'  # absmax (scale = max |w| / 127.5 per channel) | gptq (PTQ, int weights
+  #                                        rounded against the inputs of calibration_batches training batches)
+  c.quantization.calibration_batches = 8
+  c.quantization.tile_size = 0           # dense layers: one scale per this many inputs; 0 = per output channel
+  c.quantization.modules = r'(.*/)?block_\d+(/.*)?'  # regex on module paths: by default the blocks' layers
+
   # Devices: a mesh over all of them. -1 takes what the other axes leave.
   c.mesh = ml_collections.ConfigDict()
   c.mesh.data = -1

@@ -20,6 +20,7 @@ import numpy as np
 from jax.experimental import multihost_utils
 
 from model_zoo import config as config_lib
+from model_zoo.compression import quantization
 from model_zoo.data import registry as data_registry
 from model_zoo.data.base import DataInfo, Dataset
 from model_zoo.errors import UserError
@@ -59,6 +60,7 @@ class Experiment:
 def check(config: ml_collections.ConfigDict) -> jax.sharding.Mesh:
   """Everything that can be checked from the config alone; -> the device mesh."""
   config_lib.validate(config)
+  quantization.check(config)
   optimizers.check(config.optimizer, config.num_train_steps)
   task_registry.check(config)
   model_registry.check(config.model)
@@ -68,11 +70,13 @@ def check(config: ml_collections.ConfigDict) -> jax.sharding.Mesh:
   return mesh
 
 
-def build_experiment(config: ml_collections.ConfigDict, info: DataInfo, mesh=None) -> Experiment:
-  """The task built on `info`, and the shapes and shardings of its state (nothing is allocated)."""
+def build_experiment(config: ml_collections.ConfigDict, info: DataInfo, mesh=None, task: Task | None = None
+                     ) -> Experiment:
+  """The task built on `info` (or `task`, built already), and the shapes and shardings of its state
+  (nothing is allocated)."""
   if mesh is None:
     mesh = check(config)
-  task = task_registry.build(config, info)
+  task = task_registry.build(config, info) if task is None else task
   example = jax.tree.map(lambda x: np.asarray(x)[None], info.example)
   boxed = jax.eval_shape(task.init_state, jax.random.key(0), example)
   state_shardings = sharding.state_shardings(boxed, mesh)
@@ -88,11 +92,12 @@ RESUMABLE_CHANGES = ('num_train_steps', 'log_every_steps', 'eval_every_steps', '
                      'mesh.*', 'model.attention_impl', 'model.remat')
 # ... and when a trained run is evaluated, sampled, translated or exported: how it was trained, not its
 # model, data or tokenizer. (An optimizer whose state has another structure still fails the checkpoint's
-# own check.) `decode.*` is how eval.py decodes, the eval split what it measures.
+# own check.) `decode.*` is how eval.py decodes, the eval split what it measures, `quantization.*` how it
+# quantizes the trained weights.
 EVAL_CHANGES = RESUMABLE_CHANGES + ('batch_size', 'grad_accum_steps', 'optimizer.*', 'discriminator_optimizer.*',
                                     'init_from', 'freeze', 'dataset.train_split',
                                     'dataset.eval_split', 'dataset.augment', 'decode.*', 'classifier_workdir',
-                                    'classifier.*')
+                                    'classifier.*', 'quantization.*')
 
 
 def check_same_run(config: ml_collections.ConfigDict, workdir: Workdir, may_change=RESUMABLE_CHANGES,

@@ -9,6 +9,9 @@
   tokens-<split>.npy       an encoded split of a large corpus (lm1b), reused by later runs
   eval.json                eval.py's metrics; training_curves.png, confusion_matrix.png, translations-<split>.tsv,
                            reconstructions.png, interpolation.png, samples.png: its plots and files
+  eval-<SCHEME>.json       ... of the model quantized by SCHEME (eval.py --quantize), its plots and files
+                           named alike (confusion_matrix-int8.png, translations-<split>-int8.tsv)
+  quantized/<SCHEME>/<step>/  the quantized variables of the float checkpoint at <step>, and how they were made
   classifier/              the work directory of the classifier that scores a GAN's samples
   export/                  eval.py --mode=export
 
@@ -27,13 +30,20 @@ from model_zoo.errors import UserError
 
 
 class Workdir:
-  """The paths of one work directory (which need not exist yet)."""
+  """The paths of one work directory (which need not exist yet). With `variant` (a quantization
+  scheme), eval.py's metrics, plots and files are those of that variant of the model."""
 
-  def __init__(self, path: str):
+  def __init__(self, path: str, variant: str = ''):
     self.path = path
+    self.variant = variant
 
   def _join(self, *names: str) -> str:
     return os.path.join(self.path, *names)
+
+  def _output(self, name: str) -> str:
+    """An eval.py output file, named for the variant: eval.json -> eval-int8.json."""
+    stem, ext = os.path.splitext(name)
+    return self._join(f'{stem}-{self.variant}{ext}' if self.variant else name)
 
   @property
   def config(self) -> str:
@@ -60,7 +70,7 @@ class Workdir:
 
   @property
   def eval(self) -> str:
-    return self._join('eval.json')
+    return self._output('eval.json')
 
   @property
   def training_curves(self) -> str:
@@ -68,22 +78,22 @@ class Workdir:
 
   @property
   def confusion_matrix(self) -> str:
-    return self._join('confusion_matrix.png')
+    return self._output('confusion_matrix.png')
 
   def translations(self, split: str) -> str:
-    return self._join(f'translations-{split}.tsv')
+    return self._output(f'translations-{split}.tsv')
 
   @property
   def reconstructions(self) -> str:
-    return self._join('reconstructions.png')
+    return self._output('reconstructions.png')
 
   @property
   def interpolation(self) -> str:
-    return self._join('interpolation.png')
+    return self._output('interpolation.png')
 
   @property
   def samples(self) -> str:
-    return self._join('samples.png')
+    return self._output('samples.png')
 
   def scorer(self, name: str) -> str:
     """The work directory of a model that scores this run's output (the GAN's 'classifier')."""
@@ -92,6 +102,9 @@ class Workdir:
   @property
   def export(self) -> str:
     return self._join('export')
+
+  def quantized(self, scheme: str) -> str:
+    return self._join('quantized', scheme)
 
   def check(self, write: bool):
     """A UserError, touching nothing, if this cannot be a work directory: a file, a path under a file,

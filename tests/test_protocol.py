@@ -7,38 +7,13 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from helpers import tiny_config
+from helpers import FAMILIES, tiny_config
 from model_zoo.data import pipeline, registry
 from model_zoo.experiment import build_experiment
 from model_zoo.models import protocol
 from model_zoo.models import registry as models
 from model_zoo.training import sharding
 
-# Every registered family: (config file, overrides) that make it tiny. Sizes are multiples of 8 where
-# FSDP over 8 devices must split them.
-FAMILIES = {
-    'mlp': ('mlp', {'model.hidden_sizes': (32, 32)}),
-    'cnn': ('cnn', {'model.features': (8, 16), 'model.dense_size': 32}),
-    'resnet': ('resnet', {'model.stage_sizes': (1, 1), 'model.width': 8}),
-    'vit': ('vit', {'model.d_model': 32, 'model.num_layers': 2, 'model.num_heads': 2, 'model.d_ff': 64}),
-    'mixer': ('mixer', {'model.d_model': 32, 'model.num_layers': 2, 'model.token_mlp_dim': 16,
-                        'model.channel_mlp_dim': 64}),
-    'rnn_lm': ('lstm', {'model.num_layers': 2, 'model.embed_size': 16, 'model.hidden_size': 32,
-                        'dataset.seq_len': 16, 'batch_size': 16}),
-    'rnn_classifier': ('lstm:task=classify', {'model.hidden_size': 32, 'batch_size': 16}),
-    'gpt': ('gpt', {'model.num_layers': 2, 'model.d_model': 32, 'model.num_heads': 2, 'model.d_ff': 64,
-                    'model.max_len': 32, 'dataset.seq_len': 32, 'dataset.tokenizer': 'bytes',
-                    'dataset.vocab_size': 259, 'batch_size': 16}),
-    'bert': ('bert_pretrain', {'model.num_layers': 2, 'model.d_model': 32, 'model.num_heads': 2, 'model.d_ff': 64,
-                               'dataset.vocab_size': 400, 'dataset.seq_len': 32, 'batch_size': 16}),
-    'transformer': ('transformer', {'model.num_encoder_layers': 2, 'model.num_decoder_layers': 2,
-                                    'model.d_model': 32, 'model.num_heads': 2, 'model.d_ff': 64,
-                                    'dataset.train_examples': 400, 'dataset.vocab_size': 296, 'batch_size': 16}),
-    'autoencoder': ('autoencoder', {'model.latent_dim': 8, 'model.hidden_sizes': (32, 16)}),
-    'vae': ('vae', {'model.latent_dim': 8, 'model.hidden_sizes': (32, 16)}),
-    'dcgan': ('gan', {'model.latent_dim': 8, 'model.generator_features': 8, 'model.discriminator_features': 8,
-                      'batch_size': 16}),
-}
 TIED = {'gpt', 'transformer'}   # the output layer is the embedding: no separate head
 
 

@@ -3,12 +3,17 @@
 The driver, not the task, reads data and other models: it loads the eval split and the splits the
 task's `decode_metrics` asks for, and restores each of the task's scorers (training one first, and
 saying so, when its work directory has no checkpoint).
+
+With `quantize` (a scheme of model_zoo.compression.quantization.SCHEMES), or a config whose
+quantization.mode is 'ptq', every mode runs the quantized model (model_zoo.compression.ptq), and
+--mode=eval writes eval-<SCHEME>.json (with the bytes of the weights as stored, and in float).
 """
 import json
 import os
 
 import jax
 
+from model_zoo.compression import ptq, quantization
 from model_zoo.errors import UserError
 from model_zoo.evaluation import plots
 from model_zoo.experiment import prepare
@@ -18,8 +23,17 @@ from model_zoo.training.writer import read_metrics
 from model_zoo.workdir import Workdir
 
 
-def _restore(config, workdir, step):
-  """-> (the checked run, its step, its state at that step)."""
+def _quantized_config(config, quantize: str | None):
+  """The config that quantizes the model (by `quantize`, else by config.quantization), or None."""
+  if quantize:
+    return quantization.with_scheme(config, quantize)
+  return config if config.quantization.mode == 'ptq' else None
+
+
+def _restore(config, workdir, step, quantize: str | None = None):
+  """-> (the checked run, the experiment of the model to use, its step, its state at that step, and
+  for a quantized model {'weight_bytes', 'float_weight_bytes'})."""
+  _quantized_config(config, quantize)   # a bad scheme is an error before anything is read
   run = prepare(config, workdir, [config.dataset.eval_split], staging=False)
   ckpt = run.experiment.checkpoints(workdir)
   try:
@@ -27,9 +41,14 @@ def _restore(config, workdir, step):
     if step is None:
       raise UserError(f'no checkpoint in {ckpt.directory}: train first with '
                       f'`python train.py --config=... --workdir={workdir}`')
-    return run, step, ckpt.restore(step, run.experiment.abstract_state)
+    state = ckpt.restore(step, run.experiment.abstract_state)
   finally:
     ckpt.close()
+  qconfig = _quantized_config(run.config, quantize)
+  if qconfig is None:
+    return run, run.experiment, step, state, {}
+  exp, state, sizes = ptq.quantize(run, state, step, qconfig)
+  return run, exp, step, state, sizes
 
 
 def scorer(config, workdir: str, name: str):
@@ -38,30 +57,34 @@ def scorer(config, workdir: str, name: str):
     print(f'training the evaluation {name} ({config.model.name}) in {workdir}', flush=True)
     loop.train_and_evaluate(config, workdir)
     evaluate(config, workdir)
-  run, _, state = _restore(config, workdir, None)
-  return jax.jit(lambda batch: run.experiment.task.predict(state, batch))
+  run, exp, _, state, _ = _restore(config, workdir, None)
+  return jax.jit(lambda batch: exp.task.predict(state, batch))
 
 
-def evaluate(config, workdir: str, step: int | None = None) -> dict[str, float]:
-  run, step, state = _restore(config, workdir, step)
-  task, wd = run.experiment.task, run.workdir
-  metrics, stats = loop.make_eval_fn(run.experiment)(state, run.data[run.config.dataset.eval_split])
+def evaluate(config, workdir: str, step: int | None = None, quantize: str | None = None) -> dict[str, float]:
+  run, exp, step, state, sizes = _restore(config, workdir, step, quantize)
+  task = exp.task
+  variant = quantization.scheme(exp.config.quantization) if sizes else ''
+  wd = Workdir(workdir, variant)
+  metrics, stats = loop.make_eval_fn(exp)(state, run.data[run.config.dataset.eval_split])
   scorers = {name: scorer(cfg, path or wd.scorer(name), name) for name, (cfg, path) in task.scorers().items()}
   metrics.update(task.decode_metrics(state, run.load(task.decode_splits()), wd, scorers))
+  metrics.update(sizes)
   if jax.process_index() == 0:
     with open(wd.eval, 'w') as f:
       json.dump({'step': step, **metrics}, f, indent=2)
-    if os.path.exists(wd.metrics):
+    if os.path.exists(wd.metrics) and not variant:
       plots.training_curves(read_metrics(wd.metrics)[0], wd.training_curves)
     task.eval_artifacts(stats, wd)
-  print(f'eval of step {step} on {config.dataset.name}:{config.dataset.eval_split}: '
+  print(f'eval of step {step}{f" quantized as {variant}" if variant else ""} on {config.dataset.name}:'
+        f'{config.dataset.eval_split}: '
         + '  '.join(f'{k} {v:.4f}' for k, v in metrics.items() if isinstance(v, float)), flush=True)
   return metrics
 
 
 def sample(config, workdir: str, prompts: list[str], *, step: int | None = None, seed: int = 0,
            max_new_tokens: int = 100, temperature: float = 0.8, top_k: int = 0, top_p: float = 0.95,
-           num_samples: int = 1) -> list[str]:
+           num_samples: int = 1, quantize: str | None = None) -> list[str]:
   """Prints and returns `num_samples` continuations of each prompt."""
   if not hasattr(task_registry.TASKS.get(config.task), 'generate_text'):
     raise UserError(f'--mode=sample needs a language model; config.task is {config.task!r}')
@@ -70,13 +93,13 @@ def sample(config, workdir: str, prompts: list[str], *, step: int | None = None,
                     f'and --num_samples >= 1; got {max_new_tokens}, {temperature}, {top_k}, {top_p}, {num_samples}')
   if not prompts:
     raise UserError('--mode=sample needs at least one --prompt ("" starts a new document)')
-  run, step, state = _restore(config, workdir, step)
-  vocab = run.experiment.task.info.tokenizer.vocab_size
+  run, exp, step, state, _ = _restore(config, workdir, step, quantize)
+  vocab = exp.task.info.tokenizer.vocab_size
   if top_k > vocab:
     raise UserError(f'--top_k={top_k} is more than the {vocab} tokens of the vocabulary; use at most {vocab} '
                     f'(or 0 for all)')
   prompts = [p for p in prompts for _ in range(num_samples)]
-  texts = run.experiment.task.generate_text(state.params, prompts, jax.random.key(seed),
+  texts = exp.task.generate_text(state.params, prompts, jax.random.key(seed),
                                             max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
                                             top_p=top_p)
   for prompt, text in zip(prompts, texts):
@@ -84,7 +107,8 @@ def sample(config, workdir: str, prompts: list[str], *, step: int | None = None,
   return texts
 
 
-def translate(config, workdir: str, texts: list[str], *, step: int | None = None) -> list[str]:
+def translate(config, workdir: str, texts: list[str], *, step: int | None = None,
+              quantize: str | None = None) -> list[str]:
   """Prints and returns translations of `texts` by the model in `workdir`."""
   if not hasattr(task_registry.TASKS.get(config.task), 'translate'):
     raise UserError(f'--mode=translate needs a translation model; config.task is {config.task!r}')
@@ -92,18 +116,20 @@ def translate(config, workdir: str, texts: list[str], *, step: int | None = None
   if not texts or empty:
     raise UserError(f'--mode=translate needs a non-empty --input="..." (input {empty[0] + 1 if empty else 1} '
                     f'is empty)')
-  run, step, state = _restore(config, workdir, step)
-  outputs = run.experiment.task.translate(state.params, texts)
+  _, exp, step, state, _ = _restore(config, workdir, step, quantize)
+  outputs = exp.task.translate(state.params, texts)
   for source, output in zip(texts, outputs):
     print(f'{source}\t{output}', flush=True)
   return outputs
 
 
-def export(config, workdir: str, output: str | None, *, step: int | None = None) -> str:
+def export(config, workdir: str, output: str | None, *, step: int | None = None,
+           quantize: str | None = None) -> str:
   """Writes the model of `workdir` for inference (model_zoo.transfer.export) to `output`."""
   from model_zoo.transfer import export as export_lib  # pylint: disable=g-import-not-at-top
   output = output or Workdir(workdir).export
-  run, step, state = _restore(config, workdir, step)
-  export_lib.export(run.config, run.experiment.task.variables(state)['params'], Workdir(workdir), output)
+  export_lib.check_output(output)
+  _, exp, step, state, _ = _restore(config, workdir, step, quantize)
+  export_lib.export(exp.config, exp.task.variables(state)['params'], Workdir(workdir), output)
   print(f'exported step {step} of {workdir} to {output}', flush=True)
   return output

@@ -36,6 +36,7 @@ import jax.numpy as jnp
 import ml_collections
 import optax
 
+from model_zoo.compression import quantization
 from model_zoo.data.base import DataInfo, Dataset
 from model_zoo.models import registry
 from model_zoo.training import optimizers
@@ -113,7 +114,7 @@ class SupervisedTask(Task):
 
   def __init__(self, config, info):
     super().__init__(config, info)
-    self.model = self.build_model()
+    self.model = quantization.for_training(self.build_model(), config)   # QAT: quantized forward passes
     # Built once: the state carries `tx` as static metadata, which must stay the same object.
     self.tx = optimizers.build(config.optimizer, config.num_train_steps, frozen=finetune.frozen_fn(config))
 

@@ -8,7 +8,8 @@ lora_rank 0) and the tokenizer file if the run has one. A BERT masked-LM or a GP
 also written in Hugging Face's format to DIR/hf (model_zoo.transfer.hf.save).
 
 Merging (Hu et al., 2021, sec. 4.1): W' = W + (alpha / r) A B, so the exported model computes
-exactly what the adapted one did, with no extra cost per token.
+exactly what the adapted one did, with no extra cost per token. A quantized model (eval.py
+--quantize) is written with its int weights and scales, and config.json says how it was quantized.
 """
 import json
 import os
@@ -19,6 +20,7 @@ import ml_collections
 import numpy as np
 from flax import traverse_util
 
+from model_zoo.compression import quantization
 from model_zoo.errors import UserError
 from model_zoo.models.protocol import is_lora
 from model_zoo.workdir import Workdir
@@ -38,13 +40,24 @@ def merge_lora(params: dict, alpha: float) -> dict:
   return traverse_util.unflatten_dict(out)
 
 
-def export(config: ml_collections.ConfigDict, params, workdir: Workdir, outdir: str) -> str:
-  """Writes the inference artifact of `params` (see the module doc) to `outdir`; returns it."""
-  from safetensors.numpy import save_file  # pylint: disable=g-import-not-at-top
+def check_output(outdir: str):
   if os.path.exists(outdir) and (not os.path.isdir(outdir) or os.listdir(outdir)):
     raise UserError(f'--output={outdir} exists and is not empty; give a new directory')
-  merged = merge_lora(params, config.model.lora_alpha) if config.model.get('lora_rank', 0) else \
-      jax.tree.map(np.asarray, jax.device_get(params))
+
+
+def export(config: ml_collections.ConfigDict, params, workdir: Workdir, outdir: str) -> str:
+  """Writes the inference artifact of `params` (see the module doc) to `outdir`; returns it.
+  Quantized params (config.quantization.mode='ptq') are written as stored: `<path>/qvalue` (int8, or
+  int4 packed two to a byte, low nibble first) and `<path>/scale` (model_zoo.compression.quantization)."""
+  from safetensors.numpy import save_file  # pylint: disable=g-import-not-at-top
+  check_output(outdir)
+  quantized = config.quantization.mode == 'ptq'
+  if quantized:
+    merged = jax.tree.map(np.asarray, quantization.to_storage(jax.device_get(params)))
+  elif config.model.get('lora_rank', 0):
+    merged = merge_lora(params, config.model.lora_alpha)
+  else:
+    merged = jax.tree.map(np.asarray, jax.device_get(params))
   os.makedirs(outdir, exist_ok=True)
   flat = {'/'.join(k): np.ascontiguousarray(v) for k, v in traverse_util.flatten_dict(merged).items()}
   save_file(flat, os.path.join(outdir, 'model.safetensors'))
@@ -57,7 +70,7 @@ def export(config: ml_collections.ConfigDict, params, workdir: Workdir, outdir: 
     f.write(config.to_json_best_effort(indent=2, sort_keys=True))
   if os.path.exists(workdir.tokenizer):
     shutil.copyfile(workdir.tokenizer, os.path.join(outdir, os.path.basename(workdir.tokenizer)))
-  if (config.model.name == 'bert' and 'mlm_head' in merged) or config.model.name == 'gpt':
+  if not quantized and ((config.model.name == 'bert' and 'mlm_head' in merged) or config.model.name == 'gpt'):
     from model_zoo.transfer import hf  # pylint: disable=g-import-not-at-top
     try:
       hf.save(os.path.join(outdir, 'hf'), merged, dict(config.model))

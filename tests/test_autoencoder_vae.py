@@ -125,7 +125,7 @@ def test_autoencoder_train_and_eval(tmp_path):
   metrics = evaluate.evaluate(config, workdir)
   assert json.load(open(os.path.join(workdir, 'eval.json'))) == {'step': 30, **metrics}
   # per pixel, over the whole test split (355 images, the last eval batch padded): a plain forward pass
-  run, _, state = evaluate._restore(config, workdir, None)
+  run, _, _, state, _ = evaluate._restore(config, workdir, None)
   x = run.data['test'].source.arrays['image']
   x_hat = run.experiment.task.model.apply({'params': jax.device_get(state.params)}, x)
   assert metrics['mse'] == pytest.approx(float(np.mean((np.asarray(x_hat, np.float64) - x) ** 2)), rel=1e-4)
@@ -154,7 +154,7 @@ def test_vae_commands_and_deterministic_eval(tmp_path):
   for key in ('elbo', 'kl', 'reconstruction', 'mse'):
     assert first[key] == pytest.approx(on_one_device[key], rel=1e-5), key
   assert all(open(os.path.join(workdir, png), 'rb').read() == pngs[png] for png in PNGS)
-  run, _, state = evaluate._restore(config, workdir, None)
+  run, _, _, state, _ = evaluate._restore(config, workdir, None)
   mu, log_var = run.experiment.task.model.apply({'params': jax.device_get(state.params)},
                                                 run.data['test'].source.arrays['image'], method='encode')
   mu, log_var = np.asarray(mu, np.float64), np.asarray(log_var, np.float64)

@@ -113,13 +113,17 @@ def check_same_run(config: ml_collections.ConfigDict, workdir: Workdir, may_chan
                     f'the run was started with is damaged. Restore it (train.py writes it from the config file and '
                     f'overrides the run used), or move it aside to go on without the check') from e
   current = _flat(json.loads(config.to_json_best_effort()))
+  # A shared key the saved config lacks was added to model_zoo after the run started: it ran with its default.
+  defaults = _flat(json.loads(config_lib.base_config().to_json_best_effort()))
   changed = [k for k in sorted(set(saved) | set(current))
-             if saved.get(k) != current.get(k) and not any(fnmatch.fnmatchcase(k, p) for p in may_change)]
+             if saved.get(k, defaults.get(k)) != current.get(k)
+             and not any(fnmatch.fnmatchcase(k, p) for p in may_change)]
   if changed:
     k = changed[0]
-    raise UserError(f'{workdir.path} holds a run with {k}={saved.get(k)!r}, but the config has {k}='
+    was = saved.get(k, defaults.get(k))
+    raise UserError(f'{workdir.path} holds a run with {k}={was!r}, but the config has {k}='
                     f'{current.get(k)!r}{f" (and {len(changed) - 1} more differences)" if len(changed) > 1 else ""}; '
-                    f'{doing} with the config it was trained with (`--config.{k}={saved.get(k)!r}`), or use a '
+                    f'{doing} with the config it was trained with (`--config.{k}={was!r}`), or use a '
                     f'new --workdir')
 
 

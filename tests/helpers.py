@@ -75,6 +75,19 @@ def family_config(name, **overrides):
   return tiny_config(*file.split(':'), **{**tiny, **overrides})
 
 
+def bytes_by_hand(float_params, weight_dtype) -> tuple[int, int]:
+  """(bytes as stored, bytes in float) of float32 params whose top-level block_<i> kernels are quantized:
+  a byte (int8) or half a byte (int4) a value, and a float32 scale per output channel."""
+  import jax  # pylint: disable=g-import-not-at-top
+  from flax import traverse_util  # pylint: disable=g-import-not-at-top
+  per_value = {'int8': lambda n: n, 'int4': lambda n: (n + 1) // 2}[weight_dtype]
+  stored = 0
+  for path, w in traverse_util.flatten_dict(float_params).items():
+    quantized = path[0].startswith('block_') and path[-1] == 'kernel'
+    stored += per_value(w.size) + 4 * w.shape[-1] if quantized else 4 * w.size
+  return stored, sum(4 * w.size for w in jax.tree.leaves(float_params))
+
+
 def run_cli(script, *args, devices=1, timeout=300, check=False):
   """Runs train.py or eval.py in a fresh process, as a user would."""
   env = dict(os.environ)

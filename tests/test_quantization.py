@@ -1,9 +1,6 @@
-"""Quantization (model_zoo/compression): the stored integers against the float weights and the absmax rule,
-quantized layers against numpy integer arithmetic, GPTQ against round-to-nearest on GPTQ's own objective,
-int4 packing, PTQ of every family, eval.py --quantize end to end, QAT, and the mistakes."""
-import json
-import math
-import os
+"""Quantization (model_zoo/compression/quantization.py): the stored integers against the float weights and the
+absmax rule, quantized layers against numpy integer arithmetic, GPTQ against round-to-nearest on GPTQ's own
+objective, int4 packing, and PTQ of every family. Trained work directories: tests/test_ptq.py."""
 
 import flax.linen as nn
 import jax
@@ -12,17 +9,14 @@ import numpy as np
 import pytest
 from flax import traverse_util
 
-from helpers import FAMILIES, family_config, tiny_config
+from helpers import FAMILIES, bytes_by_hand, family_config
 from model_zoo.compression import ptq, quantization
 from model_zoo.config import base_config
 from model_zoo.data import pipeline, registry
-from model_zoo.errors import UserError
-from model_zoo.evaluation import evaluate
-from model_zoo.experiment import build_experiment, check
+from model_zoo.experiment import build_experiment
 from model_zoo.models import layers, protocol
 from model_zoo.models import registry as models
-from model_zoo.training import loop, sharding
-from model_zoo.training.checkpoints import Checkpoints
+from model_zoo.training import sharding
 
 
 def _q(**settings):
@@ -184,12 +178,7 @@ def test_stored_weights_load_back_bit_exactly_and_take_their_bytes(weight_dtype)
   for a, b in zip(jax.tree.leaves(qparams), jax.tree.leaves(back)):
     assert a.dtype == b.dtype
     np.testing.assert_array_equal(np.asarray(a).astype(np.float32), np.asarray(b).astype(np.float32))
-  per_value = {'int8': lambda n: n, 'int4': lambda n: (n + 1) // 2}[weight_dtype]
-  expect = 0
-  for path, w in traverse_util.flatten_dict(float_params).items():
-    quantized = path[0].startswith('block_') and path[-1] == 'kernel'
-    expect += per_value(w.size) + 4 * w.shape[-1] if quantized else 4 * w.size
-  assert quantization.stored_bytes(stored) == expect
+  assert quantization.stored_bytes(stored) == bytes_by_hand(float_params, weight_dtype)[0]
 
 
 def test_gptq_beats_round_to_nearest_on_its_objective():
@@ -261,131 +250,3 @@ def test_ptq_of_every_family_quantizes_the_block_layers_and_stays_close_to_float
       assert np.abs(qk - fk).sum() <= 4, (k, qk, fk)
     else:
       np.testing.assert_allclose(qk, fk, rtol=0.02, atol=1e-3, err_msg=k)
-
-
-@pytest.fixture(scope='module')
-def mlp_run(tmp_path_factory):
-  workdir = str(tmp_path_factory.mktemp('mlp'))
-  config = tiny_config('mlp', **{'model.hidden_sizes': (32, 32)})
-  loop.train_and_evaluate(config, workdir)
-  evaluate.evaluate(config, workdir)
-  return config, workdir
-
-
-def _bytes_by_hand(config, workdir, per_value):
-  ckpt = Checkpoints(os.path.join(workdir, 'checkpoints'))
-  params = ckpt.restore_tree(ckpt.latest_step())['params']
-  ckpt.close()
-  total = 0
-  for path, w in traverse_util.flatten_dict(params).items():
-    total += per_value(w.size) + 4 * w.shape[-1] if path[0].startswith('block_') and path[-1] == 'kernel' \
-        else 4 * w.size
-  return total, sum(4 * w.size for w in jax.tree.leaves(params))
-
-
-@pytest.mark.parametrize('scheme', ['int8', 'int4'])
-def test_eval_quantize_writes_eval_scheme_json_and_a_checkpoint_that_is_reused(mlp_run, scheme, capsys):
-  config, workdir = mlp_run
-  first = evaluate.evaluate(config, workdir, quantize=scheme)
-  assert f'quantized step 30 as {scheme}' in capsys.readouterr().out
-  with open(os.path.join(workdir, 'eval.json')) as f:
-    float_keys = set(json.load(f))
-  with open(os.path.join(workdir, f'eval-{scheme}.json')) as f:
-    saved = json.load(f)
-  assert set(saved) == float_keys | {'weight_bytes', 'float_weight_bytes'}
-  by_hand = _bytes_by_hand(config, workdir, {'int8': lambda n: n, 'int4': lambda n: (n + 1) // 2}[scheme])
-  assert (saved['weight_bytes'], saved['float_weight_bytes']) == by_hand
-  with open(os.path.join(workdir, 'quantized', scheme, '30', 'metadata', 'metadata')) as f:
-    meta = json.load(f)
-  assert meta['scheme'] == scheme and meta['step'] == 30 and meta['quantization']['weight_dtype'] == scheme
-  assert os.path.exists(os.path.join(workdir, f'confusion_matrix-{scheme}.png'))
-  again = evaluate.evaluate(config, workdir, quantize=scheme)
-  assert f'using the {scheme} checkpoint of step 30' in capsys.readouterr().out
-  assert again == first
-
-
-def test_gptq_records_its_calibration_and_export_writes_packed_int4(mlp_run, tmp_path):
-  config, workdir = mlp_run
-  evaluate.export(config, workdir, str(tmp_path / 'export'), quantize='int4_gptq')
-  with open(os.path.join(workdir, 'quantized', 'int4_gptq', '30', 'metadata', 'metadata')) as f:
-    meta = json.load(f)
-  assert meta['calibration'] == {'split': 'train', 'batches': 8, 'batch_size': 32, 'seed': 0}
-  from safetensors.numpy import load_file  # pylint: disable=g-import-not-at-top
-  weights = load_file(str(tmp_path / 'export' / 'model.safetensors'))
-  assert weights['block_0/kernel/qvalue'].dtype == np.uint8 and weights['block_0/kernel/qvalue'].size == 64 * 32 // 2
-  assert weights['block_0/kernel/scale'].shape == (1, 32) and weights['cls_head/kernel'].dtype == np.float32
-  with open(tmp_path / 'export' / 'config.json') as f:
-    assert json.load(f)['quantization']['weight_dtype'] == 'int4'
-
-
-def test_qat_resumes_exactly_and_ptq_of_it_computes_what_it_evaluated(mlp_run, tmp_path):
-  _, float_workdir = mlp_run
-  qat = lambda steps: tiny_config('mlp', **{'model.hidden_sizes': (32, 32), 'init_from': float_workdir,
-                                            'quantization.mode': 'qat', 'num_train_steps': steps,
-                                            'optimizer.warmup_steps': 0, 'optimizer.schedule': 'constant',
-                                            'eval_every_steps': 8, 'checkpoint_every_steps': 4})
-  straight, resumed = str(tmp_path / 'straight'), str(tmp_path / 'resumed')
-  loop.train_and_evaluate(qat(8), straight)
-  loop.train_and_evaluate(qat(4), resumed)
-  loop.train_and_evaluate(qat(8), resumed)
-  states = []
-  for w in (straight, resumed):
-    ckpt = Checkpoints(os.path.join(w, 'checkpoints'))
-    states.append(ckpt.restore_tree(8))
-    ckpt.close()
-  jax.tree.map(np.testing.assert_array_equal, *states)
-  qat_metrics = evaluate.evaluate(qat(8), straight)                 # the fake-quantized forward pass
-  ptq_metrics = evaluate.evaluate(qat(8), straight, quantize='int8')  # real int8 weights
-  for k, v in qat_metrics.items():
-    np.testing.assert_allclose(ptq_metrics[k], v, rtol=1e-5, err_msg=k)
-
-
-def test_quantization_mistakes_are_one_line_and_write_nothing(mlp_run, tmp_path):
-  config, workdir = mlp_run
-  files = lambda: sorted(os.path.join(r, f) for r, _, fs in os.walk(workdir) for f in fs)
-  before = files()
-  with pytest.raises(UserError, match='no checkpoint'):
-    evaluate.evaluate(config, str(tmp_path / 'empty'), quantize='int8')
-  assert not os.path.exists(tmp_path / 'empty')
-  with pytest.raises(UserError, match="--quantize='int3' is not one of"):
-    quantization.with_scheme(config, 'int3')
-  bad = config.copy_and_resolve_references()
-  with bad.unlocked():
-    bad.quantization.modules = 'encoder/.*'
-  with pytest.raises(UserError, match="modules='encoder/.*' matches no dense or convolution layer"):
-    evaluate.evaluate(bad, workdir, quantize='int8')
-  with bad.unlocked():
-    bad.quantization.modules, bad.quantization.tile_size = quantization.DEFAULT_MODULES, 5
-  with pytest.raises(UserError, match='cannot be applied to this model'):
-    evaluate.evaluate(bad, workdir, quantize='int4')
-  assert files() == before
-  for settings, message in [({'act_dtype': 'int4'}, "act_dtype='int4' is not one of none, int8"),
-                            ({'weight_dtype': 'int3'}, "weight_dtype='int3' is not one of int8, int4"),
-                            ({'act_dtype': 'int8', 'weight_dtype': 'int4'}, "needs weight_dtype='int8'"),
-                            ({'calibration': 'gptq', 'act_dtype': 'int8'}, 'rounds weights only'),
-                            ({'mode': 'qat', 'calibration': 'gptq'}, 'post-training method'),
-                            ({'mode': 'qat'}, 'set --config.init_from'),
-                            ({'mode': 'int8'}, "mode='int8' is not one of none, ptq, qat"),
-                            ({'tile_size': -1}, 'tile_size must be an integer >= 0'),
-                            ({'modules': '(unclosed'}, 'is not a regular expression')]:
-    c = config.copy_and_resolve_references()
-    with c.unlocked():
-      c.quantization.update(**settings)
-    with pytest.raises(UserError, match=message.replace('(', r'\(')):
-      check(c)
-
-
-def test_sample_and_translate_run_the_quantized_model(tmp_path, capsys):
-  gpt = family_config('gpt', num_train_steps=2, eval_every_steps=2, checkpoint_every_steps=2, log_every_steps=2,
-                      **{'optimizer.warmup_steps': 0},
-                      **{'quantization.calibration_batches': 2})
-  loop.train_and_evaluate(gpt, str(tmp_path / 'gpt'))
-  texts = evaluate.sample(gpt, str(tmp_path / 'gpt'), ['The ', 'def '], max_new_tokens=4, temperature=0.0,
-                          quantize='int4_gptq')
-  assert len(texts) == 2 and all(isinstance(t, str) for t in texts)
-  assert 'quantized step 2 as int4_gptq' in capsys.readouterr().out
-  mt = family_config('transformer', num_train_steps=2, eval_every_steps=2, checkpoint_every_steps=2,
-                     log_every_steps=2, **{'optimizer.warmup_steps': 0})
-  loop.train_and_evaluate(mt, str(tmp_path / 'mt'))
-  assert len(evaluate.translate(mt, str(tmp_path / 'mt'), ['three hundred and five'], quantize='int8')) == 1
-  assert 'quantized step 2 as int8' in capsys.readouterr().out

@@ -1,6 +1,7 @@
 """Damaged or partial work directories: each case is a message that says what is wrong and what to do;
 training resumes from the latest complete checkpoint, says which it skipped, deletes nothing, and ends
 exactly where an uninterrupted run does. eval.py, sample, translate and export check config.json."""
+import json
 import os
 import shutil
 
@@ -124,6 +125,23 @@ def test_a_damaged_config_json_is_an_error_for_train_and_eval(tmp_path, referenc
     with pytest.raises(UserError, match=r'config.json cannot be read \(JSONDecodeError.*Restore it'):
       call()
   assert open(f'{workdir}/config.json', 'rb').read() == before
+
+
+def test_a_run_started_before_a_shared_key_existed_resumes_with_its_default(tmp_path, reference, capsys):
+  """config.json of a run from before `quantization` was added to every config: the run had no quantization."""
+  workdir = str(tmp_path / 'run')
+  shutil.copytree(reference, workdir)
+  with open(f'{workdir}/config.json') as f:
+    saved = json.load(f)
+  del saved['quantization']
+  with open(f'{workdir}/config.json', 'w') as f:
+    json.dump(saved, f)
+  loop.train_and_evaluate(_config(), workdir)
+  assert 'already trained to step 80' in capsys.readouterr().out
+  int4 = tiny_config('mlp', **STEPS, **{'quantization.weight_dtype': 'int4'})
+  with pytest.raises(UserError, match="holds a run with quantization.weight_dtype='int8', but the config has "
+                                      "quantization.weight_dtype='int4'"):
+    loop.train_and_evaluate(int4, workdir)
 
 
 @pytest.mark.parametrize('key, value', [('model.hidden_sizes', (48,)), ('model.dropout_rate', 0.3),

@@ -14,7 +14,6 @@ import os
 
 import jax
 import ml_collections
-import numpy as np
 import orbax.checkpoint as ocp
 
 from model_zoo.compression import quantization
@@ -23,6 +22,7 @@ from model_zoo.errors import UserError
 from model_zoo.experiment import Experiment, Run, build_experiment
 from model_zoo.tasks import registry as task_registry
 from model_zoo.training import sharding
+from model_zoo.training.checkpoints import restore_on_host
 from model_zoo.transfer import export as export_lib
 
 
@@ -82,12 +82,8 @@ class QuantizedCheckpoints:
     self.manager.wait_until_finished()
 
   def restore(self, step: int, abstract_stored):
-    device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-    abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device), abstract_stored)
-    try:
-      restored = self.manager.restore(step, args=ocp.args.Composite(
-          variables=ocp.args.StandardRestore(abstract)))['variables']
-      return jax.tree.map(np.asarray, restored)   # on the host: placed on the mesh by the caller
+    try:   # on the host: the caller places them on the mesh
+      return restore_on_host(self.manager, step, 'variables', abstract_stored)
     except Exception as e:  # pylint: disable=broad-except
       raise UserError(f'the quantized checkpoint of step {step} in {self.directory} could not be read '
                       f'({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ""}); move it aside to '

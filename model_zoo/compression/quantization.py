@@ -270,7 +270,7 @@ def _example_paths(params, n: int = 3) -> list[str]:
   if params is None:
     return ['block_0/...']
   flat = traverse_util.flatten_dict(nn.unbox(params), is_leaf=lambda _, x: isinstance(x, WithAux))
-  return ['/'.join(k[:-1]) for k in list(flat)[:n]]
+  return list(dict.fromkeys('/'.join(k[:-1]) for k in flat))[:n]
 
 
 def gptq_quantize(params, abstract_params, stats, block_size: int = 128, damping: float = 0.01):

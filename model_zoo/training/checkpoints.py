@@ -28,6 +28,15 @@ def _shapes(tree) -> dict[str, tuple]:
   return {'/'.join(map(part, path)): tuple(leaf.shape) for path, leaf in flat}
 
 
+def restore_on_host(manager: ocp.CheckpointManager, step: int, item: str, shapes):
+  """The `item` of the checkpoint at `step` as host numpy arrays, read onto one local device as `shapes`
+  (a tree with .shape and .dtype leaves) gives them."""
+  device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+  abstract = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device), shapes)
+  restored = manager.restore(step, args=ocp.args.Composite(**{item: ocp.args.StandardRestore(abstract)}))[item]
+  return jax.tree.map(np.asarray, restored)
+
+
 class Checkpoints:
 
   def __init__(self, directory: str, *, max_to_keep: int = 3):
@@ -129,11 +138,7 @@ class Checkpoints:
     """The state at `step` as nested dicts of host numpy arrays, whatever model wrote it (fine-tuning
     reads another run's checkpoint: see model_zoo.transfer.finetune)."""
     metadata = self.manager.item_metadata(step)['state']
-    tree = getattr(metadata, 'tree', metadata)
-    device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-    abstract = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device), tree)
-    state = self.manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract)))['state']
-    return jax.tree.map(np.asarray, state)
+    return restore_on_host(self.manager, step, 'state', getattr(metadata, 'tree', metadata))
 
   def _check_fits(self, step, abstract_state):
     saved = _shapes(self.manager.item_metadata(step)['state'].tree)

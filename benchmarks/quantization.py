@@ -26,7 +26,7 @@ from model_zoo.compression import ptq  # pylint: disable=wrong-import-position
 from model_zoo.data import pipeline  # pylint: disable=wrong-import-position
 from model_zoo.evaluation import evaluate  # pylint: disable=wrong-import-position
 from model_zoo.experiment import prepare  # pylint: disable=wrong-import-position
-from model_zoo.compression import quantization  # pylint: disable=wrong-import-position
+from model_zoo.compression import settings  # pylint: disable=wrong-import-position
 from model_zoo.training import loop, sharding  # pylint: disable=wrong-import-position
 from model_zoo.workdir import Workdir  # pylint: disable=wrong-import-position
 
@@ -69,7 +69,7 @@ def inference_seconds(config, workdir: str, scheme: str | None, repeats: int = 2
   ckpt.close()
   exp = run.experiment
   if scheme:
-    exp, state, _ = ptq.quantize(run, state, step, quantization.with_scheme(run.config, scheme))
+    exp, state, _ = ptq.quantize(run, state, step, settings.with_scheme(run.config, scheme))
   batch = sharding.to_global(next(iter(pipeline.eval_batches(run.data[config.dataset.eval_split],
                                                              batch_size=config.batch_size, prefetch=0))), exp.mesh)
   step_fn = jax.jit(exp.task.eval_step)

@@ -18,7 +18,8 @@ ALLOWED = {
     'model_zoo.workdir': {'model_zoo.data.base', 'model_zoo.errors'},
     'model_zoo.inference': {'model_zoo.models'},
     'model_zoo.evaluation.plots': set(),
-    'model_zoo.compression.quantization': {'model_zoo.errors'},   # tasks wrap their model with it (QAT)
+    'model_zoo.compression.settings': {'model_zoo.errors'},
+    'model_zoo.compression.quantization': {'model_zoo.errors', 'model_zoo.compression.settings'},
 }
 # compression.ptq restores, quantizes and saves a trained run for eval.py: a driver too.
 DRIVERS = {'model_zoo.experiment', 'model_zoo.training.loop', 'model_zoo.evaluation.evaluate', 'model_zoo.cli',

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from helpers import bytes_by_hand, family_config, tiny_config
-from model_zoo.compression import quantization
+from model_zoo.compression import settings
 from model_zoo.errors import UserError
 from model_zoo.evaluation import evaluate
 from model_zoo.experiment import check
@@ -95,18 +95,18 @@ def test_quantization_mistakes_are_one_line_and_write_nothing(mlp_run, tmp_path)
     evaluate.evaluate(config, str(tmp_path / 'empty'), quantize='int8')
   assert not os.path.exists(tmp_path / 'empty')
   with pytest.raises(UserError, match="--quantize='int3' is not one of"):
-    quantization.with_scheme(config, 'int3')
+    settings.with_scheme(config, 'int3')
   bad = config.copy_and_resolve_references()
   with bad.unlocked():
     bad.quantization.modules = 'encoder/.*'
   with pytest.raises(UserError, match="modules='encoder/.*' matches no dense or convolution layer"):
     evaluate.evaluate(bad, workdir, quantize='int8')
   with bad.unlocked():
-    bad.quantization.modules, bad.quantization.tile_size = quantization.DEFAULT_MODULES, 5
+    bad.quantization.modules, bad.quantization.tile_size = settings.DEFAULT_MODULES, 5
   with pytest.raises(UserError, match='cannot be applied to this model'):
     evaluate.evaluate(bad, workdir, quantize='int4')
   assert files() == before
-  for settings, message in [({'act_dtype': 'int4'}, "act_dtype='int4' is not one of none, int8"),
+  for changes, message in [({'act_dtype': 'int4'}, "act_dtype='int4' is not one of none, int8"),
                             ({'weight_dtype': 'int3'}, "weight_dtype='int3' is not one of int8, int4"),
                             ({'act_dtype': 'int8', 'weight_dtype': 'int4'}, "needs weight_dtype='int8'"),
                             ({'calibration': 'gptq', 'act_dtype': 'int8'}, 'rounds weights only'),
@@ -117,7 +117,7 @@ def test_quantization_mistakes_are_one_line_and_write_nothing(mlp_run, tmp_path)
                             ({'modules': '(unclosed'}, 'is not a regular expression')]:
     c = config.copy_and_resolve_references()
     with c.unlocked():
-      c.quantization.update(**settings)
+      c.quantization.update(**changes)
     with pytest.raises(UserError, match=message.replace('(', r'\(')):
       check(c)
 

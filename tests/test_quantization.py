@@ -10,7 +10,7 @@ import pytest
 from flax import traverse_util
 
 from helpers import FAMILIES, bytes_by_hand, family_config
-from model_zoo.compression import ptq, quantization
+from model_zoo.compression import ptq, quantization, settings
 from model_zoo.config import base_config
 from model_zoo.data import pipeline, registry
 from model_zoo.experiment import build_experiment
@@ -229,7 +229,7 @@ def test_ptq_of_every_family_quantizes_the_block_layers_and_stays_close_to_float
   data = _DATA[key]
   exp = build_experiment(config, data.info)
   state = exp.init_state()
-  qconfig = ptq.inference_config(quantization.with_scheme(config, 'int8'))
+  qconfig = ptq.inference_config(settings.with_scheme(config, 'int8'))
   qexp = ptq.quantized_experiment(qconfig, data.info, exp.mesh)
   float_vars = exp.task.variables(state)
   abstract = qexp.task.variables(qexp.abstract_state)

@@ -17,6 +17,7 @@ import ml_collections
 import orbax.checkpoint as ocp
 
 from model_zoo.compression import quantization
+from model_zoo.compression.settings import scheme
 from model_zoo.data import pipeline
 from model_zoo.errors import UserError
 from model_zoo.experiment import Experiment, Run, build_experiment
@@ -48,7 +49,7 @@ def quantized_experiment(config: ml_collections.ConfigDict, info, mesh) -> Exper
   try:
     exp = build_experiment(config, info, mesh, task=task)
   except ValueError as e:   # qwix's, for a layer it cannot quantize as asked (a tile that does not divide)
-    raise UserError(f'config.quantization ({quantization.scheme(config.quantization)}, tile_size='
+    raise UserError(f'config.quantization ({scheme(config.quantization)}, tile_size='
                     f'{config.quantization.tile_size}, modules={config.quantization.modules!r}) cannot be applied '
                     f'to this model: {str(e).splitlines()[0]}') from e
   quantization.check_matched(task.model, config.quantization, task.variables(exp.abstract_state)['params'])
@@ -102,7 +103,7 @@ def quantize(run: Run, state, step: int, config: ml_collections.ConfigDict) -> t
   """-> (the quantized experiment, its state, {'weight_bytes', 'float_weight_bytes'}) of `state`, the float
   state of `run` at `step`, quantized as `config.quantization` (mode 'ptq') says."""
   config = inference_config(config)
-  q, name = config.quantization, quantization.scheme(config.quantization)
+  q, name = config.quantization, scheme(config.quantization)
   exp = quantized_experiment(config, run.experiment.task.info, run.experiment.mesh)
   float_vars = run.experiment.task.variables(state)
   params = float_vars['params']

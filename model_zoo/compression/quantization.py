@@ -1,5 +1,6 @@
 """Integer quantization of any model through qwix: post-training (PTQ), GPTQ and quantization-aware
-training (QAT), configured by `config.quantization` (see model_zoo.config.base_config).
+training (QAT), configured by `config.quantization` (see model_zoo.config.base_config; its checks are in
+model_zoo.compression.settings).
 
 Symmetric per-channel quantization (Jacob et al., 2018, "Quantization and training of neural networks
 for efficient integer-arithmetic-only inference", with the zero point at 0): a weight column w (one
@@ -26,7 +27,6 @@ Storage: qwix keeps an int4 value in a byte; `to_storage` packs two to a byte (l
 and `from_storage` unpacks them, so a saved int4 model takes half a byte per weight plus its scales.
 """
 import math
-import re
 
 import flax.linen as nn
 import jax
@@ -41,73 +41,16 @@ from qwix._src.utils import flax_util
 from qwix.contrib import calibration, gptq_core
 from qwix.contrib import gptq as qwix_gptq
 
+from model_zoo.compression.settings import DEFAULT_MODULES
 from model_zoo.errors import UserError
 
-MODES = ('none', 'ptq', 'qat')
-WEIGHT_DTYPES = {'int8': jnp.int8, 'int4': jnp.int4}
-ACT_DTYPES = {'none': None, 'int8': jnp.int8}
-CALIBRATIONS = ('absmax', 'gptq')
-# eval.py --quantize=SCHEME: the settings each scheme puts into config.quantization.
-SCHEMES = {'int8': dict(weight_dtype='int8', act_dtype='none', calibration='absmax'),
-           'int8_dynamic': dict(weight_dtype='int8', act_dtype='int8', calibration='absmax'),
-           'int4': dict(weight_dtype='int4', act_dtype='none', calibration='absmax'),
-           'int4_gptq': dict(weight_dtype='int4', act_dtype='none', calibration='gptq')}
-DEFAULT_MODULES = r'(.*/)?block_\d+(/.*)?'
-
+QTYPES = {'none': None, 'int8': jnp.int8, 'int4': jnp.int4}   # the names of config.quantization's dtypes
 WithAux = qwix_ptq.WithAux
 
 
-def check(config: ml_collections.ConfigDict):
-  """A UserError, from the config alone, for settings that do not go together."""
-  q = config.quantization
-  for key, choices in (('mode', MODES), ('weight_dtype', WEIGHT_DTYPES), ('act_dtype', ACT_DTYPES),
-                       ('calibration', CALIBRATIONS)):
-    if q[key] not in choices:
-      raise UserError(f'config.quantization.{key}={q[key]!r} is not one of {", ".join(choices)}'
-                      + (' (activations are quantized to int8 or not at all)' if key == 'act_dtype' else ''))
-  if not isinstance(q.tile_size, int) or q.tile_size < 0:
-    raise UserError(f'config.quantization.tile_size must be an integer >= 0 (0: one scale per output channel), '
-                    f'got {q.tile_size!r}')
-  if not isinstance(q.calibration_batches, int) or q.calibration_batches < 1:
-    raise UserError(f'config.quantization.calibration_batches must be a positive integer, got '
-                    f'{q.calibration_batches!r}')
-  try:
-    re.compile(q.modules)
-  except (re.error, TypeError) as e:
-    raise UserError(f'config.quantization.modules={q.modules!r} is not a regular expression ({e})') from e
-  if q.act_dtype != 'none' and q.weight_dtype != 'int8':
-    raise UserError(f"config.quantization.act_dtype='{q.act_dtype}' needs weight_dtype='int8' (int8 inputs are "
-                    f"multiplied with int8 weights); got weight_dtype={q.weight_dtype!r}")
-  if q.calibration == 'gptq' and q.act_dtype != 'none':
-    raise UserError("config.quantization.calibration='gptq' rounds weights only: set act_dtype='none'")
-  if q.mode == 'qat' and q.calibration == 'gptq':
-    raise UserError("config.quantization.calibration='gptq' is a post-training method; QAT (mode='qat') "
-                    "learns its weights on the grid: use calibration='absmax'")
-  if q.mode == 'qat' and not config.init_from:
-    raise UserError("config.quantization.mode='qat' fine-tunes a trained float model: set --config.init_from "
-                    "to its work directory (train it first with quantization.mode='none')")
-
-
-def scheme(q: ml_collections.ConfigDict) -> str:
-  """The name of the settings of `config.quantization` (int8, int8_dynamic, int4, int4_gptq, ...)."""
-  return q.weight_dtype + ('_dynamic' if q.act_dtype != 'none' else '') + (
-      '_gptq' if q.calibration == 'gptq' else '')
-
-
-def with_scheme(config: ml_collections.ConfigDict, name: str) -> ml_collections.ConfigDict:
-  """`config` with quantization set to PTQ by scheme `name` (eval.py --quantize)."""
-  if name not in SCHEMES:
-    raise UserError(f'--quantize={name!r} is not one of {", ".join(SCHEMES)}')
-  config = config.copy_and_resolve_references()
-  with config.unlocked():
-    config.quantization.update(mode='ptq', **SCHEMES[name])
-  check(config)
-  return config
-
-
 def rules(q: ml_collections.ConfigDict, rule_type=qwix.QuantizationRule) -> list:
-  return [rule_type(module_path=q.modules, weight_qtype=WEIGHT_DTYPES[q.weight_dtype],
-                    act_qtype=ACT_DTYPES[q.act_dtype], tile_size=q.tile_size or None,
+  return [rule_type(module_path=q.modules, weight_qtype=QTYPES[q.weight_dtype],
+                    act_qtype=QTYPES[q.act_dtype], tile_size=q.tile_size or None,
                     weight_calibration_method='absmax')]
 
 
@@ -240,13 +183,6 @@ def quantized_model(model: nn.Module, q: ml_collections.ConfigDict, provider_typ
   out = qwix.quantize_model(model, provider, methods=_methods(model))
   object.__setattr__(out, '_quantization_provider', provider)
   return out
-
-
-def for_training(model: nn.Module, config: ml_collections.ConfigDict) -> nn.Module:
-  """The model a task trains: quantization-aware under quantization.mode='qat', else `model`.
-  (PTQ happens after training: model_zoo.compression.ptq.)"""
-  q = config.get('quantization')
-  return quantized_model(model, q) if q is not None and q.mode == 'qat' else model
 
 
 def provider(model: nn.Module):

@@ -4,7 +4,7 @@ The driver, not the task, reads data and other models: it loads the eval split a
 task's `decode_metrics` asks for, and restores each of the task's scorers (training one first, and
 saying so, when its work directory has no checkpoint).
 
-With `quantize` (a scheme of model_zoo.compression.quantization.SCHEMES), or a config whose
+With `quantize` (a scheme of model_zoo.compression.settings.SCHEMES), or a config whose
 quantization.mode is 'ptq', every mode runs the quantized model (model_zoo.compression.ptq), and
 --mode=eval writes eval-<SCHEME>.json (with the bytes of the weights as stored, and in float).
 """
@@ -13,7 +13,7 @@ import os
 
 import jax
 
-from model_zoo.compression import ptq, quantization
+from model_zoo.compression import settings as quantization_settings
 from model_zoo.errors import UserError
 from model_zoo.evaluation import plots
 from model_zoo.experiment import prepare
@@ -26,7 +26,7 @@ from model_zoo.workdir import Workdir
 def _quantized_config(config, quantize: str | None):
   """The config that quantizes the model (by `quantize`, else by config.quantization), or None."""
   if quantize:
-    return quantization.with_scheme(config, quantize)
+    return quantization_settings.with_scheme(config, quantize)
   return config if config.quantization.mode == 'ptq' else None
 
 
@@ -47,6 +47,7 @@ def _restore(config, workdir, step, quantize: str | None = None):
   qconfig = _quantized_config(run.config, quantize)
   if qconfig is None:
     return run, run.experiment, step, state, {}
+  from model_zoo.compression import ptq  # pylint: disable=g-import-not-at-top  (qwix, only when asked)
   exp, state, sizes = ptq.quantize(run, state, step, qconfig)
   return run, exp, step, state, sizes
 
@@ -64,7 +65,7 @@ def scorer(config, workdir: str, name: str):
 def evaluate(config, workdir: str, step: int | None = None, quantize: str | None = None) -> dict[str, float]:
   run, exp, step, state, sizes = _restore(config, workdir, step, quantize)
   task = exp.task
-  variant = quantization.scheme(exp.config.quantization) if sizes else ''
+  variant = quantization_settings.scheme(exp.config.quantization) if sizes else ''
   wd = Workdir(workdir, variant)
   metrics, stats = loop.make_eval_fn(exp)(state, run.data[run.config.dataset.eval_split])
   scorers = {name: scorer(cfg, path or wd.scorer(name), name) for name, (cfg, path) in task.scorers().items()}

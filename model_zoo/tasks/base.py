@@ -36,13 +36,21 @@ import jax.numpy as jnp
 import ml_collections
 import optax
 
-from model_zoo.compression import quantization
 from model_zoo.data.base import DataInfo, Dataset
 from model_zoo.models import registry
 from model_zoo.training import optimizers
 from model_zoo.training.state import TrainState
 from model_zoo.transfer import finetune
 from model_zoo.workdir import Workdir
+
+
+def quantization_aware(model: nn.Module, config: ml_collections.ConfigDict) -> nn.Module:
+  """The model a task trains: with quantized forward passes under config.quantization.mode='qat'
+  (model_zoo.compression.quantization, imported only then), else `model`."""
+  if config.quantization.mode != 'qat':
+    return model
+  from model_zoo.compression import quantization  # pylint: disable=g-import-not-at-top
+  return quantization.quantized_model(model, config.quantization)
 
 
 class Task(abc.ABC):
@@ -114,8 +122,7 @@ class SupervisedTask(Task):
 
   def __init__(self, config, info):
     super().__init__(config, info)
-    self.model = quantization.for_training(self.build_model(), config)   # QAT: quantized forward passes
-    # Built once: the state carries `tx` as static metadata, which must stay the same object.
+    self.model = quantization_aware(self.build_model(), config)   # QAT: quantized forward passes    # Built once: the state carries `tx` as static metadata, which must stay the same object.
     self.tx = optimizers.build(config.optimizer, config.num_train_steps, frozen=finetune.frozen_fn(config))
 
   def build_model(self) -> nn.Module:

@@ -20,12 +20,11 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from model_zoo.compression import quantization
 from model_zoo.errors import UserError
 from model_zoo.evaluation import plots
 from model_zoo.models import registry
 from model_zoo.tasks import losses
-from model_zoo.tasks.base import Task
+from model_zoo.tasks.base import Task, quantization_aware
 from model_zoo.training import optimizers
 from model_zoo.training.state import TrainState
 from model_zoo.transfer import finetune
@@ -46,7 +45,7 @@ class GANTask(Task):
   def __init__(self, config, info):
     super().__init__(config, info)
     image_shape = tuple(int(d) for d in np.shape(info.example['image']))
-    self.model = quantization.for_training(registry.build(config.model, image_shape=image_shape), config)
+    self.model = quantization_aware(registry.build(config.model, image_shape=image_shape), config)
     frozen = finetune.frozen_fn(config)
     self.g_tx = optimizers.build(config.optimizer, config.num_train_steps, frozen=frozen)
     self.d_tx = optimizers.build(config.discriminator_optimizer, config.num_train_steps, frozen=frozen)

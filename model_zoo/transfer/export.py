@@ -20,7 +20,6 @@ import ml_collections
 import numpy as np
 from flax import traverse_util
 
-from model_zoo.compression import quantization
 from model_zoo.errors import UserError
 from model_zoo.models.protocol import is_lora
 from model_zoo.workdir import Workdir
@@ -53,6 +52,7 @@ def export(config: ml_collections.ConfigDict, params, workdir: Workdir, outdir: 
   check_output(outdir)
   quantized = config.quantization.mode == 'ptq'
   if quantized:
+    from model_zoo.compression import quantization  # pylint: disable=g-import-not-at-top
     merged = jax.tree.map(np.asarray, quantization.to_storage(jax.device_get(params)))
   elif config.model.get('lora_rank', 0):
     merged = merge_lora(params, config.model.lora_alpha)

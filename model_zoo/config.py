@@ -69,6 +69,15 @@ def base_config() -> ml_collections.ConfigDict:
   c.quantization.tile_size = 0           # dense layers: one scale per this many inputs; 0 = per output channel
   c.quantization.modules = r'(.*/)?block_\d+(/.*)?'  # regex on module paths: by default the blocks' layers
 
+  # Pruning (model_zoo.compression.pruning): weights set to zero by magnitude, once or on a schedule.
+  c.pruning = ml_collections.ConfigDict()
+  c.pruning.method = 'none'              # none | magnitude (a threshold per tensor) | global_magnitude (one for all)
+  c.pruning.sparsity = 0.5               # the final fraction of zeros among the pruned parameters, in [0, 1)
+  c.pruning.begin_step = 0               # gradual (Zhu & Gupta, 2017) from begin_step to end_step; equal: once
+  c.pruning.end_step = 0                 #   (0 and 0: the initial or init_from weights, then fine-tuned)
+  c.pruning.frequency = 100              # steps between two recomputations of the masks
+  c.pruning.params = r'(.*/)?(kernel|u)'  # regex on parameter paths: dense/conv kernels, LSTM/GRU's recurrent u
+
   # Devices: a mesh over all of them. -1 takes what the other axes leave.
   c.mesh = ml_collections.ConfigDict()
   c.mesh.data = -1

@@ -20,6 +20,7 @@ import numpy as np
 from jax.experimental import multihost_utils
 
 from model_zoo import config as config_lib
+from model_zoo.compression import pruning
 from model_zoo.compression import settings as quantization_settings
 from model_zoo.data import registry as data_registry
 from model_zoo.data.base import DataInfo, Dataset
@@ -61,6 +62,7 @@ def check(config: ml_collections.ConfigDict) -> jax.sharding.Mesh:
   """Everything that can be checked from the config alone; -> the device mesh."""
   config_lib.validate(config)
   quantization_settings.check(config)
+  pruning.check(config)
   optimizers.check(config.optimizer, config.num_train_steps)
   task_registry.check(config)
   model_registry.check(config.model)

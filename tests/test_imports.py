@@ -20,6 +20,7 @@ ALLOWED = {
     'model_zoo.evaluation.plots': set(),
     'model_zoo.compression.settings': {'model_zoo.errors'},
     'model_zoo.compression.quantization': {'model_zoo.errors', 'model_zoo.compression.settings'},
+    'model_zoo.compression.pruning': {'model_zoo.errors', 'model_zoo.config', 'model_zoo.models.protocol'},
 }
 # compression.ptq restores, quantizes and saves a trained run for eval.py: a driver too.
 DRIVERS = {'model_zoo.experiment', 'model_zoo.training.loop', 'model_zoo.evaluation.evaluate', 'model_zoo.cli',

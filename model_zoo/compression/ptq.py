@@ -35,6 +35,7 @@ def inference_config(config: ml_collections.ConfigDict) -> ml_collections.Config
     if config.model.get('lora_rank', 0):
       config.model.lora_rank = 0
     config.init_from, config.freeze = '', 'none'
+    config.pruning.method = 'none'   # the pruned weights are zeros already; no masks to carry
     for key in ('optimizer', 'discriminator_optimizer'):
       if key in config:
         config[key].update(name='sgd', schedule='constant', warmup_steps=0, weight_decay=0.0, grad_clip_norm=0.0,

@@ -13,6 +13,7 @@ import os
 
 import jax
 
+from model_zoo.compression import pruning
 from model_zoo.compression import settings as quantization_settings
 from model_zoo.errors import UserError
 from model_zoo.evaluation import plots
@@ -71,6 +72,9 @@ def evaluate(config, workdir: str, step: int | None = None, quantize: str | None
   scorers = {name: scorer(cfg, path or wd.scorer(name), name) for name, (cfg, path) in task.scorers().items()}
   metrics.update(task.decode_metrics(state, run.load(task.decode_splits()), wd, scorers))
   metrics.update(sizes)
+  if pruning.enabled(run.config) and not sizes:   # the zeros of the pruned weights, overall and per layer
+    metrics['sparsity'], metrics['sparsity_by_layer'] = pruning.measured_sparsity(
+        task.variables(state)['params'], run.config.pruning.params)
   if jax.process_index() == 0:
     with open(wd.eval, 'w') as f:
       json.dump({'step': step, **metrics}, f, indent=2)

@@ -36,6 +36,7 @@ import jax.numpy as jnp
 import ml_collections
 import optax
 
+from model_zoo.compression import pruning
 from model_zoo.data.base import DataInfo, Dataset
 from model_zoo.models import registry
 from model_zoo.training import optimizers
@@ -122,8 +123,11 @@ class SupervisedTask(Task):
 
   def __init__(self, config, info):
     super().__init__(config, info)
-    self.model = quantization_aware(self.build_model(), config)   # QAT: quantized forward passes    # Built once: the state carries `tx` as static metadata, which must stay the same object.
+    self.model = quantization_aware(self.build_model(), config)   # QAT: quantized forward passes
+    # Built once: the state carries `tx` as static metadata, which must stay the same object.
     self.tx = optimizers.build(config.optimizer, config.num_train_steps, frozen=finetune.frozen_fn(config))
+    if pruning.enabled(config):
+      self.tx = pruning.prune(self.tx, config.pruning)
 
   def build_model(self) -> nn.Module:
     return registry.build(self.config.model)
@@ -195,4 +199,7 @@ class SupervisedTask(Task):
       grads = jax.tree.map(lambda g: g / total, grads)
       metrics = jax.tree.map(lambda m: jnp.sum(m * w_A) / total, metrics)
     metrics = {**metrics, 'grad_norm': optax.tree.norm(grads)}
-    return state.apply_gradients(grads, model_state), metrics
+    state = state.apply_gradients(grads, model_state)
+    if pruning.enabled(self.config):
+      metrics['sparsity'] = pruning.mask_sparsity(state.opt_state)
+    return state, metrics

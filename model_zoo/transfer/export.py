@@ -10,6 +10,10 @@ also written in Hugging Face's format to DIR/hf (model_zoo.transfer.hf.save).
 Merging (Hu et al., 2021, sec. 4.1): W' = W + (alpha / r) A B, so the exported model computes
 exactly what the adapted one did, with no extra cost per token. A quantized model (eval.py
 --quantize) is written with its int weights and scales, and config.json says how it was quantized.
+A pruned model (config.pruning) is also written sparse, as Han et al. (2016) count its size:
+`sparse.safetensors`, each pruned tensor as `<path>/values` (its non-zeros) and `<path>/bitmask`
+(np.packbits of w != 0), and `sparsity.json` (dense_bytes, sparse_bytes, sparsity overall and by layer,
+the shapes that model_zoo.compression.pruning.from_sparse needs).
 """
 import json
 import os
@@ -61,6 +65,18 @@ def export(config: ml_collections.ConfigDict, params, workdir: Workdir, outdir: 
   os.makedirs(outdir, exist_ok=True)
   flat = {'/'.join(k): np.ascontiguousarray(v) for k, v in traverse_util.flatten_dict(merged).items()}
   save_file(flat, os.path.join(outdir, 'model.safetensors'))
+  if config.pruning.method != 'none' and not quantized:
+    from model_zoo.compression import pruning  # pylint: disable=g-import-not-at-top
+    paths = pruning.pruned_paths(merged, config.pruning.params)
+    names = ['/'.join(k) for k in paths]
+    stored, sizes = pruning.to_sparse(flat, set(names))
+    save_file(stored, os.path.join(outdir, 'sparse.safetensors'))
+    sparsity, by_layer = pruning.measured_sparsity(merged, config.pruning.params)
+    with open(os.path.join(outdir, 'sparsity.json'), 'w') as f:
+      json.dump({**sizes, 'sparsity': sparsity, 'shapes': {n: list(flat[n].shape) for n in names},
+                 'sparsity_by_layer': by_layer}, f, indent=2)
+    print(f'pruned weights at sparsity {sparsity:.4f}: {sizes["sparse_bytes"]} bytes stored sparse '
+          f'(values + bitmask), {sizes["dense_bytes"]} dense', flush=True)
   config = config.copy_and_resolve_references()
   with config.unlocked():
     if 'lora_rank' in config.model:

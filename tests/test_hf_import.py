@@ -302,6 +302,16 @@ def test_save_round_trip(name, tmp_path):
   assert diff <= TOL
 
 
+def test_a_gpt_of_another_layout_is_refused_in_one_line(tmp_path):
+  """The GPT default (rotary positions, no biases) has no GPT-2 equivalent: one UserError, which export
+  reports while still writing its own files."""
+  cfg = dict(name='gpt', num_layers=1, d_model=32, num_heads=4, d_ff=48, max_len=64, positional='rotary')
+  model = _ours(cfg, GPT, vocab_size=99)
+  params = nn.unbox(model.init(jax.random.key(0), jnp.asarray(_tokens(99, seed=1)), train=False))['params']
+  with pytest.raises(UserError, match="only a GPT-2 layout .* this model has {'positional': 'rotary'"):
+    hf.save(str(tmp_path), params, cfg)
+
+
 # The command line: fine-tuning from a Hugging Face directory, with its tokenizer.
 
 def test_train_bert_classifier_from_hf_directory(bert_dir, tmp_path):

@@ -263,21 +263,22 @@ def save(directory: str, params, model_config: dict):
           for k, w in traverse_util.flatten_dict(nn.unbox(dict(params))).items()}
   if any('_lora_' in k for k in flat):
     raise UserError('the parameters have LoRA adapters, which a Hugging Face BERT/GPT-2 cannot hold')
+  num_heads = flat['block_0/self_attention/query/kernel'].shape[1]
+  if name == 'gpt':   # checked first: a GPT of another layout (rotary positions) has no pos_embedding
+    layout = dict(positional='learned', pre_ln=True, tie_embeddings=True, attention_bias=True)
+    bad = {k: get(k) for k, want in layout.items() if get(k) != want}
+    if bad or get('num_kv_heads') not in (0, num_heads):
+      raise UserError(f'only a GPT-2 layout ({layout}, no grouped-query attention) can be saved as GPT-2; '
+                      f'this model has {bad or {"num_kv_heads": get("num_kv_heads")}}')
   v, d = flat['embed/embedding'].shape
-  c = dict(name=name, vocab_size=v, d_model=d, num_heads=flat['block_0/self_attention/query/kernel'].shape[1],
+  c = dict(name=name, vocab_size=v, d_model=d, num_heads=num_heads,
            d_ff=flat['block_0/mlp/wi/kernel'].shape[1], max_len=flat['pos_embedding'].shape[0],
            num_layers=sum(k.endswith('self_attention/query/kernel') for k in flat),
            activation=get('activation'), ln_epsilon=get('ln_epsilon'))
   if c['activation'] not in _HF_ACTIVATIONS:
     raise UserError(f"activation {c['activation']!r} has no Hugging Face equivalent; "
                     f"supported: {', '.join(_HF_ACTIVATIONS)}")
-  if name == 'gpt':
-    layout = dict(positional='learned', pre_ln=True, tie_embeddings=True, attention_bias=True)
-    bad = {k: get(k) for k, want in layout.items() if get(k) != want}
-    if bad or get('num_kv_heads') not in (0, c['num_heads']):
-      raise UserError(f'only a GPT-2 layout ({layout}, no grouped-query attention) can be saved as GPT-2; '
-                      f'this model has {bad or {"num_kv_heads": get("num_kv_heads")}}')
-  else:
+  if name == 'bert':
     c['type_vocab_size'] = flat['type_embedding'].shape[0]
   tensors = {}
   for group, ours, key, hf_shape, _, transposed in _entries(c):

@@ -9,6 +9,7 @@ with `from configs import cnn`.
 """
 import importlib
 import importlib.util
+import json
 import os
 import sys
 
@@ -78,6 +79,13 @@ def base_config() -> ml_collections.ConfigDict:
   c.pruning.frequency = 100              # steps between two recomputations of the masks
   c.pruning.params = r'(.*/)?(kernel|u)'  # regex on parameter paths: dense/conv kernels, LSTM/GRU's recurrent u
 
+  # Knowledge distillation (model_zoo.compression.distill): learn from a trained teacher's outputs too.
+  c.distill = ml_collections.ConfigDict()
+  c.distill.teacher = ''                 # '' | a trained workdir (its config.json builds it, its latest checkpoint fills it)
+  c.distill.temperature = 2.0            # T: both softmaxes at logits / T (kl)
+  c.distill.alpha = 0.5                  # loss = alpha * distance(student, teacher) + (1 - alpha) * the task's loss
+  c.distill.distance = 'kl'              # kl (T^2 KL, Hinton et al. 2015) | hard (teacher's top-1 as labels) | mse
+
   # Devices: a mesh over all of them. -1 takes what the other axes leave.
   c.mesh = ml_collections.ConfigDict()
   c.mesh.data = -1
@@ -107,6 +115,36 @@ def validate(config: ml_collections.ConfigDict):
   _check(config.freeze == 'none' or config.init_from,
          "config.freeze='backbone' freezes pretrained weights: set config.init_from to a workdir or 'hf:<dir>'")
   _check(config.dataset.prefetch >= 0, 'config.dataset.prefetch must be >= 0')
+  d = config.distill
+  lookup(dict.fromkeys(('kl', 'hard', 'mse')), d.distance, 'distillation distance', 'distill.distance')
+  _check(isinstance(d.temperature, (int, float)) and d.temperature > 0,
+         f'config.distill.temperature must be > 0, got {d.temperature!r}')
+  _check(isinstance(d.alpha, (int, float)) and 0 <= d.alpha <= 1,
+         f'config.distill.alpha weighs the teacher against the labels, in [0, 1]; got {d.alpha!r}')
+
+
+def from_json(path: str) -> ml_collections.ConfigDict:
+  """The config a run saved (<workdir>/config.json): lists read back as tuples, and the shared keys
+  added to model_zoo since the run started at their defaults (as it ran with them)."""
+  def tuples(x):
+    if isinstance(x, dict):
+      return {k: tuples(v) for k, v in x.items()}
+    return tuple(tuples(v) for v in x) if isinstance(x, list) else x
+
+  def fill(node, defaults):
+    for key, value in defaults.items():
+      if key not in node:
+        node[key] = value
+      elif isinstance(value, ml_collections.ConfigDict) and isinstance(node[key], ml_collections.ConfigDict):
+        fill(node[key], value)
+  try:
+    with open(path) as f:
+      config = ml_collections.ConfigDict(tuples(json.load(f)))
+  except (OSError, ValueError) as e:
+    raise UserError(f'{path} cannot be read ({type(e).__name__}: {str(e).splitlines()[0]}): the config the run '
+                    f'was started with is damaged') from e
+  fill(config, base_config())
+  return config
 
 
 def lookup(registry: dict, name: str, what: str, key: str):

@@ -43,6 +43,7 @@ class Experiment:
   abstract_state: object   # jax.ShapeDtypeStruct leaves that carry their sharding
   state_shardings: object
   example: dict            # a batch of one example, for shapes
+  teacher: object = None   # model_zoo.tasks.base.Teacher, for a distilled run (model_zoo.compression.distill)
 
   def init_state(self):
     init_rng = jax.random.fold_in(jax.random.key(self.config.seed), 0)
@@ -99,7 +100,7 @@ RESUMABLE_CHANGES = ('num_train_steps', 'log_every_steps', 'eval_every_steps', '
 EVAL_CHANGES = RESUMABLE_CHANGES + ('batch_size', 'grad_accum_steps', 'optimizer.*', 'discriminator_optimizer.*',
                                     'init_from', 'freeze', 'dataset.train_split',
                                     'dataset.eval_split', 'dataset.augment', 'decode.*', 'classifier_workdir',
-                                    'classifier.*', 'quantization.*')
+                                    'classifier.*', 'quantization.*', 'distill.*')
 
 
 def check_same_run(config: ml_collections.ConfigDict, workdir: Workdir, may_change=RESUMABLE_CHANGES,
@@ -219,6 +220,8 @@ def prepare(config: ml_collections.ConfigDict, workdir: str, splits, *, staging:
   wd = Workdir(workdir)
   wd.check(write=staging)
   tokenizer_from = finetune.source_workdir(config, wd)
+  if tokenizer_from is None and config.distill.teacher and not wd.has_checkpoints():
+    tokenizer_from = Workdir(config.distill.teacher)   # a student's tokens are its teacher's
   if staging and wd.has_checkpoints():
     check_same_run(config, wd)
   elif not staging:

@@ -24,7 +24,7 @@ ALLOWED = {
 }
 # compression.ptq restores, quantizes and saves a trained run for eval.py: a driver too.
 DRIVERS = {'model_zoo.experiment', 'model_zoo.training.loop', 'model_zoo.evaluation.evaluate', 'model_zoo.cli',
-           'model_zoo.compression.ptq'}
+           'model_zoo.compression.ptq', 'model_zoo.compression.distill'}
 
 
 def modules() -> dict[str, str]:

@@ -13,7 +13,7 @@ import os
 
 import jax
 
-from model_zoo.compression import pruning
+from model_zoo.compression import distill, pruning
 from model_zoo.compression import settings as quantization_settings
 from model_zoo.errors import UserError
 from model_zoo.evaluation import plots
@@ -65,6 +65,7 @@ def scorer(config, workdir: str, name: str):
 
 def evaluate(config, workdir: str, step: int | None = None, quantize: str | None = None) -> dict[str, float]:
   run, exp, step, state, sizes = _restore(config, workdir, step, quantize)
+  exp.teacher = distill.teacher(run)
   task = exp.task
   variant = quantization_settings.scheme(exp.config.quantization) if sizes else ''
   wd = Workdir(workdir, variant)

@@ -28,6 +28,7 @@ optimizer subclasses `SupervisedTask` and writes `loss_fn`; one with several mod
 pytree as its state. The model is reached through model_zoo.models.protocol, never by its class.
 """
 import abc
+import functools
 from typing import Callable
 
 import flax.linen as nn
@@ -35,10 +36,12 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import optax
+from flax import struct
 
 from model_zoo.compression import pruning
 from model_zoo.data.base import DataInfo, Dataset
 from model_zoo.models import registry
+from model_zoo.tasks import losses
 from model_zoo.training import optimizers
 from model_zoo.training.state import TrainState
 from model_zoo.transfer import finetune
@@ -52,6 +55,21 @@ def quantization_aware(model: nn.Module, config: ml_collections.ConfigDict) -> n
     return model
   from model_zoo.compression import quantization  # pylint: disable=g-import-not-at-top
   return quantization.quantized_model(model, config.quantization)
+
+
+class Teacher(struct.PyTreeNode):
+  """A trained model that a student learns from (knowledge distillation): its task, static, and its
+  variables, passed to each step as an argument (never in the student's state, optimizer or checkpoint)."""
+  task: 'SupervisedTask' = struct.field(pytree_node=False)
+  variables: dict
+
+  def outputs(self, batch):
+    """The teacher's outputs on the student's batch, in evaluation mode, under stop_gradient."""
+    params = self.variables['params']
+    model_state = {k: v for k, v in self.variables.items() if k != 'params'}
+    out, _ = self.task.apply(params, model_state, self.task.model_inputs(batch), train=False,
+                             **self.task.model_kwargs(batch))
+    return jax.lax.stop_gradient(out)
 
 
 class Task(abc.ABC):
@@ -141,9 +159,38 @@ class SupervisedTask(Task):
     del batch
     return {}
 
-  @abc.abstractmethod
-  def loss_fn(self, params, model_state, batch, rng):
-    """-> (scalar loss, (metrics, new model_state)) on a training batch."""
+  def loss_from_outputs(self, outputs, batch) -> tuple[jax.Array, dict]:
+    """-> (scalar loss, {name: scalar}) of the model's training-mode `outputs` on `batch`."""
+    raise NotImplementedError(f'{type(self).__name__} writes loss_fn, or loss_from_outputs and output_weights')
+
+  def output_weights(self, batch) -> jax.Array:
+    """The weight of each output position (logits.shape[:-1]; 0 for padding): what distillation and the
+    teacher agreement average over."""
+    raise NotImplementedError(f'{type(self).__name__} has no per-position outputs to distill')
+
+  def loss_fn(self, params, model_state, batch, rng, teacher: 'Teacher | None' = None):
+    """-> (scalar loss, (metrics, new model_state)) on a training batch. With a teacher (knowledge
+    distillation), alpha * distance(student, teacher) + (1 - alpha) * the task's loss, the teacher in
+    evaluation mode on the same batch, under stop_gradient (model_zoo.tasks.losses.distillation)."""
+    outputs, model_state = self.apply(params, model_state, self.model_inputs(batch), train=True, rng=rng,
+                                      **self.model_kwargs(batch))
+    loss, metrics = self.loss_from_outputs(outputs, batch)
+    if teacher is not None:
+      d, w = self.config.distill, self.output_weights(batch)
+      per_position = losses.distillation(outputs, teacher.outputs(batch), d.temperature, d.distance)
+      distill_loss = jnp.sum(per_position * w) / jnp.maximum(jnp.sum(w), 1.0)
+      metrics = {**metrics, 'task_loss': loss, 'distill_loss': distill_loss}
+      loss = d.alpha * distill_loss + (1 - d.alpha) * loss
+      metrics['loss'] = loss
+    return loss, (metrics, model_state)
+
+  def teacher_agreement(self, state, batch, teacher: 'Teacher') -> dict:
+    """Sums for the eval split's `teacher_agreement`: positions where the student's top-1 output is the
+    teacher's, and the positions counted."""
+    w = self.output_weights(batch)
+    w = w * batch['mask'].reshape(batch['mask'].shape + (1,) * (w.ndim - 1))
+    same = jnp.argmax(self.predict(state, batch), -1) == jnp.argmax(teacher.outputs(batch), -1)
+    return {'teacher_agree': jnp.sum(same * w), 'teacher_count': jnp.sum(w)}
 
   def loss_weight(self, batch) -> jax.Array:
     """What `loss_fn`'s mean divides by on this batch; the number of examples unless overridden."""
@@ -175,8 +222,8 @@ class SupervisedTask(Task):
     return self.apply(state.params, state.model_state, self.model_inputs(batch), train=False,
                       **self.model_kwargs(batch))[0]
 
-  def train_step(self, state: TrainState, batch, rng):
-    grad_fn = jax.value_and_grad(self.loss_fn, has_aux=True)
+  def train_step(self, state: TrainState, batch, rng, teacher: 'Teacher | None' = None):
+    grad_fn = jax.value_and_grad(functools.partial(self.loss_fn, teacher=teacher), has_aux=True)
     steps = self.config.grad_accum_steps
     if steps == 1:
       (_, (metrics, model_state)), grads = grad_fn(state.params, state.model_state, batch, rng)

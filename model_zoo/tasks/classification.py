@@ -26,11 +26,12 @@ class ClassificationTask(SupervisedTask):
     """The labels, and the weight of each (1; 0 where there is no label)."""
     return batch['label'], jnp.ones(batch['label'].shape, jnp.float32)
 
-  def loss_fn(self, params, model_state, batch, rng):
-    logits, model_state = self.apply(params, model_state, self.model_inputs(batch), train=True, rng=rng,
-                                     **self.model_kwargs(batch))
+  def loss_from_outputs(self, logits, batch):
     metrics = losses.means(losses.token_sums(logits, *self.labels_and_weights(batch)))
-    return metrics['loss'], (metrics, model_state)
+    return metrics['loss'], metrics
+
+  def output_weights(self, batch):
+    return self.labels_and_weights(batch)[1]
 
   def loss_weight(self, batch):
     return jnp.sum(self.labels_and_weights(batch)[1])

@@ -41,11 +41,12 @@ class LanguageModelingTask(SupervisedTask):
   def model_kwargs(self, batch):
     return {'positions_BxT': batch['positions'], 'segment_ids_BxT': batch['segment_ids']}
 
-  def loss_fn(self, params, model_state, batch, rng):
-    logits_BxTxV, model_state = self.apply(params, model_state, self.model_inputs(batch), train=True, rng=rng,
-                                           **self.model_kwargs(batch))
+  def loss_from_outputs(self, logits_BxTxV, batch):
     metrics = losses.means(losses.token_sums(logits_BxTxV, batch['targets'], batch['weights']))
-    return metrics['loss'], (metrics, model_state)
+    return metrics['loss'], metrics
+
+  def output_weights(self, batch):
+    return batch['weights']
 
   def loss_weight(self, batch):
     return jnp.sum(batch['weights'])

@@ -98,3 +98,26 @@ def discriminator_loss(real_logits_B, fake_logits_B):
 def generator_loss(fake_logits_B):
   """-log D(G(z)), averaged over the batch."""
   return jnp.mean(jax.nn.softplus(-fake_logits_B))
+
+
+# Knowledge distillation (Hinton et al., 2015): a student's outputs against a teacher's, per position.
+
+DISTANCES = ('kl', 'hard', 'mse')
+
+
+def distillation(student_logits, teacher_logits, temperature: float, distance: str):
+  """Per position (in float32):
+    kl    T^2 KL(softmax(t / T) || softmax(s / T)), the T^2 keeping the gradients' scale as T changes;
+    hard  cross-entropy against the teacher's top-1 output (pseudo-labels);
+    mse   the mean over the outputs of (s - t)^2 (logit matching, Ba & Caruana, 2014).
+  The teacher's logits are under stop_gradient."""
+  s = student_logits.astype(jnp.float32)
+  t = jax.lax.stop_gradient(teacher_logits).astype(jnp.float32)
+  if distance == 'kl':
+    return temperature ** 2 * optax.losses.kl_divergence(jax.nn.log_softmax(s / temperature),
+                                                         jax.nn.softmax(t / temperature))
+  if distance == 'hard':
+    return optax.softmax_cross_entropy_with_integer_labels(s, jnp.argmax(t, -1))
+  if distance == 'mse':
+    return jnp.mean((s - t) ** 2, axis=-1)
+  raise ValueError(f'unknown distillation distance {distance!r}; known: {", ".join(DISTANCES)}')

@@ -29,11 +29,12 @@ class MaskedLMTask(TextModel, SupervisedTask):
     targets_BxM = jnp.take_along_axis(batch['targets'], batch['mlm_positions'], axis=1)
     return losses.token_sums(logits_BxMxV, targets_BxM, w_BxM)
 
-  def loss_fn(self, params, model_state, batch, rng):
-    logits, model_state = self.apply(params, model_state, self.model_inputs(batch), train=True, rng=rng,
-                                     **self.model_kwargs(batch))
-    metrics = losses.means(self._sums(logits, batch, batch['mlm_weights']))
-    return metrics['loss'], (metrics, model_state)
+  def loss_from_outputs(self, logits_BxMxV, batch):
+    metrics = losses.means(self._sums(logits_BxMxV, batch, batch['mlm_weights']))
+    return metrics['loss'], metrics
+
+  def output_weights(self, batch):
+    return batch['mlm_weights']
 
   def loss_weight(self, batch):
     return jnp.sum(batch['mlm_weights'])

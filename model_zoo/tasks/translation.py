@@ -97,12 +97,12 @@ class TranslationTask(SupervisedTask):
     """Summed label-smoothed loss, plain cross-entropy and correct predictions over weighted tokens."""
     return losses.token_sums(logits_BxTxV, batch['tgt_out'], w_BxT, self.config.label_smoothing)
 
-  def loss_fn(self, params, model_state, batch, rng):
-    logits_BxTxV, model_state = self.apply(params, model_state, self.model_inputs(batch), train=True, rng=rng,
-                                           **self.model_kwargs(batch))
-    metrics = losses.means(self._sums(logits_BxTxV, batch, (batch['tgt_segments'] != 0).astype(jnp.float32)),
-                           nll=True)
-    return metrics['loss'], ({k: metrics[k] for k in ('loss', 'nll', 'accuracy')}, model_state)
+  def loss_from_outputs(self, logits_BxTxV, batch):
+    metrics = losses.means(self._sums(logits_BxTxV, batch, self.output_weights(batch)), nll=True)
+    return metrics['loss'], {k: metrics[k] for k in ('loss', 'nll', 'accuracy')}
+
+  def output_weights(self, batch):
+    return (batch['tgt_segments'] != 0).astype(jnp.float32)
 
   def loss_weight(self, batch):
     return jnp.sum(batch['tgt_segments'] != 0).astype(jnp.float32)

@@ -12,6 +12,7 @@ import ml_collections
 import numpy as np
 from jax.experimental import multihost_utils
 
+from model_zoo.compression import distill
 from model_zoo.data import pipeline
 from model_zoo.data.base import Dataset, write_atomically
 from model_zoo.errors import UserError
@@ -34,8 +35,12 @@ def fault_point(point: str, step: int):
 
 
 def make_eval_fn(exp: Experiment):
-  """-> evaluate(state, data, step=None): the task's metrics and summed stats over a whole split."""
-  eval_step = jax.jit(exp.task.eval_step, in_shardings=(exp.state_shardings, sharding.batch_sharding(exp.mesh)))
+  """-> evaluate(state, data, step=None): the task's metrics and summed stats over a whole split (and, for
+  a distilled run, `teacher_agreement`: the share of outputs whose top-1 is the teacher's)."""
+  def step_fn(state, batch, teacher):
+    stats = exp.task.eval_step(state, batch)
+    return stats if teacher is None else {**stats, **exp.task.teacher_agreement(state, batch, teacher)}
+  eval_step = jax.jit(step_fn, in_shardings=(exp.state_shardings, sharding.batch_sharding(exp.mesh), None))
 
   def evaluate(state, data: Dataset, step: int | None = None):
     totals = None
@@ -43,11 +48,15 @@ def make_eval_fn(exp: Experiment):
                                                     prefetch=exp.config.dataset.prefetch)):
       # Summed on the host, in the stats' own dtype (the same float32 adds): a device-side add between the
       # eval steps' all-reduces deadlocked two CPU processes (gloo) in about a third of runs.
-      stats = jax.tree.map(np.asarray, jax.device_get(eval_step(state, sharding.to_global(local, exp.mesh))))
+      stats = jax.tree.map(np.asarray, jax.device_get(eval_step(state, sharding.to_global(local, exp.mesh),
+                                                                exp.teacher)))
       totals = stats if totals is None else jax.tree.map(np.add, totals, stats)
       if i == 0 and step is not None:
         fault_point('eval', step)
-    return exp.task.eval_metrics(totals), totals
+    metrics = exp.task.eval_metrics(totals)
+    if exp.teacher is not None:
+      metrics['teacher_agreement'] = float(totals['teacher_agree'] / max(totals['teacher_count'], 1))
+    return metrics, totals
   return evaluate
 
 
@@ -105,6 +114,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str):
   """Trains `config` in `workdir`, resuming from its latest checkpoint if there is one."""
   run = prepare(config, workdir, [config.dataset.train_split, config.dataset.eval_split], staging=True)
   try:
+    run.experiment.teacher = distill.teacher(run)
     return _train(run)
   finally:
     run.close()
@@ -130,17 +140,21 @@ def _train(run):
   writer = MetricWriter(workdir, start)
   evaluate = make_eval_fn(exp)
   train_rng = jax.random.fold_in(jax.random.key(config.seed), 1)
-  train_step = jax.jit(
-      lambda state, batch, step: exp.task.train_step(state, batch, jax.random.fold_in(train_rng, step)),
-      in_shardings=(exp.state_shardings, sharding.batch_sharding(exp.mesh), None),
-      out_shardings=(exp.state_shardings, None), donate_argnums=0)
+  def step_fn(state, batch, step, teacher):
+    rng = jax.random.fold_in(train_rng, step)
+    if teacher is None:
+      return exp.task.train_step(state, batch, rng)
+    return exp.task.train_step(state, batch, rng, teacher=teacher)
+  train_step = jax.jit(step_fn, in_shardings=(exp.state_shardings, sharding.batch_sharding(exp.mesh), None, None),
+                       out_shardings=(exp.state_shardings, None), donate_argnums=0)
 
   total = config.num_train_steps
   progress = Progress(start, total)
   stop = _StopRequest(sync_every=config.log_every_steps)
   try:
     for step in range(start + 1, total + 1):
-      state, metrics = train_step(state, sharding.to_global(next(train_iter), exp.mesh), np.int32(step - 1))
+      state, metrics = train_step(state, sharding.to_global(next(train_iter), exp.mesh), np.int32(step - 1),
+                                  exp.teacher)
       pending.append(metrics)
       if len(pending) > 1:  # at most one step in flight: a stop signal is served within a step or two
         jax.block_until_ready(pending[-2])

@@ -223,7 +223,8 @@ class SupervisedTask(Task):
                       **self.model_kwargs(batch))[0]
 
   def train_step(self, state: TrainState, batch, rng, teacher: 'Teacher | None' = None):
-    grad_fn = jax.value_and_grad(functools.partial(self.loss_fn, teacher=teacher), has_aux=True)
+    loss_fn = self.loss_fn if teacher is None else functools.partial(self.loss_fn, teacher=teacher)
+    grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
     steps = self.config.grad_accum_steps
     if steps == 1:
       (_, (metrics, model_state)), grads = grad_fn(state.params, state.model_state, batch, rng)

@@ -4,7 +4,9 @@ The drivers (the training loop, eval.py) call exactly these methods, and know no
 or losses:
 
   init_state(rng, batch)           -> state            (traced once, to get shapes and shardings)
-  train_step(state, batch, rng)    -> state, metrics   (jitted; metrics are scalars)
+  train_step(state, batch, rng[, teacher])
+                                   -> state, metrics   (jitted; metrics are scalars; a Teacher for a
+                                      distilled run, SupervisedTask only)
   eval_step(state, batch)          -> stats            (jitted; stats add up over batches)
   eval_metrics(stats)              -> {name: float}
   eval_artifacts(stats, workdir)   -> writes plots or files into a model_zoo.workdir.Workdir (optional)
@@ -14,6 +16,8 @@ or losses:
                                       state, and a fresh state (new optimizer) holding given ones:
                                       what fine-tuning and the tools work on
   predict(state, batch)            -> the model's output on a batch, in evaluation mode
+  teacher_agreement(state, batch, teacher)
+                                   -> sums for eval's `teacher_agreement` (a distilled run)
   decode_splits()                  -> the splits `decode_metrics` reads (eval.py loads them)
   scorers()                        -> {name: (config, workdir)}: trained models `decode_metrics` needs
                                       (eval.py restores each, training it first if it has no checkpoint)
@@ -23,7 +27,9 @@ or losses:
 
 A task is built from the config and `info`, what it needs to know of the data (classes, tokenizer,
 an example): the same whichever split the driver reads. A task that trains one model with one
-optimizer subclasses `SupervisedTask` and writes `loss_fn`; one with several models or optimizers
+optimizer subclasses `SupervisedTask` and writes `loss_from_outputs` and `output_weights` (the loss of
+the model's outputs, and the weight of each output position: then it can be distilled), or all of
+`loss_fn`; one with several models or optimizers
 (a GAN) implements `init_state`, `train_step`, `variables` and `with_variables` itself, with any
 pytree as its state. The model is reached through model_zoo.models.protocol, never by its class.
 """

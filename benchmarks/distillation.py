@@ -6,7 +6,7 @@ distilled from a trained teacher, at the same number of steps, over 3 seeds (mea
 What train.py and eval.py do, in this process: each run trains in <root>/<run> (reused once it has an
 eval.json) and is evaluated on the same eval split.
   digits  Hinton et al. (2015)'s MNIST experiment on `digits`: the CNN default as the teacher (seed 0), the MLP
-          default (6x fewer weights) as the student, alone and distilled (T = 20, alpha = 0.5, KL), seeds 0, 1, 2;
+          default as the student, alone and distilled (T = 20, alpha = 0.5, KL), seeds 0, 1, 2;
           the table says how much of the teacher-student gap distillation closes
 Writes benchmarks/results/distillation.{json,md}. Not a test.
 """

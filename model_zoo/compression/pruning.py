@@ -162,7 +162,7 @@ def prune(tx: optax.GradientTransformation, p: ml_collections.ConfigDict) -> opt
 def mask_sparsity(opt_state) -> jax.Array:
   """The fraction of pruned weights that the masks of a PruningState set to zero."""
   leaves = jax.tree.leaves(opt_state.masks)
-  return 1.0 - sum(jnp.sum(m) for m in leaves) / sum(m.size for m in leaves)
+  return sum(jnp.sum(~m) for m in leaves) / sum(m.size for m in leaves)   # counted pruned: 0 is exactly 0.0
 
 
 def measured_sparsity(params, pattern: str) -> tuple[float, dict[str, float]]:

@@ -13,17 +13,15 @@ Writes benchmarks/results/distillation.{json,md}. Not a test.
 import argparse
 import json
 import os
-import platform
 import sys
 import time
 
-import jax
 import numpy as np
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from model_zoo import config as config_lib  # pylint: disable=wrong-import-position
+from benchmarks import common  # pylint: disable=wrong-import-position
 from model_zoo.evaluation import evaluate  # pylint: disable=wrong-import-position
 from model_zoo.training import loop  # pylint: disable=wrong-import-position
 
@@ -42,17 +40,7 @@ def runs(group: str):
 
 
 def config_of(file: str, overrides: dict, teacher: str | None, root: str):
-  config = config_lib.load(os.path.join(ROOT, 'configs', file))
-  with config.unlocked():
-    for key, value in overrides.items():
-      *path, leaf = key.split('.')
-      node = config
-      for p in path:
-        node = node[p]
-      node[leaf] = value
-    if teacher:
-      config.distill.teacher = os.path.join(root, teacher)
-  return config
+  return common.load(file, {**overrides, **({'distill.teacher': os.path.join(root, teacher)} if teacher else {})})
 
 
 def measure(name, file, overrides, metric, teacher, root) -> dict:
@@ -104,14 +92,7 @@ def main():
       if name in rows:
         continue
       rows[name] = measure(name, *spec, args.root)
-      out = {'machine': f'{platform.processor() or platform.machine()}, {os.cpu_count()} cores, '
-                        f'{jax.devices()[0].platform}', 'jax': jax.__version__, 'date': time.strftime('%Y-%m-%d'),
-             'command': 'python benchmarks/distillation.py ' + ' '.join(sys.argv[1:]), 'rows': rows}
-      with open(args.output + '.json', 'w') as f:
-        json.dump(out, f, indent=2)
-      with open(args.output + '.md', 'w') as f:
-        f.write(table(rows) + '\n')
-      print(table(rows), flush=True)
+      common.write(args.output, rows, table(rows))
 
 
 if __name__ == '__main__':

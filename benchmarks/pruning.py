@@ -17,17 +17,15 @@ Writes benchmarks/results/pruning.{json,md,png}. Not a test.
 import argparse
 import json
 import os
-import platform
 import sys
 import time
 
-import jax
 import numpy as np
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from model_zoo import config as config_lib  # pylint: disable=wrong-import-position
+from benchmarks import common  # pylint: disable=wrong-import-position
 from model_zoo.evaluation import evaluate  # pylint: disable=wrong-import-position
 from model_zoo.training import loop  # pylint: disable=wrong-import-position
 
@@ -57,23 +55,14 @@ def runs(group: str):
 
 
 def config_of(file: str, overrides: dict, sparsity: float, kind: str):
-  config = config_lib.load(os.path.join(ROOT, 'configs', file))
+  config = common.load(file, overrides)
   n = config.num_train_steps
-  with config.unlocked():
-    for key, value in overrides.items():
-      *path, leaf = key.split('.')
-      node = config
-      for p in path:
-        node = node[p]
-      node[leaf] = value
-    if kind != 'dense':
-      config.pruning.method = 'global_magnitude'
-      config.pruning.sparsity = sparsity
-      if kind.startswith('oneshot'):
-        config.pruning.begin_step = config.pruning.end_step = (7 * n) // 10
-      else:
-        config.pruning.begin_step, config.pruning.end_step = n // 10, (7 * n) // 10
-        config.pruning.frequency = max(1, ((7 * n) // 10 - n // 10) // 60)
+  if kind != 'dense':
+    end = (7 * n) // 10
+    schedule = ({'pruning.begin_step': end} if kind.startswith('oneshot') else
+                {'pruning.begin_step': n // 10, 'pruning.frequency': max(1, (end - n // 10) // 60)})
+    config.update_from_flattened_dict({'pruning.method': 'global_magnitude', 'pruning.sparsity': sparsity,
+                                       'pruning.end_step': end, **schedule})
   return config
 
 
@@ -170,15 +159,8 @@ def main():
       if name in rows:
         continue
       rows[name] = measure(name, *spec, args.root)
-      out = {'machine': f'{platform.processor() or platform.machine()}, {os.cpu_count()} cores, '
-                        f'{jax.devices()[0].platform}', 'jax': jax.__version__, 'date': time.strftime('%Y-%m-%d'),
-             'command': 'python benchmarks/pruning.py ' + ' '.join(sys.argv[1:]), 'rows': rows}
-      with open(args.output + '.json', 'w') as f:
-        json.dump(out, f, indent=2)
-      with open(args.output + '.md', 'w') as f:
-        f.write(table(rows) + '\n')
+      common.write(args.output, rows, table(rows))
       plot(rows, args.output + '.png')
-      print(table(rows), flush=True)
 
 
 if __name__ == '__main__':

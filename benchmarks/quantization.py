@@ -11,7 +11,6 @@ Writes benchmarks/results/quantization.json and quantization.md. Not a test.
 import argparse
 import json
 import os
-import platform
 import sys
 import time
 
@@ -21,7 +20,7 @@ import numpy as np
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from model_zoo import config as config_lib  # pylint: disable=wrong-import-position
+from benchmarks import common  # pylint: disable=wrong-import-position
 from model_zoo.compression import ptq  # pylint: disable=wrong-import-position
 from model_zoo.data import pipeline  # pylint: disable=wrong-import-position
 from model_zoo.evaluation import evaluate  # pylint: disable=wrong-import-position
@@ -47,17 +46,7 @@ ROWS = {
 
 def load_config(name: str, root: str):
   file, overrides, _, source = ROWS[name]
-  config = config_lib.load(os.path.join(ROOT, 'configs', file))
-  with config.unlocked():
-    for key, value in overrides.items():
-      *path, leaf = key.split('.')
-      node = config
-      for p in path:
-        node = node[p]
-      node[leaf] = value
-    if source:
-      config.init_from = os.path.join(root, source)
-  return config
+  return common.load(file, {**overrides, **({'init_from': os.path.join(root, source)} if source else {})})
 
 
 def inference_seconds(config, workdir: str, scheme: str | None, repeats: int = 20) -> float:
@@ -146,14 +135,7 @@ def main():
       results = json.load(f).get('rows', {})
   for name in args.rows.split(','):
     results[name] = measure(name, args.root)
-    out = {'machine': f'{platform.processor() or platform.machine()}, {os.cpu_count()} cores, '
-                      f'{jax.devices()[0].platform}', 'jax': jax.__version__, 'date': time.strftime('%Y-%m-%d'),
-           'command': 'python benchmarks/quantization.py ' + ' '.join(sys.argv[1:]), 'rows': results}
-    with open(args.output + '.json', 'w') as f:
-      json.dump(out, f, indent=2)
-    with open(args.output + '.md', 'w') as f:
-      f.write(table(results) + '\n')
-    print(table(results), flush=True)
+    common.write(args.output, results, table(results))
 
 
 if __name__ == '__main__':

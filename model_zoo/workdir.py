@@ -128,6 +128,13 @@ class Workdir:
   def has_checkpoints(self) -> bool:
     return os.path.isdir(self.checkpoints) and bool(os.listdir(self.checkpoints))
 
+  def tokenizer_differs(self, other: 'Workdir') -> bool:
+    """Both work directories hold a tokenizer file, and the two are not byte-identical."""
+    if not (os.path.exists(self.tokenizer) and os.path.exists(other.tokenizer)):
+      return False
+    with open(self.tokenizer, 'rb') as f, open(other.tokenizer, 'rb') as g:
+      return f.read() != g.read()
+
   def data_files(self, staging: 'Staging | None' = None, tokenizer_from: 'Workdir | None' = None) -> Files:
     """What a data set may reuse from this work directory (or, for the tokenizer, from `tokenizer_from`,
     the run that fine-tuning starts from), and where it writes anything new: into `staging`, or, without

@@ -75,6 +75,19 @@ def family_config(name, **overrides):
   return tiny_config(*file.split(':'), **{**tiny, **overrides})
 
 
+_DATA = {}
+
+
+def family_data(config):
+  """The training split of a tiny family config, loaded once per data set and shape for the whole test process."""
+  from model_zoo.data import registry  # pylint: disable=g-import-not-at-top
+  key = (config.dataset.name, config.dataset.get('vocab_size'), config.dataset.get('seq_len'),
+         config.dataset.get('tokenizer'))
+  if key not in _DATA:
+    _DATA[key] = registry.load(config.dataset, config.dataset.train_split)
+  return _DATA[key]
+
+
 def bytes_by_hand(float_params, weight_dtype) -> tuple[int, int]:
   """(bytes as stored, bytes in float) of float32 params whose top-level block_<i> kernels are quantized:
   a byte (int8) or half a byte (int4) a value, and a float32 scale per output channel."""

@@ -127,25 +127,20 @@ def test_distillation_mistakes_are_one_line_and_write_nothing(teacher_and_studen
   assert '\n' not in str(e.value) and not os.path.exists(workdir)
 
 
-_DATA = {}
-
 
 @pytest.mark.parametrize('name', ['gpt', 'bert', 'transformer', 'rnn_classifier'])
 def test_each_kind_of_output_is_distilled_over_its_weighted_positions(name):
   """Token-level KD for a language model, the masked positions of BERT, the decoder's outputs in
   translation, a text classifier: distill_loss is the weighted mean of the per-position distance over
   `output_weights` (0 on padding), the teacher (another size of the same family) in evaluation mode."""
-  from helpers import family_config  # pylint: disable=g-import-not-at-top
-  from model_zoo.data import pipeline, registry  # pylint: disable=g-import-not-at-top
+  from helpers import family_config, family_data  # pylint: disable=g-import-not-at-top
+  from model_zoo.data import pipeline  # pylint: disable=g-import-not-at-top
   from model_zoo.experiment import build_experiment  # pylint: disable=g-import-not-at-top
   from model_zoo.tasks.base import Teacher  # pylint: disable=g-import-not-at-top
   from model_zoo.training import sharding  # pylint: disable=g-import-not-at-top
   no_dropout = {'model.dropout_rate': 0.0}
   config = family_config(name, **no_dropout, **{'distill.temperature': 3.0})
-  key = (config.dataset.name, config.dataset.get('vocab_size'))
-  if key not in _DATA:
-    _DATA[key] = registry.load(config.dataset, config.dataset.train_split)
-  data = _DATA[key]
+  data = family_data(config)
   student = build_experiment(config, data.info)
   wider = {'gpt': {'model.d_model': 64}, 'bert': {'model.d_model': 64}, 'transformer': {'model.d_model': 64},
            'rnn_classifier': {'model.hidden_size': 48}}[name]

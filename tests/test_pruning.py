@@ -13,9 +13,9 @@ import optax
 import pytest
 from flax import traverse_util
 
-from helpers import FAMILIES, family_config, read_metrics, saved_state, tiny_config
+from helpers import FAMILIES, family_config, family_data, read_metrics, saved_state, tiny_config
 from model_zoo.compression import pruning
-from model_zoo.data import pipeline, registry
+from model_zoo.data import pipeline
 from model_zoo.errors import UserError
 from model_zoo.evaluation import evaluate
 from model_zoo.experiment import build_experiment
@@ -104,8 +104,6 @@ def _expected_pruned(name, params):
           if k[-1] in ('kernel', 'u') and not any('_lora_' in part for part in k)}
 
 
-_DATA = {}
-
 
 @pytest.mark.parametrize('name', sorted(set(FAMILIES) - {'dcgan'}))
 def test_every_family_is_pruned_at_its_kernels(name):
@@ -113,10 +111,7 @@ def test_every_family_is_pruned_at_its_kernels(name):
   CNN (convolutions) and the LSTM (u inside a scan) also take a training step on the masked weights."""
   config = family_config(name, **{'pruning.method': 'magnitude', 'pruning.sparsity': 0.5, 'pruning.begin_step': 0,
                                   'pruning.end_step': 0})
-  key = (config.dataset.name, config.dataset.get('vocab_size'), config.dataset.get('seq_len'))
-  if key not in _DATA:
-    _DATA[key] = registry.load(config.dataset, config.dataset.train_split)
-  data = _DATA[key]
+  data = family_data(config)
   exp = build_experiment(config, data.info)
   state = exp.init_state()
   masks = traverse_util.flatten_dict(jax.device_get(state.opt_state.masks))

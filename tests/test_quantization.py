@@ -9,10 +9,10 @@ import numpy as np
 import pytest
 from flax import traverse_util
 
-from helpers import FAMILIES, bytes_by_hand, family_config
+from helpers import FAMILIES, bytes_by_hand, family_config, family_data
 from model_zoo.compression import ptq, quantization, settings
 from model_zoo.config import base_config
-from model_zoo.data import pipeline, registry
+from model_zoo.data import pipeline
 from model_zoo.experiment import build_experiment
 from model_zoo.models import layers, protocol
 from model_zoo.models import registry as models
@@ -217,16 +217,11 @@ def _expected_quantized(name, params) -> set:
   return out
 
 
-_DATA = {}
-
 
 @pytest.mark.parametrize('name', sorted(FAMILIES))
 def test_ptq_of_every_family_quantizes_the_block_layers_and_stays_close_to_float(name):
   config = family_config(name)
-  key = (config.dataset.name, config.dataset.get('vocab_size'), config.dataset.get('seq_len'))
-  if key not in _DATA:
-    _DATA[key] = registry.load(config.dataset, config.dataset.train_split)
-  data = _DATA[key]
+  data = family_data(config)
   exp = build_experiment(config, data.info)
   state = exp.init_state()
   qconfig = ptq.inference_config(settings.with_scheme(config, 'int8'))

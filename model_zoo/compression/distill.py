@@ -61,11 +61,9 @@ def _check_outputs(tconfig, config, source: Workdir, workdir: Workdir, path: str
       raise UserError(f'the teacher in {path} has a vocabulary of {t.get("vocab_size")} ({t.get("tokenizer")}), '
                       f'the student {s.get("vocab_size")} ({s.get("tokenizer")}): set config.dataset.vocab_size and '
                       f'tokenizer to the teacher\'s')
-    if os.path.exists(source.tokenizer) and os.path.exists(workdir.tokenizer):
-      with open(source.tokenizer, 'rb') as f, open(workdir.tokenizer, 'rb') as g:
-        if f.read() != g.read():
-          raise UserError(f'{workdir.tokenizer} is not the tokenizer of the teacher in {path}: the two models\' '
-                          f'tokens differ; use a new --workdir (it takes the teacher\'s tokenizer)')
+    if source.tokenizer_differs(workdir):
+      raise UserError(f'{workdir.tokenizer} is not the tokenizer of the teacher in {path}: the two models\' '
+                      f'tokens differ; use a new --workdir (it takes the teacher\'s tokenizer)')
   if 'classification' in config.task and (t.name, t.get('classes', '')) != (s.name, s.get('classes', '')):
     raise UserError(f'the teacher in {path} classifies {t.name} (classes {t.get("classes") or "all"}), the student '
                     f'{s.name} (classes {s.get("classes") or "all"}): a teacher must have the student\'s classes')

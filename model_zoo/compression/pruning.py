@@ -145,7 +145,7 @@ def prune(tx: optax.GradientTransformation, p: ml_collections.ConfigDict) -> opt
                                           for k, g in traverse_util.flatten_dict(grads).items()})
     updates, inner = tx.update(grads, state.inner, params)
     step = state.step + 1
-    flat_params, _ = split(params)
+    flat_params = traverse_util.flatten_dict(params)
     new = traverse_util.flatten_dict(optax.apply_updates(params, updates))
     masks = jax.lax.cond(is_pruning_step(step, p),
                          lambda: _masks({k: new[k] for k in masks}, masks, sparsity_at(step, p), p.method),

@@ -13,7 +13,6 @@ the same shape (a Hugging Face BERT's pooler), and start from their initialisati
 classifier for another number of classes). What init_from holds beyond that (a pretraining head) is
 left out. Once the run has checkpoints of its own, it resumes from those and init_from is not read again.
 """
-import os
 
 import jax
 import ml_collections
@@ -66,11 +65,9 @@ def source_workdir(config: ml_collections.ConfigDict, workdir: Workdir) -> Workd
   if not source.has_checkpoints():
     raise UserError(f'config.init_from={source.path!r} is not a workdir with checkpoints: train it first, or give '
                     f"'hf:<directory>' for Hugging Face weights")
-  if os.path.exists(source.tokenizer) and os.path.exists(workdir.tokenizer):
-    with open(source.tokenizer, 'rb') as f, open(workdir.tokenizer, 'rb') as g:
-      if f.read() != g.read():
-        raise UserError(f'{workdir.tokenizer} is not the tokenizer of config.init_from={source.path!r}: this '
-                        f'workdir was started from something else; use a new --workdir')
+  if source.tokenizer_differs(workdir):
+    raise UserError(f'{workdir.tokenizer} is not the tokenizer of config.init_from={source.path!r}: this '
+                    f'workdir was started from something else; use a new --workdir')
   return source
 
 

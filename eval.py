@@ -4,6 +4,7 @@
   python eval.py --config=configs/gpt.py --workdir=runs/gpt --mode=sample --prompt="The with statement"
   python eval.py --config=configs/transformer.py --workdir=runs/mt --mode=translate --input="three hundred and five"
   python eval.py --config=configs/bert_finetune.py --workdir=runs/cls --mode=export   # LoRA merged, safetensors
+  python eval.py --config=configs/cnn.py --workdir=runs/cnn --mode=export --format=stablehlo --output=DIR
   python eval.py --config=configs/gpt.py --workdir=runs/gpt --quantize=int8     # eval-int8.json, any --mode
 """
 from absl import flags
@@ -16,6 +17,10 @@ MODE = flags.DEFINE_enum('mode', 'eval', ['eval', 'sample', 'translate', 'export
                          'translate: translate --input (translation models); export: the parameters for '
                          'inference, LoRA merged, to --output.')
 OUTPUT = flags.DEFINE_string('output', None, 'Directory for --mode=export; default <workdir>/export.')
+FORMAT = flags.DEFINE_enum('format', 'safetensors', ['safetensors', 'stablehlo'],
+                           'What --mode=export writes: safetensors (the weights, LoRA merged) or stablehlo (each '
+                           'inference function as a serialized jax.export program with a symbolic batch, its '
+                           'weights, signature.json and reference_io.npz, verified before it is kept).')
 INPUT = flags.DEFINE_multi_string('input', [], 'Text(s) to translate with --mode=translate; repeat for several.')
 PROMPT = flags.DEFINE_multi_string('prompt', ['The '], 'Prompt(s) for --mode=sample; repeat for several; "" '
                                    'samples from the start of a document.')
@@ -40,7 +45,7 @@ def main(config, workdir):
   elif MODE.value == 'translate':
     evaluate.translate(config, workdir, INPUT.value, step=STEP.value, quantize=QUANTIZE.value)
   elif MODE.value == 'export':
-    evaluate.export(config, workdir, OUTPUT.value, step=STEP.value, quantize=QUANTIZE.value)
+    evaluate.export(config, workdir, OUTPUT.value, step=STEP.value, quantize=QUANTIZE.value, format=FORMAT.value)
   else:
     evaluate.evaluate(config, workdir, STEP.value, quantize=QUANTIZE.value)
 

@@ -81,8 +81,7 @@ _DATA = {}
 def family_data(config):
   """The training split of a tiny family config, loaded once per data set and shape for the whole test process."""
   from model_zoo.data import registry  # pylint: disable=g-import-not-at-top
-  key = (config.dataset.name, config.dataset.get('vocab_size'), config.dataset.get('seq_len'),
-         config.dataset.get('tokenizer'))
+  key = config.dataset.to_json(sort_keys=True)
   if key not in _DATA:
     _DATA[key] = registry.load(config.dataset, config.dataset.train_split)
   return _DATA[key]

@@ -129,6 +129,32 @@ def test_eval_without_checkpoint_and_with_unknown_step(tmp_path, trained):
   assert proc.returncode == 1 and 'no checkpoint for step 7' in proc.stderr and '[20, 40, 60]' in proc.stderr
 
 
+def test_export_to_stablehlo_from_the_command_line(tmp_path, trained):
+  """eval.py --mode=export --format=stablehlo: the exported program, run from its files, gives the trained
+  model's probabilities (restored in this process) on test images; a mistyped format is one line."""
+  from safetensors.numpy import load_file  # pylint: disable=g-import-not-at-top
+  from helpers import tiny_config  # pylint: disable=g-import-not-at-top
+  from model_zoo.data import registry  # pylint: disable=g-import-not-at-top
+  from model_zoo.evaluation import evaluate  # pylint: disable=g-import-not-at-top
+  from model_zoo.transfer import stablehlo  # pylint: disable=g-import-not-at-top
+  out = str(tmp_path / 'hlo')
+  proc = run_cli('eval.py', MLP, f'--workdir={trained}', *TINY, '--mode=export', '--format=stablehlo',
+                 f'--output={out}', check=True)
+  assert 'exported model.stablehlo (verified on 4 eval examples' in proc.stdout
+  config = tiny_config('mlp', **{'model.hidden_sizes': (32,), 'num_train_steps': 60, 'eval_every_steps': 30,
+                                 'checkpoint_every_steps': 20})
+  _, exp, _, state, _ = evaluate._restore(config, trained, None)  # pylint: disable=protected-access
+  test = registry.load(config.dataset, 'test')
+  images = np.stack([test.preprocess(test.source[i])['image'] for i in range(50, 57)])
+  got = stablehlo.run(out, 'model', load_file(os.path.join(out, 'weights.safetensors')), {'image': images})
+  want = jax.nn.softmax(exp.task.predict(state, {'image': images}), -1)
+  np.testing.assert_allclose(got['probabilities'], want, rtol=1e-4, atol=1e-6)
+  np.testing.assert_array_equal(got['label'], np.argmax(want, -1))
+  proc = run_cli('eval.py', MLP, f'--workdir={trained}', *TINY, '--mode=export', '--format=stablehl',
+                 f'--output={tmp_path / "other"}')
+  assert proc.returncode == 2 and 'stablehl' in proc.stderr and not os.path.exists(tmp_path / 'other')
+
+
 def test_one_device_and_eight_devices_train_the_same(tmp_path):
   runs = {}
   for devices in (1, 8):

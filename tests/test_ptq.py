@@ -65,6 +65,24 @@ def test_gptq_records_its_calibration_and_export_writes_packed_int4(mlp_run, tmp
     assert json.load(f)['quantization']['weight_dtype'] == 'int4'
 
 
+def test_stablehlo_export_of_int4_takes_the_packed_weights_and_computes_the_quantized_model(mlp_run, tmp_path):
+  from safetensors.numpy import load_file  # pylint: disable=g-import-not-at-top
+  from model_zoo.data import registry  # pylint: disable=g-import-not-at-top
+  from model_zoo.transfer import stablehlo  # pylint: disable=g-import-not-at-top
+  config, workdir = mlp_run
+  out = str(tmp_path / 'hlo')
+  evaluate.export(config, workdir, out, quantize='int4', format='stablehlo')
+  weights = load_file(os.path.join(out, 'weights.safetensors'))
+  assert weights['params/block_0/kernel/qvalue'].dtype == np.uint8
+  assert weights['params/block_0/kernel/qvalue'].size == 64 * 32 // 2
+  test = registry.load(config.dataset, 'test')
+  images = np.stack([test.preprocess(test.source[i])['image'] for i in range(20, 26)])
+  _, exp, _, state, _ = evaluate._restore(config, workdir, None, 'int4')  # pylint: disable=protected-access
+  want = jax.nn.softmax(exp.task.predict(state, {'image': images}), -1)
+  np.testing.assert_allclose(stablehlo.run(out, 'model', weights, {'image': images})['probabilities'], want,
+                             rtol=1e-4, atol=1e-6)
+
+
 def test_qat_resumes_exactly_and_ptq_of_it_computes_what_it_evaluated(mlp_run, tmp_path):
   _, float_workdir = mlp_run
   qat = lambda steps: tiny_config('mlp', **{'model.hidden_sizes': (32, 32), 'init_from': float_workdir,

@@ -242,10 +242,11 @@ def _pack_int4(q) -> np.ndarray:
   return (nibbles[0::2] | (nibbles[1::2] << 4)).astype(np.uint8)
 
 
-def _unpack_int4(packed, shape) -> np.ndarray:
-  packed = np.asarray(packed, np.uint8)
-  nibbles = np.stack([packed & 0xF, packed >> 4], axis=-1).reshape(-1).astype(np.int8)
-  values = np.where(nibbles >= 8, nibbles - 16, nibbles).astype(np.int8)   # two's complement of 4 bits
+def _unpack_int4(packed, shape) -> jax.Array:
+  """The inverse of `_pack_int4`, in jax.numpy: an exported program unpacks its int4 weights itself."""
+  packed = jnp.asarray(packed, jnp.uint8)
+  nibbles = jnp.stack([packed & 0xF, packed >> 4], axis=-1).reshape(-1).astype(jnp.int8)
+  values = jnp.where(nibbles >= 8, nibbles - 16, nibbles).astype(jnp.int8)   # two's complement of 4 bits
   return values[:math.prod(shape)].reshape(shape)
 
 

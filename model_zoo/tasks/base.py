@@ -16,6 +16,8 @@ or losses:
                                       state, and a fresh state (new optimizer) holding given ones:
                                       what fine-tuning and the tools work on
   predict(state, batch)            -> the model's output on a batch, in evaluation mode
+  serving()                        -> {name: Serving}: the inference functions that export and serving
+                                      run, on weights and named inputs alone (optional)
   teacher_agreement(state, batch, teacher)
                                    -> sums for eval's `teacher_agreement` (a distilled run)
   decode_splits()                  -> the splits `decode_metrics` reads (eval.py loads them)
@@ -34,6 +36,7 @@ the model's outputs, and the weight of each output position: then it can be dist
 pytree as its state. The model is reached through model_zoo.models.protocol, never by its class.
 """
 import abc
+import dataclasses
 import functools
 from typing import Callable
 
@@ -46,6 +49,7 @@ from flax import struct
 
 from model_zoo.compression import pruning
 from model_zoo.data.base import DataInfo, Dataset
+from model_zoo.errors import UserError
 from model_zoo.models import registry
 from model_zoo.tasks import losses
 from model_zoo.training import optimizers
@@ -76,6 +80,20 @@ class Teacher(struct.PyTreeNode):
     out, _ = self.task.apply(params, model_state, self.task.model_inputs(batch), train=False,
                              **self.task.model_kwargs(batch))
     return jax.lax.stop_gradient(out)
+
+@dataclasses.dataclass(frozen=True)
+class Serving:
+  """One inference function of a task: `fn(weights, inputs) -> outputs`, where `inputs` and `outputs` are dicts
+  of arrays with a leading batch axis and `weights` is `weights_of(variables)` (the variables it reads)."""
+  fn: Callable[[dict, dict], dict]
+  inputs: dict                                 # name -> jax.ShapeDtypeStruct of one example (no batch axis)
+  weights_of: Callable[[dict], dict] = lambda variables: variables
+
+
+def example_spec(x) -> jax.ShapeDtypeStruct:
+  """The shape and dtype of one example `x` of a data set's `info.example`."""
+  x = jnp.asarray(x)
+  return jax.ShapeDtypeStruct(x.shape, x.dtype)
 
 
 class Task(abc.ABC):
@@ -119,6 +137,11 @@ class Task(abc.ABC):
     """Speed figures beyond steps/s, logged with the training metrics; none by default."""
     del state, steps_per_sec
     return {}
+
+  def serving(self) -> dict[str, Serving]:
+    """The inference functions of the model, by name ('model' for a model with one)."""
+    raise UserError(f'the {self.config.task} task has no inference function to export or serve yet; '
+                    f'--format=safetensors exports its weights')
 
   def decode_splits(self) -> tuple[str, ...]:
     """The splits `decode_metrics` reads; none by default."""
@@ -227,6 +250,27 @@ class SupervisedTask(Task):
   def predict(self, state, batch):
     return self.apply(state.params, state.model_state, self.model_inputs(batch), train=False,
                       **self.model_kwargs(batch))[0]
+
+  # Serving: the batch keys the model reads at inference, the batch they make, and what is returned.
+  serving_inputs: tuple[str, ...] = ()
+
+  def serving_batch(self, inputs: dict) -> dict:
+    return inputs
+
+  def serving_outputs(self, outputs) -> dict:
+    return {'outputs': outputs}
+
+  def serving(self):
+    if not self.serving_inputs:
+      return super().serving()
+
+    def model(variables, inputs):
+      batch = self.serving_batch(inputs)
+      model_state = {k: v for k, v in variables.items() if k != 'params'}
+      outputs = self.apply(variables['params'], model_state, self.model_inputs(batch), train=False,
+                           **self.model_kwargs(batch))[0]
+      return self.serving_outputs(outputs)
+    return {'model': Serving(model, {k: example_spec(self.info.example[k]) for k in self.serving_inputs})}
 
   def train_step(self, state: TrainState, batch, rng, teacher: 'Teacher | None' = None):
     loss_fn = self.loss_fn if teacher is None else functools.partial(self.loss_fn, teacher=teacher)

@@ -4,6 +4,7 @@
 padding mask (`segment_ids`) and sentence types (`type_ids`), for BERT; `token_classification`
 labels every token (`labels` and `weights` [B, T]), and its metrics count tokens.
 """
+import jax
 import jax.numpy as jnp
 
 from model_zoo.errors import UserError
@@ -15,6 +16,11 @@ from model_zoo.tasks.base import SupervisedTask
 
 class ClassificationTask(SupervisedTask):
   """Batches hold `image` (or any input) and integer `label`."""
+  serving_inputs = ('image',)
+
+  def serving_outputs(self, logits):
+    return {'probabilities': jax.nn.softmax(logits.astype(jnp.float32), -1),
+            'label': jnp.argmax(logits, -1).astype(jnp.int32)}
 
   def build_model(self):
     return registry.build(self.config.model, num_classes=self.info.num_classes)
@@ -54,6 +60,7 @@ class ClassificationTask(SupervisedTask):
 class TextModel:
   """What every BERT task shares: its model inputs, and building the model with the task's head."""
   head = ''
+  serving_inputs = ('inputs', 'segment_ids', 'type_ids')
 
   def build_model(self):
     """The model with this task's head, after checking the config against the data and the model."""

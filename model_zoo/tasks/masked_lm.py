@@ -25,6 +25,14 @@ class MaskedLMTask(TextModel, SupervisedTask):
   def model_kwargs(self, batch):
     return {**super().model_kwargs(batch), 'mlm_positions_BxM': batch['mlm_positions']}
 
+  def serving_batch(self, inputs):
+    """At inference the output layer runs on every position."""
+    b, t = inputs['inputs'].shape
+    return {**inputs, 'mlm_positions': jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))}
+
+  def serving_outputs(self, logits_BxTxV):
+    return {'logits': logits_BxTxV}
+
   def _sums(self, logits_BxMxV, batch, w_BxM):
     targets_BxM = jnp.take_along_axis(batch['targets'], batch['mlm_positions'], axis=1)
     return losses.token_sums(logits_BxMxV, targets_BxM, w_BxM)

@@ -24,7 +24,7 @@ from model_zoo.errors import UserError
 from model_zoo.evaluation import plots
 from model_zoo.models import registry
 from model_zoo.tasks import losses
-from model_zoo.tasks.base import SupervisedTask
+from model_zoo.tasks.base import Serving, SupervisedTask, example_spec
 from model_zoo.training.state import TrainState
 
 EVAL_SEED = 0       # the eval noise (eps, prior samples): fixed, the same for every run and step
@@ -51,6 +51,12 @@ class _ReconstructionTask(SupervisedTask):
   def decode(self, params, z_BxZ):
     """-> the image (the mean of p(x|z) for the VAE) that z decodes to."""
     raise NotImplementedError
+
+  def serving(self):
+    latent = jax.ShapeDtypeStruct((self.config.model.latent_dim,), jnp.float32)
+    return {'encode': Serving(lambda v, x: {'latent': self.encode(v['params'], x['image'])},
+                              {'image': example_spec(self.info.example['image'])}),
+            'decode': Serving(lambda v, x: {'image': self.decode(v['params'], x['latent'])}, {'latent': latent})}
 
   def _squared_error_sum(self, x_BxHxWxC, x_hat_BxHxWxC, mask_B):
     return jnp.sum(jnp.sum((x_BxHxWxC - x_hat_BxHxWxC) ** 2, axis=(1, 2, 3)) * mask_B)

@@ -1,0 +1,183 @@
+"""Export for runtimes without Python: each inference function of a model (its task's `serving()`) as a
+serialized `jax.export.Exported`, with its weights, its signature and reference inputs and outputs,
+verified before it is kept.
+
+  python eval.py --config=configs/cnn.py --workdir=runs/cnn --mode=export --format=stablehlo --output=DIR
+
+DIR holds:
+  <function>.stablehlo  `Exported.serialize()` of each function: `model.stablehlo` for a model with one
+                        (classifiers, BERT), `encode`/`decode` for the autoencoder and VAE, `generate` for
+                        the GAN's generator. Its arguments are the weights (in signature.json's order) and
+                        then the inputs (by name, in their order); the batch dimension is symbolic ('batch'),
+                        so any batch size runs; lowered for CPU and CUDA. A quantized model (--quantize) takes
+                        its weights as stored, int8 or int4 two to a byte with their scales, and dequantizes
+                        inside the program; a LoRA model runs its adapters; a pruned one its zeros.
+  weights.safetensors   the weights by the names signature.json gives them
+  signature.json        per function its file, `arguments` (weights, then inputs, the order to call it in),
+                        inputs and outputs (shape with 'batch', dtype), and the tolerance it was verified to;
+                        the preprocessing constants, label names and tokenizer file of the model
+  reference_io.npz      `<function>/inputs/<name>` and `<function>/outputs/<name>` on a few eval examples
+  config.json, and the tokenizer if the model has one
+
+Every export verifies itself: it reads the files back, runs each function on the reference inputs (all
+of them, and the first alone, a second batch size) and compares with the JAX model run directly; it
+refuses, leaving nothing behind, if any output differs beyond the tolerance. It is written to a
+temporary directory beside DIR and renamed into place once verified.
+"""
+import json
+import os
+import shutil
+import tempfile
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from model_zoo.errors import UserError
+from model_zoo.models.protocol import path_names
+from model_zoo.workdir import Workdir
+
+PLATFORMS = ('cpu', 'cuda')
+NUM_EXAMPLES = 4
+# |got - want| <= ATOL + RTOL |want|, by the dtype the model computes in.
+TOLERANCE = {'float32': (1e-5, 1e-4), 'bfloat16': (2e-2, 2e-2), 'float16': (2e-2, 2e-2)}
+
+
+def flatten(tree) -> tuple[list[str], list, object]:
+  """(names, leaves, treedef) of a pytree; names join the key path with '/'."""
+  with_paths, treedef = jax.tree_util.tree_flatten_with_path(tree)
+  return ['/'.join(path_names(p)) for p, _ in with_paths], [np.asarray(x) for _, x in with_paths], treedef
+
+
+def reference_inputs(serving, data, n: int = NUM_EXAMPLES) -> dict[str, np.ndarray]:
+  """The first `n` eval examples' values of the inputs the data holds; N(0, I) draws (seed 0) for the others (latents)."""
+  examples = [data.preprocess(data.source[i]) for i in range(min(n, len(data.source)))]
+  rng = np.random.default_rng(0)
+  return {name: (np.stack([np.asarray(ex[name]) for ex in examples]).astype(spec.dtype) if name in examples[0]
+                 else rng.standard_normal((len(examples), *spec.shape)).astype(spec.dtype))
+          for name, spec in serving.inputs.items()}
+
+
+def _spec(x, batch=None):
+  return {'shape': (['batch'] if batch else []) + list(np.shape(x))[1 if batch else 0:],
+          'dtype': str(np.asarray(x).dtype)}
+
+
+def _preprocessing(config, info) -> dict:
+  out = dict(info.meta.get('preprocessing', {}))
+  tok = info.tokenizer
+  if tok is not None:
+    out.update({'tokenizer': os.path.basename(getattr(tok, 'path', '') or ''), 'seq_len': config.dataset.seq_len,
+                **{k: getattr(tok, k) for k in ('pad_id', 'bos_id', 'eos_id', 'mask_id')
+                   if getattr(tok, k, None) is not None}})
+  return out
+
+
+def _as_stored(config, weights):
+  """(the weights as the export stores them, the function that rebuilds them inside the program). A quantized
+  model's are stored as eval.py's safetensors export stores them: int8 values, or int4 two to a byte, with scales
+  (model_zoo.compression.quantization.to_storage)."""
+  if config.quantization.mode != 'ptq':
+    return weights, lambda tree: tree
+  from model_zoo.compression import quantization  # pylint: disable=g-import-not-at-top
+  abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(np.shape(x), x.dtype), weights)
+  return quantization.to_storage(weights), lambda tree: quantization.from_storage(tree, abstract)
+
+
+def _close(got, want, atol, rtol) -> float | None:
+  """None if `got` matches `want` (exactly for integers), else the largest difference."""
+  got, want = np.asarray(got), np.asarray(want)
+  if got.shape != want.shape:
+    return float('inf')
+  if not np.issubdtype(want.dtype, np.floating):
+    return None if np.array_equal(got, want) else float(np.max(np.abs(got.astype(np.int64) - want)))
+  g, w = got.astype(np.float64), want.astype(np.float64)
+  return None if np.all(np.abs(g - w) <= atol + rtol * np.abs(w)) else float(np.max(np.abs(g - w)))
+
+
+def export(config: ml_collections.ConfigDict, task, variables: dict, data, workdir: Workdir, outdir: str) -> str:
+  """Writes, verifies and keeps the StableHLO export of `task.serving()` on `variables` in `outdir`."""
+  from model_zoo.transfer.export import check_output  # pylint: disable=g-import-not-at-top
+  from safetensors.numpy import load_file, save_file  # pylint: disable=g-import-not-at-top
+  check_output(outdir)
+  functions = task.serving()
+  atol, rtol = TOLERANCE.get(config.model.get('dtype', 'float32'), TOLERANCE['bfloat16'])
+  variables = jax.device_get(variables)
+  parent = os.path.dirname(os.path.abspath(outdir))
+  os.makedirs(parent, exist_ok=True)
+  tmp = tempfile.mkdtemp(prefix=f'.{os.path.basename(os.path.abspath(outdir))}.partial-', dir=parent)
+  try:
+    signature = {'format': 'stablehlo', 'platforms': list(PLATFORMS), 'functions': {},
+                 'preprocessing': _preprocessing(config, task.info),
+                 'labels': list(task.info.class_names), 'weights': 'weights.safetensors'}
+    stored, reference = {}, {}
+    for name, serving in functions.items():
+      tree, restore = _as_stored(config, serving.weights_of(variables))
+      names, leaves, treedef = flatten(tree)
+      # One weight array may serve several functions (the AE's encode and decode): stored once by name.
+      stored.update({n: np.ascontiguousarray(x) for n, x in zip(names, leaves)})
+      fn = jax.jit(lambda weights, inputs, fn=serving.fn, treedef=treedef, restore=restore: fn(
+          restore(jax.tree.unflatten(treedef, weights)), inputs))
+      batch, = jax.export.symbolic_shape('batch')
+      input_specs = {k: jax.ShapeDtypeStruct((batch, *s.shape), s.dtype) for k, s in serving.inputs.items()}
+      try:
+        exported = jax.export.export(fn, platforms=PLATFORMS)(
+            [jax.ShapeDtypeStruct(x.shape, x.dtype) for x in leaves], input_specs)
+      except Exception as e:  # pylint: disable=broad-except
+        raise UserError(f'{name} could not be exported to StableHLO ({type(e).__name__}: '
+                        f'{str(e).splitlines()[0]})') from e
+      file = f'{name}.stablehlo'
+      with open(os.path.join(tmp, file), 'wb') as f:
+        f.write(exported.serialize())
+      inputs = reference_inputs(serving, data)
+      outputs = jax.device_get(fn(leaves, inputs))
+      reference[name] = (inputs, outputs)
+      signature['functions'][name] = {
+          'file': file, 'arguments': names + list(sorted(inputs)),
+          'inputs': {k: _spec(v, batch=True) for k, v in sorted(inputs.items())},
+          'outputs': {k: _spec(v, batch=True) for k, v in sorted(outputs.items())},
+          'tolerance': {'atol': atol, 'rtol': rtol}}
+    save_file(stored, os.path.join(tmp, 'weights.safetensors'))
+    np.savez(os.path.join(tmp, 'reference_io.npz'),
+             **{f'{fn}/{kind}/{k}': v for fn, io in reference.items() for kind, d in zip(('inputs', 'outputs'), io)
+                for k, v in d.items()})
+    with open(os.path.join(tmp, 'signature.json'), 'w') as f:
+      json.dump(signature, f, indent=2)
+    with open(os.path.join(tmp, 'config.json'), 'w') as f:
+      f.write(config.to_json_best_effort(indent=2, sort_keys=True))
+    if os.path.exists(workdir.tokenizer):
+      shutil.copyfile(workdir.tokenizer, os.path.join(tmp, os.path.basename(workdir.tokenizer)))
+
+    # Verification, from the files alone.
+    weights = load_file(os.path.join(tmp, 'weights.safetensors'))
+    for name, (inputs, want) in reference.items():
+      got = run(tmp, name, weights, inputs)
+      first = run(tmp, name, weights, {k: v[:1] for k, v in inputs.items()})
+      for key in want:
+        for label, g, w in (('', got[key], want[key]), (' on the first example alone', first[key], want[key][:1])):
+          diff = _close(g, w, atol, rtol)
+          if diff is not None:
+            raise UserError(f'the StableHLO export of {name} does not reproduce the model: its {key!r}{label} differs '
+                            f'by up to {diff:.3g} (tolerance atol {atol}, rtol {rtol}); nothing was written')
+    if os.path.isdir(outdir):
+      os.rmdir(outdir)   # empty, as check_output made sure
+    os.rename(tmp, outdir)
+  except BaseException:
+    shutil.rmtree(tmp, ignore_errors=True)
+    raise
+  print(f'exported {", ".join(f"{n}.stablehlo" for n in functions)} (verified on {NUM_EXAMPLES} eval examples, '
+        f'atol {atol}, rtol {rtol})', flush=True)
+  return outdir
+
+
+def run(outdir: str, name: str, weights: dict[str, np.ndarray], inputs: dict[str, np.ndarray]) -> dict:
+  """Runs function `name` of a StableHLO export on `inputs`, as any runtime would: the deserialized program
+  with the weights and inputs in the order signature.json gives."""
+  with open(os.path.join(outdir, 'signature.json')) as f:
+    spec = json.load(f)['functions'][name]
+  with open(os.path.join(outdir, spec['file']), 'rb') as f:
+    exported = jax.export.deserialize(bytearray(f.read()))
+  arguments = spec['arguments']
+  given = [weights[a] for a in arguments[:len(arguments) - len(spec['inputs'])]]
+  return jax.device_get(exported.call(given, {k: jnp.asarray(inputs[k]) for k in spec['inputs']}))

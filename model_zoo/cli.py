@@ -63,6 +63,7 @@ def _flatten(config, prefix=''):
 
 
 _SPEC = []  # the --config value, once parsed
+_CONFIG_REQUIRED = [True]
 
 
 def _parse_flags(argv):
@@ -72,6 +73,8 @@ def _parse_flags(argv):
   try:
     if any(a in ('--help', '--helpshort', '--helpfull') for a in argv):
       return flags.FLAGS(argv)
+    if not _CONFIG_REQUIRED[-1] and not any(a == '--config' or a.startswith('--config=') for a in argv):
+      return flags.FLAGS(argv)   # e.g. serve.py --export=DIR: no config
     spec, rest = _config_spec(argv)
     config = config_lib.load(spec)
     _check_override_keys(config, rest)
@@ -91,8 +94,10 @@ def workdir() -> str:
   return os.path.join('runs', os.path.splitext(os.path.basename(_SPEC[-1].split(':')[0]))[0])
 
 
-def run(main):
-  """Runs `main(config, workdir)` with UserError printed as one line and exit status 1."""
+def run(main, config_required: bool = True):
+  """Runs `main(config, workdir)` with UserError printed as one line and exit status 1. Without
+  `config_required`, a command line with no --config gives main None for both."""
+  _CONFIG_REQUIRED.append(config_required)
 
   def absl_main(argv):
     if not VERBOSE.value:
@@ -103,6 +108,9 @@ def run(main):
       import jax  # pylint: disable=g-import-not-at-top
       jax.distributed.initialize(COORDINATOR.value, NUM_PROCESSES.value, PROCESS_ID.value)
     try:
+      if not _SPEC:
+        main(None, None)
+        return
       main(flags.FLAGS.config, workdir())
     except UserError as e:
       if VERBOSE.value:

@@ -1,4 +1,5 @@
 """train.py and eval.py as a user runs them: bad input, 1 vs 8 devices, kill and resume."""
+import json
 import os
 import re
 import signal
@@ -141,6 +142,8 @@ def test_export_to_stablehlo_from_the_command_line(tmp_path, trained):
   proc = run_cli('eval.py', MLP, f'--workdir={trained}', *TINY, '--mode=export', '--format=stablehlo',
                  f'--output={out}', check=True)
   assert 'exported model.stablehlo (verified on 4 eval examples' in proc.stdout
+  with open(os.path.join(out, 'signature.json')) as f:
+    assert json.load(f)['platforms'] == ['cpu', 'cuda']
   config = tiny_config('mlp', **{'model.hidden_sizes': (32,), 'num_train_steps': 60, 'eval_every_steps': 30,
                                  'checkpoint_every_steps': 20})
   _, exp, _, state, _ = evaluate._restore(config, trained, None)  # pylint: disable=protected-access

@@ -1,6 +1,6 @@
-"""The StableHLO export (model_zoo/transfer/stablehlo.py) of every family without a decoder: what it writes runs,
-from the files alone and at a batch size it was not verified on, as the model does in eval; a wrong export is
-refused and leaves nothing behind."""
+"""The StableHLO export (model_zoo/transfer/stablehlo.py) of every family: what it writes runs, from the files
+alone and at a batch size it was not verified on, as the model does in eval; the decoders' prefill and decode
+step generate as the model computes without a cache; a wrong export is refused and leaves nothing behind."""
 import json
 import os
 
@@ -53,6 +53,7 @@ def _expected(name, exp, state, inputs):
   return {'model': {'probabilities': jax.nn.softmax(logits, -1), 'label': jnp.argmax(logits, -1)}}
 
 
+CPU = ('cpu',)   # lowered for CUDA too by default: tests/test_cli.py's export checks that
 FAMILIES = ['mlp', 'cnn', 'resnet', 'vit', 'mixer', 'rnn_classifier', 'bert', 'bert_classifier', 'autoencoder',
             'vae', 'dcgan']
 
@@ -61,7 +62,7 @@ FAMILIES = ['mlp', 'cnn', 'resnet', 'vit', 'mixer', 'rnn_classifier', 'bert', 'b
 def test_every_family_exports_and_runs_from_the_files_alone(tmp_path, name):
   config, data, exp, state = _build(name)
   out = str(tmp_path / 'export')
-  stablehlo.export(config, exp.task, exp.task.variables(state), data, Workdir(str(tmp_path / 'wd')), out)
+  stablehlo.export(config, exp.task, exp.task.variables(state), data, Workdir(str(tmp_path / 'wd')), out, platforms=CPU)
   with open(os.path.join(out, 'signature.json')) as f:
     signature = json.load(f)
   weights = load_file(os.path.join(out, 'weights.safetensors'))
@@ -98,16 +99,11 @@ def test_an_export_that_does_not_reproduce_the_model_is_refused_and_leaves_nothi
                                                     for k, v in real(*a).items()})
   out = tmp_path / 'export'
   with pytest.raises(UserError, match="StableHLO export of model does not reproduce the model: its 'probabilities'"):
-    stablehlo.export(config, exp.task, exp.task.variables(state), data, Workdir(str(tmp_path / 'wd')), str(out))
+    stablehlo.export(config, exp.task, exp.task.variables(state), data, Workdir(str(tmp_path / 'wd')), str(out), platforms=CPU)
   assert os.listdir(tmp_path) == []
 
 
-def test_a_decoder_and_a_used_output_directory_are_refused(tmp_path):
-  config, data, exp, state = _build('gpt')
-  with pytest.raises(UserError, match='language_modeling task has no inference function to export'):
-    stablehlo.export(config, exp.task, exp.task.variables(state), data, Workdir(str(tmp_path / 'wd')),
-                     str(tmp_path / 'export'))
-  assert os.listdir(tmp_path) == []
+def test_a_used_output_directory_is_refused_and_kept(tmp_path):
   config, data, exp, state = _build('mlp')
   (tmp_path / 'used').mkdir()
   (tmp_path / 'used' / 'keep.txt').write_text('x')
@@ -115,3 +111,57 @@ def test_a_decoder_and_a_used_output_directory_are_refused(tmp_path):
     stablehlo.export(config, exp.task, exp.task.variables(state), data, Workdir(str(tmp_path / 'wd')),
                      str(tmp_path / 'used'))
   assert os.listdir(tmp_path / 'used') == ['keep.txt']
+
+
+def _greedy(out, weights, first, steps):
+  """Greedy decoding from the export's files: prefill, then `steps` decode steps fed their own argmax.
+  -> (tokens [B, steps + 1], logits [B, steps + 1, V])."""
+  step = stablehlo.run(out, 'prefill', weights, first)
+  tokens, logits = [], []
+  for _ in range(steps + 1):
+    logits.append(step['logits'])
+    tokens.append(np.argmax(step['logits'], -1).astype(np.int32))
+    if len(tokens) > steps:
+      break
+    state = {k: v for k, v in step.items() if k not in ('logits', 'positions')}
+    step = {**{k: v for k, v in step.items() if k in ('encoded', 'source_segments')},
+            **stablehlo.run(out, 'decode_step', weights, {**state, 'tokens': tokens[-1],
+                                                           'positions': step['positions']})}
+  return np.stack(tokens, 1), np.stack(logits, 1)
+
+
+@pytest.mark.parametrize('name', ['gpt', 'rnn_lm', 'transformer'])
+def test_decoders_generate_from_the_files_as_the_model_computes_without_a_cache(tmp_path, name):
+  """prefill + decode_step, run from the files with the cache passed in and out, give at every step the logits
+  the model computes on the whole sequence at once (teacher forcing, no cache), for prompts of 9, 4 and 1
+  tokens in one batch."""
+  config, data, exp, state = _build(name)
+  out = str(tmp_path / 'export')
+  stablehlo.export(config, exp.task, exp.task.variables(state), data, Workdir(str(tmp_path / 'wd')), out, platforms=CPU)
+  with open(os.path.join(out, 'signature.json')) as f:
+    signature = json.load(f)
+  assert set(signature['functions']) == {'prefill', 'decode_step'}
+  weights = load_file(os.path.join(out, 'weights.safetensors'))
+  params, steps = state.params, 5
+  apply = jax.jit(lambda *a: exp.task.model.apply({'params': params}, *a, train=False))
+  if name == 'transformer':
+    tok = data.tokenizer
+    ids = tok.encode_batch([src for src, _ in list(data.raw)[20:23]])
+    source = np.zeros((3, max(map(len, ids))), np.int32)
+    for row, x in enumerate(ids):
+      source[row, :len(x)] = x
+    tokens, logits = _greedy(out, weights, {'source': source}, steps)
+    for row in range(3):
+      src = source[row:row + 1, :len(ids[row])]
+      tgt_in = np.concatenate([[[tok.bos_id]], tokens[row:row + 1, :steps]], 1).astype(np.int32)
+      want = apply(src, tgt_in)
+      np.testing.assert_allclose(logits[row], want[0], rtol=1e-4, atol=1e-4)
+    return
+  rows = [np.asarray(data.preprocess(data.source[i])['inputs']) for i in (10, 11, 12)]
+  lengths = np.array([9, 4, 1], np.int32)
+  prompts = np.stack([np.where(np.arange(9) < n, r[:9], 0) for r, n in zip(rows, lengths)]).astype(np.int32)
+  tokens, logits = _greedy(out, weights, {'tokens': prompts, 'lengths': lengths}, steps)
+  for row, n in enumerate(lengths):
+    sequence = np.concatenate([prompts[row, :n], tokens[row, :steps]])[None].astype(np.int32)
+    want = apply(sequence)[0, n - 1:]
+    np.testing.assert_allclose(logits[row], want, rtol=1e-4, atol=1e-4)

@@ -145,7 +145,7 @@ def export(config, workdir: str, output: str | None, *, step: int | None = None,
   if format == 'stablehlo':
     from model_zoo.transfer import stablehlo  # pylint: disable=g-import-not-at-top
     stablehlo.export(exp.config, exp.task, exp.task.variables(state), run.data[run.config.dataset.eval_split],
-                     Workdir(workdir), output)
+                     Workdir(workdir), output, step=step)
   else:
     export_lib.export(exp.config, exp.task.variables(state)['params'], Workdir(workdir), output)
   print(f'exported step {step} of {workdir} to {output}', flush=True)

@@ -49,7 +49,7 @@ def _gather(x, beams):
 
 
 def _gather_cache(cache, beams_BxJ):
-  """Each cache row b * J + j becomes row b * J + beams[b, j]; scalars (the cache index) stay."""
+  """Each cache row b * J + j becomes row b * J + beams[b, j]; scalars stay."""
   b, j = beams_BxJ.shape
 
   def gather(x):

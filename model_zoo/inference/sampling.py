@@ -1,7 +1,8 @@
 """Autoregressive generation with a cache, in one jitted loop, for any decoder language model
 (model_zoo.models.protocol: GPT's key/value cache, the LSTM's recurrent state).
 
-The prompt fills the cache in one call (prefill); then each step feeds back one token. Prompts
+The prompt fills the cache in one call (`prefill`); then each step feeds back one token (`decode_step`):
+the two functions a StableHLO export of a language model holds. Prompts
 of different lengths are left-padded (segment id 0 marks padding, positions count real tokens),
 so all rows decode in lockstep. Which tokens are padding is given by the prompts' lengths, not by
 their ids: a tokenizer may pad with its BOS id (GPT-2's <|endoftext|> is both). Sampling: greedy (temperature 0), temperature, top-k, top-p
@@ -35,6 +36,27 @@ def sample_logits(logits_BxV, rng, *, temperature: float, top_k: int = 0, top_p:
   return jax.random.categorical(rng, logits_BxV).astype(jnp.int32)
 
 
+def prefill(model: nn.Module, params, prompt_BxT, lengths_B, cache_size: int):
+  """Fills a fresh cache of `cache_size` slots a row with left-padded prompts of `lengths_B` tokens.
+  -> (the logits of each row's next token [B, V], the cache, each row's next position [B])."""
+  b, t = prompt_BxT.shape
+  valid_BxT = jnp.arange(t)[None, :] >= t - jnp.asarray(lengths_B)[:, None]
+  positions_BxT = jnp.maximum(jnp.cumsum(valid_BxT, -1) - 1, 0)
+  cache = protocol.init_cache(model, jnp.zeros((b, cache_size), jnp.int32))
+  logits_BxTxV, variables = model.clone(decode=True).apply(
+      {'params': params, 'cache': cache}, prompt_BxT, train=False, positions_BxT=positions_BxT,
+      segment_ids_BxT=valid_BxT.astype(jnp.int32), mutable=['cache'])
+  return logits_BxTxV[:, -1], variables['cache'], positions_BxT[:, -1] + 1
+
+
+def decode_step(model: nn.Module, params, cache, token_B, position_B):
+  """Appends one token a row at `position_B`. -> (the logits of the next token [B, V], the cache)."""
+  logits_Bx1xV, variables = model.clone(decode=True).apply(
+      {'params': params, 'cache': cache}, token_B[:, None], train=False, positions_BxT=position_B[:, None],
+      mutable=['cache'])
+  return logits_Bx1xV[:, 0], variables['cache']
+
+
 @functools.partial(jax.jit, static_argnames=('model', 'max_new_tokens', 'temperature', 'top_k', 'top_p',
                                              'eos_id', 'pad_id'))
 def generate(model: nn.Module, params, prompt_BxT, rng, *, max_new_tokens: int, temperature: float = 1.0,
@@ -42,16 +64,9 @@ def generate(model: nn.Module, params, prompt_BxT, rng, *, max_new_tokens: int, 
   """-> new tokens [B, max_new_tokens]; after a row's `eos_id` the rest of it is `pad_id`.
   `lengths_B`: each left-padded prompt's length (default: its tokens that are not `pad_id`)."""
   b, t = prompt_BxT.shape
-  decoder = model.clone(decode=True)
   if lengths_B is None:
-    valid_BxT = prompt_BxT != pad_id
-  else:
-    valid_BxT = jnp.arange(t)[None, :] >= t - jnp.asarray(lengths_B)[:, None]
-  positions_BxT = jnp.maximum(jnp.cumsum(valid_BxT, -1) - 1, 0)
-  cache = protocol.init_cache(model, jnp.zeros((b, t + max_new_tokens), jnp.int32))
-  logits_BxTxV, variables = decoder.apply(
-      {'params': params, 'cache': cache}, prompt_BxT, train=False, positions_BxT=positions_BxT,
-      segment_ids_BxT=valid_BxT.astype(jnp.int32), mutable=['cache'])
+    lengths_B = jnp.sum(prompt_BxT != pad_id, -1)
+  logits_BxV, cache, next_pos_B = prefill(model, params, prompt_BxT, lengths_B, t + max_new_tokens)
   sample = functools.partial(sample_logits, temperature=temperature, top_k=top_k, top_p=top_p)
 
   def cond(carry):
@@ -64,11 +79,9 @@ def generate(model: nn.Module, params, prompt_BxT, rng, *, max_new_tokens: int, 
     out_BxU = out_BxU.at[:, i].set(token_B)
     if eos_id is not None:
       done_B = done_B | (token_B == eos_id)
-    logits_Bx1xV, variables = decoder.apply(
-        {'params': params, 'cache': cache}, token_B[:, None], train=False, positions_BxT=next_pos_B[:, None],
-        mutable=['cache'])
-    return i + 1, variables['cache'], logits_Bx1xV[:, 0], out_BxU, done_B, next_pos_B + 1
+    logits_BxV, cache = decode_step(model, params, cache, token_B, next_pos_B)
+    return i + 1, cache, logits_BxV, out_BxU, done_B, next_pos_B + 1
 
-  carry = (jnp.int32(0), variables['cache'], logits_BxTxV[:, -1], jnp.full((b, max_new_tokens), pad_id, jnp.int32),
-           jnp.zeros((b,), bool), positions_BxT[:, -1] + 1)
+  carry = (jnp.int32(0), cache, logits_BxV, jnp.full((b, max_new_tokens), pad_id, jnp.int32),
+           jnp.zeros((b,), bool), next_pos_B)
   return jax.lax.while_loop(cond, body, carry)[3]

@@ -184,22 +184,27 @@ class MultiHeadAttention(nn.Module):
     return project(out_BxTxNxE, d, ('embed',), 'out', in_axes=(-2, -1), kernel_axes=('heads', 'kv', 'embed'))
 
   def _update_cache(self, k_BxTxKxE, v_BxTxKxE, positions_BxT, segment_ids_BxT):
-    """Writes this call's T keys/values at the cache index; returns the whole cache and its mask."""
+    """Writes this call's T keys/values at each row's cache index; returns the whole cache and its mask.
+
+    Each row has its own index (the slots it has filled), so rows of one cache may be at different points of
+    their sequences, as the slots of continuous batching are. Attention reads the positions kept with the keys,
+    not the slots: a padded slot (segment id 0) holds position 0 and is never attended to."""
+    b = k_BxTxKxE.shape[0]
     cached_k = self.variable('cache', 'cached_key', jnp.zeros, k_BxTxKxE.shape, k_BxTxKxE.dtype)
     cached_v = self.variable('cache', 'cached_value', jnp.zeros, v_BxTxKxE.shape, v_BxTxKxE.dtype)
     # Positions + 1 of the cached keys; 0 marks an empty slot or padding, so a zero cache is empty.
     cached_pos = self.variable('cache', 'positions_plus_1', jnp.zeros, k_BxTxKxE.shape[:2], jnp.int32)
-    index = self.variable('cache', 'index', lambda: jnp.zeros((), jnp.int32))
+    index = self.variable('cache', 'index', lambda: jnp.zeros((b,), jnp.int32))
     if self.is_initializing():  # init only creates the cache, at full length
       return k_BxTxKxE, v_BxTxKxE, None
     t = k_BxTxKxE.shape[1]
     valid_BxT = jnp.ones(positions_BxT.shape, bool) if segment_ids_BxT is None else segment_ids_BxT != 0
-    i = index.value
-    cached_k.value = jax.lax.dynamic_update_slice_in_dim(cached_k.value, k_BxTxKxE, i, axis=1)
-    cached_v.value = jax.lax.dynamic_update_slice_in_dim(cached_v.value, v_BxTxKxE, i, axis=1)
-    cached_pos.value = jax.lax.dynamic_update_slice_in_dim(
-        cached_pos.value, jnp.where(valid_BxT, positions_BxT + 1, 0).astype(jnp.int32), i, axis=1)
-    index.value = i + t
+    i_B = index.value
+    write = jax.vmap(lambda cache, new, i: jax.lax.dynamic_update_slice_in_dim(cache, new, i, axis=0))
+    cached_k.value = write(cached_k.value, k_BxTxKxE, i_B)
+    cached_v.value = write(cached_v.value, v_BxTxKxE, i_B)
+    cached_pos.value = write(cached_pos.value, jnp.where(valid_BxT, positions_BxT + 1, 0).astype(jnp.int32), i_B)
+    index.value = i_B + t
     kp_Bx1xS = cached_pos.value[:, None, :]
     mask_BxTxS = (kp_Bx1xS > 0) & (kp_Bx1xS <= positions_BxT[:, :, None] + 1)
     return cached_k.value, cached_v.value, mask_BxTxS[:, None]

@@ -38,12 +38,13 @@ pytree as its state. The model is reached through model_zoo.models.protocol, nev
 import abc
 import dataclasses
 import functools
-from typing import Callable
+from typing import Any, Callable
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
+import numpy as np
 import optax
 from flax import struct
 
@@ -82,18 +83,32 @@ class Teacher(struct.PyTreeNode):
     return jax.lax.stop_gradient(out)
 
 @dataclasses.dataclass(frozen=True)
+class Input:
+  """The shape of one example of an input (no batch axis; a string names a dimension that any size may take,
+  such as a prompt's 'length') and its dtype."""
+  shape: tuple
+  dtype: Any
+
+
+@dataclasses.dataclass(frozen=True)
 class Serving:
   """One inference function of a task: `fn(weights, inputs) -> outputs`, where `inputs` and `outputs` are dicts
-  of arrays with a leading batch axis and `weights` is `weights_of(variables)` (the variables it reads)."""
+  (of arrays, or of pytrees of them such as a cache) with a leading batch axis and `weights` is
+  `weights_of(variables)`, the variables it reads. `reference(data, earlier)` makes a few inputs to check it
+  on, from the eval data or from `earlier`, {function: (inputs, outputs)} of the functions before it (a decode
+  step starts from a prefill's cache); by default the data's values of the inputs (N(0, I) for latents)."""
   fn: Callable[[dict, dict], dict]
-  inputs: dict                                 # name -> jax.ShapeDtypeStruct of one example (no batch axis)
+  inputs: dict                                 # name -> Input, or a pytree of them
   weights_of: Callable[[dict], dict] = lambda variables: variables
+  reference: Callable[[Dataset, dict], dict] | None = None
+  notes: dict = dataclasses.field(default_factory=dict)   # what a caller must know, for signature.json
+  constraints: tuple[str, ...] = ()      # on the named dimensions, for jax.export ('length <= 128')
 
 
-def example_spec(x) -> jax.ShapeDtypeStruct:
-  """The shape and dtype of one example `x` of a data set's `info.example`."""
-  x = jnp.asarray(x)
-  return jax.ShapeDtypeStruct(x.shape, x.dtype)
+def example_spec(x) -> Input:
+  """The Input of one example `x` of a data set's `info.example`."""
+  x = np.asarray(x)
+  return Input(x.shape, x.dtype)
 
 
 class Task(abc.ABC):

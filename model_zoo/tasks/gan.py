@@ -24,7 +24,7 @@ from model_zoo.errors import UserError
 from model_zoo.evaluation import plots
 from model_zoo.models import registry
 from model_zoo.tasks import losses
-from model_zoo.tasks.base import Serving, Task, quantization_aware
+from model_zoo.tasks.base import Input, Serving, Task, quantization_aware
 from model_zoo.training import optimizers
 from model_zoo.training.state import TrainState
 from model_zoo.transfer import finetune
@@ -123,7 +123,7 @@ class GANTask(Task):
     def generate(g, inputs):
       return {'image': self.generate(g['params'], {'batch_stats': g['batch_stats']}, inputs['latent'], train=False)[0]}
     return {'generate': Serving(
-        generate, {'latent': jax.ShapeDtypeStruct((self.config.model.latent_dim,), jnp.float32)},
+        generate, {'latent': Input((self.config.model.latent_dim,), np.float32)},
         weights_of=lambda v: {'params': v['params']['generator'], 'batch_stats': v['batch_stats']['generator']})}
 
   def samples(self, state, n: int, seed: int = 0):

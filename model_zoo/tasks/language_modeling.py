@@ -13,7 +13,7 @@ from model_zoo.errors import UserError
 from model_zoo.inference import sampling
 from model_zoo.models import protocol, registry
 from model_zoo.tasks import losses
-from model_zoo.tasks.base import SupervisedTask
+from model_zoo.tasks.base import Input, Serving, SupervisedTask
 from model_zoo.training import perf
 
 
@@ -79,6 +79,51 @@ class LanguageModelingTask(SupervisedTask):
     flops = self.flops_per_token(state) * tokens * steps_per_sec
     peak = perf.peak_flops(self.config.model.get('dtype', 'float32'))
     return {'tokens_per_sec': tokens * steps_per_sec, 'tflops_per_sec': flops / 1e12, 'mfu': flops / peak}
+
+  def serving(self):
+    """A decoder's two functions, the split a runtime without Python generates with (as JetStream does):
+    `prefill` ({tokens [B, length] right-padded, lengths [B]} -> the next token's logits, a cache of
+    `max_tokens` slots a row, each row's next position) and `decode_step` ({cache, tokens [B], positions [B]}
+    -> logits, cache, positions + 1), the cache passed in and out explicitly."""
+    if not isinstance(self.model, protocol.Decoder):
+      return super().serving()
+    size = self.config.model.get('max_len') or self.config.dataset.seq_len
+    pad_id = self.info.tokenizer.pad_id
+
+    def prefill(variables, inputs):
+      tokens_BxT, lengths_B = inputs['tokens'], inputs['lengths']
+      left_BxT = jax.vmap(jnp.roll)(tokens_BxT, tokens_BxT.shape[1] - lengths_B)   # each row ends at the end
+      logits_BxV, cache, positions_B = sampling.prefill(self.model, variables['params'], left_BxT, lengths_B, size)
+      return {'logits': logits_BxV, 'cache': cache, 'positions': positions_B}
+
+    def decode_step(variables, inputs):
+      logits_BxV, cache = sampling.decode_step(self.model, variables['params'], inputs['cache'], inputs['tokens'],
+                                               inputs['positions'])
+      return {'logits': logits_BxV, 'cache': cache, 'positions': inputs['positions'] + 1}
+
+    def prompts(data, earlier):
+      """The first tokens of four eval rows, cut to 16, 15, 8 and 1 tokens."""
+      del earlier
+      rows = [np.asarray(data.preprocess(data.source[i])['inputs']) for i in range(min(4, len(data.source)))]
+      t = min(16, len(rows[0]))
+      lengths = np.array([t, t - 1, max(t // 2, 1), 1][:len(rows)], np.int32)
+      tokens = np.stack([np.where(np.arange(t) < n, r[:t], pad_id) for r, n in zip(rows, lengths)]).astype(np.int32)
+      return {'tokens': tokens, 'lengths': lengths}
+
+    def after_prefill(data, earlier):
+      del data
+      out = earlier['prefill'][1]
+      return {'cache': out['cache'], 'tokens': np.argmax(out['logits'], -1).astype(np.int32),
+              'positions': out['positions']}
+
+    cache = jax.eval_shape(lambda: protocol.init_cache(self.model, jnp.zeros((1, size), jnp.int32)))
+    cache = jax.tree.map(lambda a: Input(a.shape[1:], a.dtype), cache)
+    notes = {'max_tokens': size, 'bos_id': self.info.tokenizer.bos_id, 'eos_id': self.info.tokenizer.eos_id}
+    return {'prefill': Serving(prefill, {'tokens': Input(('length',), np.int32), 'lengths': Input((), np.int32)},
+                               reference=prompts, notes=notes, constraints=(f'length <= {size}',)),
+            'decode_step': Serving(decode_step, {'cache': cache, 'tokens': Input((), np.int32),
+                                                 'positions': Input((), np.int32)}, reference=after_prefill,
+                                   notes=notes)}
 
   def generate_text(self, params, prompts: list[str], rng, *, max_new_tokens: int, temperature: float,
                     top_k: int, top_p: float) -> list[str]:

@@ -24,7 +24,7 @@ from model_zoo.errors import UserError
 from model_zoo.evaluation import plots
 from model_zoo.models import registry
 from model_zoo.tasks import losses
-from model_zoo.tasks.base import Serving, SupervisedTask, example_spec
+from model_zoo.tasks.base import Input, Serving, SupervisedTask, example_spec
 from model_zoo.training.state import TrainState
 
 EVAL_SEED = 0       # the eval noise (eps, prior samples): fixed, the same for every run and step
@@ -53,7 +53,7 @@ class _ReconstructionTask(SupervisedTask):
     raise NotImplementedError
 
   def serving(self):
-    latent = jax.ShapeDtypeStruct((self.config.model.latent_dim,), jnp.float32)
+    latent = Input((self.config.model.latent_dim,), np.float32)
     return {'encode': Serving(lambda v, x: {'latent': self.encode(v['params'], x['image'])},
                               {'image': example_spec(self.info.example['image'])}),
             'decode': Serving(lambda v, x: {'image': self.decode(v['params'], x['latent'])}, {'latent': latent})}

@@ -20,7 +20,7 @@ from model_zoo.errors import UserError
 from model_zoo.inference import beam_search
 from model_zoo.models import protocol, registry
 from model_zoo.tasks import losses
-from model_zoo.tasks.base import SupervisedTask
+from model_zoo.tasks.base import Input, Serving, SupervisedTask
 
 
 @functools.partial(jax.jit, static_argnames=('model', 'beam_size', 'max_len', 'alpha', 'bos_id', 'eos_id',
@@ -120,6 +120,67 @@ class TranslationTask(SupervisedTask):
     del state
     rows = self.config.batch_size * steps_per_sec
     return {'tokens_per_sec': rows * (self.config.dataset.src_len + self.config.dataset.tgt_len)}
+
+  def serving(self):
+    """Greedy or sampled decoding split in two, the cache passed in and out explicitly: `prefill` ({source
+    [B, source_length], padded with pad_id} -> the encoder's output and the source's padding mask, the logits
+    of the first target token (after BOS), the decoder's cache of `max_tokens` slots, positions) and
+    `decode_step` ({encoded, source_segments, cache, tokens [B], positions [B]} -> logits, cache, positions + 1)."""
+    model, tok, size = self.model, self.info.tokenizer, self.config.decode.max_len
+
+    def prefill(variables, inputs):
+      params, src_BxS = variables['params'], inputs['source']
+      b = src_BxS.shape[0]
+      segments_BxS = (src_BxS != tok.pad_id).astype(jnp.int32)
+      z_BxSxD = model.apply({'params': params}, src_BxS, train=False, src_segments_BxS=segments_BxS,
+                            method='encode')
+      cache = protocol.init_cache(model, jnp.ones(src_BxS.shape, jnp.int32), jnp.ones((b, size), jnp.int32))
+      first = decode_step(variables, {'encoded': z_BxSxD, 'source_segments': segments_BxS, 'cache': cache,
+                                      'tokens': jnp.full((b,), tok.bos_id, jnp.int32),
+                                      'positions': jnp.zeros((b,), jnp.int32)})
+      return {**first, 'encoded': z_BxSxD, 'source_segments': segments_BxS}
+
+    def decode_step(variables, inputs):
+      logits_Bx1xV, out = model.clone(decode=True).apply(
+          {'params': variables['params'], 'cache': inputs['cache']}, inputs['encoded'], inputs['source_segments'],
+          inputs['tokens'][:, None], train=False, tgt_positions_BxT=inputs['positions'][:, None],
+          method='decode_logits', mutable=['cache'])
+      return {'logits': logits_Bx1xV[:, 0], 'cache': out['cache'], 'positions': inputs['positions'] + 1}
+
+    def sources(data, earlier):
+      """Four eval sources, tokenized and padded to the longest."""
+      del earlier
+      ids = tok.encode_batch([src for src, _ in list(data.raw)[:4]])
+      src = np.full((len(ids), max(map(len, ids))), tok.pad_id, np.int32)
+      for row, x in enumerate(ids):
+        src[row, :len(x)] = x
+      return {'source': src}
+
+    def after_prefill(data, earlier):
+      del data
+      out = earlier['prefill'][1]
+      return {'encoded': out['encoded'], 'source_segments': out['source_segments'], 'cache': out['cache'],
+              'tokens': np.argmax(out['logits'], -1).astype(np.int32), 'positions': out['positions']}
+
+    encoded = jax.eval_shape(lambda p: model.apply({'params': p}, jnp.ones((1, 8), jnp.int32), train=False,
+                                                   method='encode'), self._abstract_params())
+    cache = jax.eval_shape(lambda: protocol.init_cache(model, jnp.ones((1, 8), jnp.int32),
+                                                       jnp.ones((1, size), jnp.int32)))
+    notes = {'max_tokens': size, 'bos_id': tok.bos_id, 'eos_id': tok.eos_id, 'pad_id': tok.pad_id}
+    limit = (f'source_length <= {self.config.model.max_len}',) if self.config.model.positional == 'learned' else ()
+    return {'prefill': Serving(prefill, {'source': Input(('source_length',), np.int32)}, reference=sources,
+                               notes=notes, constraints=limit),
+            'decode_step': Serving(decode_step, {
+                'encoded': Input(('source_length', encoded.shape[-1]), encoded.dtype),
+                'source_segments': Input(('source_length',), np.int32),
+                'cache': jax.tree.map(lambda a: Input(a.shape[1:], a.dtype), cache),
+                'tokens': Input((), np.int32), 'positions': Input((), np.int32)},
+                reference=after_prefill, notes=notes, constraints=limit)}
+
+  def _abstract_params(self):
+    example = jax.tree.map(lambda x: np.asarray(x)[None], self.info.example)
+    return jax.eval_shape(lambda: self.model.init(jax.random.key(0), *self.model_inputs(example), train=False,
+                                                  **self.model_kwargs(example)))['params']
 
   def translate(self, params, texts: list[str]) -> list[str]:
     """Translations of `texts`, decoded as config.decode says, in batches of config.batch_size."""

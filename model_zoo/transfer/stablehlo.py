@@ -24,6 +24,7 @@ of them, and the first alone, a second batch size) and compares with the JAX mod
 refuses, leaving nothing behind, if any output differs beyond the tolerance. It is written to a
 temporary directory beside DIR and renamed into place once verified.
 """
+import functools
 import json
 import os
 import shutil
@@ -36,6 +37,7 @@ import numpy as np
 
 from model_zoo.errors import UserError
 from model_zoo.models.protocol import path_names
+from model_zoo.tasks.base import Input
 from model_zoo.workdir import Workdir
 
 PLATFORMS = ('cpu', 'cuda')
@@ -44,14 +46,18 @@ NUM_EXAMPLES = 4
 TOLERANCE = {'float32': (1e-5, 1e-4), 'bfloat16': (2e-2, 2e-2), 'float16': (2e-2, 2e-2)}
 
 
-def flatten(tree) -> tuple[list[str], list, object]:
+def flatten(tree, is_leaf=None) -> tuple[list[str], list, object]:
   """(names, leaves, treedef) of a pytree; names join the key path with '/'."""
-  with_paths, treedef = jax.tree_util.tree_flatten_with_path(tree)
-  return ['/'.join(path_names(p)) for p, _ in with_paths], [np.asarray(x) for _, x in with_paths], treedef
+  with_paths, treedef = jax.tree_util.tree_flatten_with_path(tree, is_leaf=is_leaf)
+  return (['/'.join(path_names(p)) for p, _ in with_paths],
+          [x if is_leaf and is_leaf(x) else np.asarray(x) for _, x in with_paths], treedef)
 
 
-def reference_inputs(serving, data, n: int = NUM_EXAMPLES) -> dict[str, np.ndarray]:
-  """The first `n` eval examples' values of the inputs the data holds; N(0, I) draws (seed 0) for the others (latents)."""
+def reference_inputs(serving, data, earlier: dict, n: int = NUM_EXAMPLES) -> dict:
+  """A few inputs to check `serving` on: its own `reference`, else the first `n` eval examples' values of the
+  inputs the data holds and N(0, I) draws (seed 0) for the others (latents)."""
+  if serving.reference is not None:
+    return serving.reference(data, earlier)
   examples = [data.preprocess(data.source[i]) for i in range(min(n, len(data.source)))]
   rng = np.random.default_rng(0)
   return {name: (np.stack([np.asarray(ex[name]) for ex in examples]).astype(spec.dtype) if name in examples[0]
@@ -59,16 +65,34 @@ def reference_inputs(serving, data, n: int = NUM_EXAMPLES) -> dict[str, np.ndarr
           for name, spec in serving.inputs.items()}
 
 
-def _spec(x, batch=None):
-  return {'shape': (['batch'] if batch else []) + list(np.shape(x))[1 if batch else 0:],
-          'dtype': str(np.asarray(x).dtype)}
+def _is_input(x) -> bool:
+  return isinstance(x, Input)
+
+
+def _symbolic(serving) -> dict:
+  """{'batch': dim, and one per dimension an Input names} of jax.export's symbolic dimensions."""
+  names = ['batch'] + sorted({d for i in jax.tree.leaves(serving.inputs, is_leaf=_is_input) for d in i.shape
+                              if isinstance(d, str)} - {'batch'})
+  return dict(zip(names, jax.export.symbolic_shape(', '.join(names), constraints=serving.constraints)))
+
+
+def _flat_specs(tree, batch: bool) -> dict:
+  """{'a/b': {'shape', 'dtype'}} of a pytree of arrays or Inputs; with `batch`, axis 0 is called 'batch'."""
+  names, leaves, _ = flatten(tree, is_leaf=_is_input)
+  out = {}
+  for name, x in zip(names, leaves):
+    shape = list(x.shape) if isinstance(x, Input) else list(np.shape(x))[1 if batch else 0:]
+    out[name] = {'shape': (['batch'] if batch else []) + [d if isinstance(d, str) else int(d) for d in shape],
+                 'dtype': str(np.dtype(x.dtype))}
+  return out
 
 
 def _preprocessing(config, info) -> dict:
   out = dict(info.meta.get('preprocessing', {}))
   tok = info.tokenizer
   if tok is not None:
-    out.update({'tokenizer': os.path.basename(getattr(tok, 'path', '') or ''), 'seq_len': config.dataset.seq_len,
+    out.update({'tokenizer': os.path.basename(getattr(tok, 'path', '') or ''),
+                **{k: config.dataset[k] for k in ('seq_len', 'src_len', 'tgt_len') if k in config.dataset},
                 **{k: getattr(tok, k) for k in ('pad_id', 'bos_id', 'eos_id', 'mask_id')
                    if getattr(tok, k, None) is not None}})
   return out
@@ -96,8 +120,10 @@ def _close(got, want, atol, rtol) -> float | None:
   return None if np.all(np.abs(g - w) <= atol + rtol * np.abs(w)) else float(np.max(np.abs(g - w)))
 
 
-def export(config: ml_collections.ConfigDict, task, variables: dict, data, workdir: Workdir, outdir: str) -> str:
-  """Writes, verifies and keeps the StableHLO export of `task.serving()` on `variables` in `outdir`."""
+def export(config: ml_collections.ConfigDict, task, variables: dict, data, workdir: Workdir, outdir: str,
+           platforms: tuple[str, ...] = PLATFORMS, step: int = 0) -> str:
+  """Writes, verifies and keeps the StableHLO export of `task.serving()` on `variables` in `outdir`, lowered for
+  `platforms` (verified on this machine's)."""
   from model_zoo.transfer.export import check_output  # pylint: disable=g-import-not-at-top
   from safetensors.numpy import load_file, save_file  # pylint: disable=g-import-not-at-top
   check_output(outdir)
@@ -108,7 +134,7 @@ def export(config: ml_collections.ConfigDict, task, variables: dict, data, workd
   os.makedirs(parent, exist_ok=True)
   tmp = tempfile.mkdtemp(prefix=f'.{os.path.basename(os.path.abspath(outdir))}.partial-', dir=parent)
   try:
-    signature = {'format': 'stablehlo', 'platforms': list(PLATFORMS), 'functions': {},
+    signature = {'format': 'stablehlo', 'step': step, 'platforms': list(platforms), 'functions': {},
                  'preprocessing': _preprocessing(config, task.info),
                  'labels': list(task.info.class_names), 'weights': 'weights.safetensors'}
     stored, reference = {}, {}
@@ -119,10 +145,12 @@ def export(config: ml_collections.ConfigDict, task, variables: dict, data, workd
       stored.update({n: np.ascontiguousarray(x) for n, x in zip(names, leaves)})
       fn = jax.jit(lambda weights, inputs, fn=serving.fn, treedef=treedef, restore=restore: fn(
           restore(jax.tree.unflatten(treedef, weights)), inputs))
-      batch, = jax.export.symbolic_shape('batch')
-      input_specs = {k: jax.ShapeDtypeStruct((batch, *s.shape), s.dtype) for k, s in serving.inputs.items()}
+      dims = _symbolic(serving)
+      input_specs = jax.tree.map(lambda i: jax.ShapeDtypeStruct(
+          (dims['batch'], *(dims[d] if isinstance(d, str) else d for d in i.shape)), i.dtype),
+                                 serving.inputs, is_leaf=_is_input)
       try:
-        exported = jax.export.export(fn, platforms=PLATFORMS)(
+        exported = jax.export.export(fn, platforms=platforms)(
             [jax.ShapeDtypeStruct(x.shape, x.dtype) for x in leaves], input_specs)
       except Exception as e:  # pylint: disable=broad-except
         raise UserError(f'{name} could not be exported to StableHLO ({type(e).__name__}: '
@@ -130,18 +158,18 @@ def export(config: ml_collections.ConfigDict, task, variables: dict, data, workd
       file = f'{name}.stablehlo'
       with open(os.path.join(tmp, file), 'wb') as f:
         f.write(exported.serialize())
-      inputs = reference_inputs(serving, data)
+      inputs = reference_inputs(serving, data, reference)
       outputs = jax.device_get(fn(leaves, inputs))
       reference[name] = (inputs, outputs)
+      input_names = list(_flat_specs(serving.inputs, batch=True))
       signature['functions'][name] = {
-          'file': file, 'arguments': names + list(sorted(inputs)),
-          'inputs': {k: _spec(v, batch=True) for k, v in sorted(inputs.items())},
-          'outputs': {k: _spec(v, batch=True) for k, v in sorted(outputs.items())},
-          'tolerance': {'atol': atol, 'rtol': rtol}}
+          'file': file, 'arguments': names + input_names, 'inputs': _flat_specs(serving.inputs, batch=True),
+          'outputs': _flat_specs(outputs, batch=True), 'tolerance': {'atol': atol, 'rtol': rtol},
+          **({'constraints': list(serving.constraints)} if serving.constraints else {}), **serving.notes}
     save_file(stored, os.path.join(tmp, 'weights.safetensors'))
-    np.savez(os.path.join(tmp, 'reference_io.npz'),
-             **{f'{fn}/{kind}/{k}': v for fn, io in reference.items() for kind, d in zip(('inputs', 'outputs'), io)
-                for k, v in d.items()})
+    np.savez(os.path.join(tmp, 'reference_io.npz'), **{
+        f'{fn}/{kind}/{k}': v for fn, io in reference.items() for kind, tree in zip(('inputs', 'outputs'), io)
+        for k, v in zip(*flatten(tree)[:2])})
     with open(os.path.join(tmp, 'signature.json'), 'w') as f:
       json.dump(signature, f, indent=2)
     with open(os.path.join(tmp, 'config.json'), 'w') as f:
@@ -153,10 +181,10 @@ def export(config: ml_collections.ConfigDict, task, variables: dict, data, workd
     weights = load_file(os.path.join(tmp, 'weights.safetensors'))
     for name, (inputs, want) in reference.items():
       got = run(tmp, name, weights, inputs)
-      first = run(tmp, name, weights, {k: v[:1] for k, v in inputs.items()})
-      for key in want:
-        for label, g, w in (('', got[key], want[key]), (' on the first example alone', first[key], want[key][:1])):
-          diff = _close(g, w, atol, rtol)
+      first = run(tmp, name, weights, jax.tree.map(lambda x: x[:1], inputs))
+      for label, g, w in (('', got, want), (' on the first example alone', first, jax.tree.map(lambda x: x[:1], want))):
+        for key, gv, wv in zip(flatten(w)[0], flatten(g)[1], flatten(w)[1]):
+          diff = _close(gv, wv, atol, rtol)
           if diff is not None:
             raise UserError(f'the StableHLO export of {name} does not reproduce the model: its {key!r}{label} differs '
                             f'by up to {diff:.3g} (tolerance atol {atol}, rtol {rtol}); nothing was written')
@@ -171,13 +199,21 @@ def export(config: ml_collections.ConfigDict, task, variables: dict, data, workd
   return outdir
 
 
-def run(outdir: str, name: str, weights: dict[str, np.ndarray], inputs: dict[str, np.ndarray]) -> dict:
-  """Runs function `name` of a StableHLO export on `inputs`, as any runtime would: the deserialized program
-  with the weights and inputs in the order signature.json gives."""
+def run(outdir: str, name: str, weights: dict[str, np.ndarray], inputs: dict) -> dict:
+  """Runs function `name` of a StableHLO export on `inputs` (a dict, nested as the function's inputs are), as any
+  runtime would: the deserialized program with the weights in the order signature.json gives."""
   with open(os.path.join(outdir, 'signature.json')) as f:
     spec = json.load(f)['functions'][name]
-  with open(os.path.join(outdir, spec['file']), 'rb') as f:
-    exported = jax.export.deserialize(bytearray(f.read()))
+  path = os.path.join(outdir, spec['file'])
+  call = _program(path, os.stat(path).st_mtime_ns)
   arguments = spec['arguments']
   given = [weights[a] for a in arguments[:len(arguments) - len(spec['inputs'])]]
-  return jax.device_get(exported.call(given, {k: jnp.asarray(inputs[k]) for k in spec['inputs']}))
+  return jax.device_get(call(given, jax.tree.map(jnp.asarray, inputs)))
+
+
+@functools.lru_cache(maxsize=16)
+def _program(path: str, mtime_ns: int):
+  """The deserialized program of `path`, compiled once per input shape."""
+  del mtime_ns  # part of the key: a rewritten file is read again
+  with open(path, 'rb') as f:
+    return jax.jit(jax.export.deserialize(bytearray(f.read())).call)

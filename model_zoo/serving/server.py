@@ -1,0 +1,239 @@
+"""serve.py's HTTP server (FastAPI on uvicorn): TensorFlow Serving's REST API, so its clients work unchanged.
+
+  GET  /healthz                          {"status": "ok"}; the only endpoint open without the API key
+  GET  /v1/models/<name>                 the version status TF Serving reports (the version is the step)
+  GET  /v1/models/<name>/metadata        the signature: each function's inputs and outputs, dtypes and shapes
+  GET  /v1/models/<name>/batching        per function, the device batches run and the rows they held
+  POST /v1/models/<name>:predict         {"instances": [...]} (rows) or {"inputs": ...} (columns), optionally
+                                         "signature_name" ('serving_default' is the model's first function) ->
+                                         {"predictions": [...]} or {"outputs": ...}
+
+An instance is the input's value (a function with one input) or an object of named inputs. Concurrent
+requests are batched (model_zoo.serving.batching). Every mistake in a request is a 4xx with {"error": "..."}
+naming it, and never stops the server: malformed JSON, a missing or unknown input, a wrong shape or dtype, more
+instances than --max_batch_size, an unknown model or signature. With an API key, every endpoint but /healthz
+needs `Authorization: Bearer <key>` (401 otherwise).
+"""
+import contextlib
+import hmac
+import json
+import signal
+
+import numpy as np
+
+from model_zoo.serving import batching
+from model_zoo.serving.servable import Servable
+
+DEFAULT_SIGNATURE = 'serving_default'
+_TF_DTYPES = {'float32': 'DT_FLOAT', 'float16': 'DT_HALF', 'bfloat16': 'DT_BFLOAT16', 'float64': 'DT_DOUBLE',
+              'int32': 'DT_INT32', 'int64': 'DT_INT64', 'int8': 'DT_INT8', 'uint8': 'DT_UINT8', 'bool': 'DT_BOOL'}
+
+
+class RequestError(Exception):
+  """A bad request: its HTTP status and the message returned as {"error": message}."""
+
+  def __init__(self, status: int, message: str):
+    super().__init__(message)
+    self.status = status
+
+
+def _array(value, spec, what: str, batched: bool) -> np.ndarray:
+  """`value` (nested lists) as an array of `spec`'s dtype and shape (with a leading batch axis if `batched`)."""
+  try:
+    array = np.asarray(value)
+  except (ValueError, TypeError) as e:
+    raise RequestError(400, f'{what} is not a rectangular array of numbers ({e})') from e
+  if array.dtype == object or array.dtype.kind not in 'biuf':
+    raise RequestError(400, f'{what} must be a rectangular array of numbers, not {type(value).__name__} '
+                            f'of {array.dtype}')
+  dtype = np.dtype(spec.dtype)
+  if dtype.kind in 'iu' and array.dtype.kind not in 'iu':
+    raise RequestError(400, f'{what} must hold integers ({dtype}), got {array.dtype} values')
+  shape = tuple(spec.shape)
+  got = array.shape[1:] if batched else array.shape
+  if got != shape:
+    raise RequestError(400, f'{what} has shape {list(got)}, but the model takes {list(shape)}'
+                            f'{" per instance" if batched else ""}')
+  return array.astype(dtype)
+
+
+def parse_predict(body: bytes, servable: Servable, max_rows: int) -> tuple[str, dict, int, bool]:
+  """-> (function name, inputs {name: [n, ...]}, n, whether the request was in the row format)."""
+  try:
+    request = json.loads(body)
+  except (ValueError, UnicodeDecodeError) as e:
+    raise RequestError(400, f'the request body is not JSON: {e}') from e
+  if not isinstance(request, dict):
+    raise RequestError(400, 'the request body must be a JSON object with "instances" or "inputs"')
+  signature = request.get('signature_name', DEFAULT_SIGNATURE)
+  name = servable.default if signature == DEFAULT_SIGNATURE else signature
+  if name not in servable.functions:
+    raise RequestError(400, f'signature_name {signature!r} is not one of this model\'s: '
+                            f'{", ".join([DEFAULT_SIGNATURE] + list(servable.functions))}')
+  fn = servable.functions[name]
+  if not fn.fixed_shapes:
+    raise RequestError(400, f'{servable.name} is a generative model: ask POST /v1/completions for text')
+  unknown = sorted(set(request) - {'instances', 'inputs', 'signature_name'})
+  if unknown or ('instances' in request) == ('inputs' in request):
+    raise RequestError(400, 'the request needs exactly one of "instances" (a list of rows) or "inputs" '
+                            f'(columns){f", and no {unknown}" if unknown else ""}')
+  names = list(fn.inputs)
+  if 'instances' in request:
+    instances = request['instances']
+    if not isinstance(instances, list) or not instances:
+      raise RequestError(400, '"instances" must be a non-empty list')
+    rows = len(instances)
+    if rows > max_rows:
+      raise RequestError(400, f'{rows} instances is more than this server takes at once ({max_rows}); send fewer')
+    columns = {k: [] for k in names}
+    for i, instance in enumerate(instances):
+      if isinstance(instance, dict):
+        missing, extra = sorted(set(names) - set(instance)), sorted(set(instance) - set(names))
+        if missing or extra:
+          raise RequestError(400, f'instance {i} must have the inputs {names}'
+                                  f'{f"; {missing} missing" if missing else ""}{f"; {extra} unknown" if extra else ""}')
+      elif len(names) == 1:
+        instance = {names[0]: instance}
+      else:
+        raise RequestError(400, f'instance {i} must be an object with the inputs {names}')
+      for k in names:
+        columns[k].append(_array(instance[k], fn.inputs[k], f'instance {i}\'s {k!r}', batched=False))
+    return name, {k: np.stack(v) for k, v in columns.items()}, rows, True
+  inputs = request['inputs']
+  if not (isinstance(inputs, dict) and set(inputs) == set(names)):
+    if len(names) != 1 or isinstance(inputs, dict):
+      raise RequestError(400, f'"inputs" must be an object with the inputs {names}')
+    inputs = {names[0]: inputs}
+  arrays = {k: _array(inputs[k], fn.inputs[k], f'input {k!r}', batched=True) for k in names}
+  counts = {a.shape[0] for a in arrays.values()}
+  if len(counts) != 1:
+    raise RequestError(400, f'the inputs have different numbers of rows: {sorted(counts)}')
+  rows = counts.pop()
+  if not 0 < rows <= max_rows:
+    raise RequestError(400, f'{rows} rows; this server takes 1 to {max_rows} at once')
+  return name, arrays, rows, False
+
+
+def predict_response(outputs: dict, rows: int, row_format: bool) -> dict:
+  """TF Serving's response: a value per instance (one output) or an object of outputs per instance."""
+  names = sorted(outputs)
+  if row_format:
+    if len(names) == 1:
+      return {'predictions': np.asarray(outputs[names[0]]).tolist()}
+    return {'predictions': [{k: np.asarray(outputs[k][i]).tolist() for k in names} for i in range(rows)]}
+  if len(names) == 1:
+    return {'outputs': np.asarray(outputs[names[0]]).tolist()}
+  return {'outputs': {k: np.asarray(v).tolist() for k, v in outputs.items()}}
+
+
+def _tensor_info(name, shape, dtype) -> dict:
+  return {'dtype': _TF_DTYPES.get(str(np.dtype(dtype)), str(dtype)), 'name': name,
+          'tensor_shape': {'dim': [{'size': str(d if isinstance(d, int) else -1), 'name': ''}
+                                   for d in ['batch', *shape]]}}
+
+
+def metadata(servable: Servable) -> dict:
+  defs = {}
+  for name, fn in servable.functions.items():
+    key = DEFAULT_SIGNATURE if name == servable.default else name
+    defs[key] = {'inputs': {k: _tensor_info(k, i.shape, i.dtype) for k, i in fn.inputs.items()},
+                 'outputs': {k: {'name': k} for k in fn.outputs}, 'method_name': 'tensorflow/serving/predict'}
+  return {'model_spec': {'name': servable.name, 'signature_name': '', 'version': str(servable.version)},
+          'metadata': {'signature_def': {'signature_def': defs, 'labels': servable.labels}}}
+
+
+def build_app(servable: Servable, *, api_key: str = '', max_batch_size: int = 32, batch_timeout_ms: float = 5.0,
+              batching_enabled: bool = True, warm_up: bool = True):
+  """The FastAPI application serving `servable`."""
+  from fastapi import FastAPI, Request  # pylint: disable=g-import-not-at-top
+  from fastapi.responses import JSONResponse  # pylint: disable=g-import-not-at-top
+  from starlette.exceptions import HTTPException as StarletteHTTPException  # pylint: disable=g-import-not-at-top
+
+  batchers = {name: batching.Batcher(fn, max_batch_size=max_batch_size, timeout_s=batch_timeout_ms / 1000,
+                                     enabled=batching_enabled)
+              for name, fn in servable.functions.items() if fn.fixed_shapes}
+  if warm_up:
+    for batcher in batchers.values():
+      batcher.warm_up()
+
+  @contextlib.asynccontextmanager
+  async def lifespan(app):
+    del app
+    for batcher in batchers.values():
+      batcher.start()
+    yield
+    for batcher in batchers.values():
+      await batcher.stop()
+
+  app = FastAPI(title=f'model_zoo: {servable.name}', lifespan=lifespan, docs_url=None, redoc_url=None,
+                openapi_url=None)
+  app.state.batchers = batchers
+
+  def error(status: int, message: str):
+    return JSONResponse({'error': message}, status_code=status)
+
+  @app.exception_handler(RequestError)
+  async def request_error(request, e):
+    del request
+    return error(e.status, str(e))
+
+  @app.exception_handler(StarletteHTTPException)
+  async def http_error(request, e):   # an unknown path or method, in TF Serving's error format
+    return error(e.status_code, f'{request.method} {request.url.path}: {e.detail}')
+
+  @app.middleware('http')
+  async def guard(request: Request, call_next):
+    if api_key and request.url.path != '/healthz':
+      given = request.headers.get('authorization', '')
+      if not hmac.compare_digest(given.encode(), f'Bearer {api_key}'.encode()):
+        return error(401, 'this server needs an API key: send the header "Authorization: Bearer <key>"')
+    try:
+      return await call_next(request)
+    except Exception as e:  # pylint: disable=broad-except  (the server outlives any one request)
+      return error(500, f'{type(e).__name__}: {e}')
+
+  def check_model(model: str):
+    if ':' in model:   # GET /v1/models/<name>:predict
+      raise RequestError(405, f'/v1/models/{model} takes POST with a JSON body')
+    if model != servable.name:
+      raise RequestError(404, f'no model {model!r} here; this server serves {servable.name!r}')
+
+  @app.get('/healthz')
+  async def healthz():
+    return {'status': 'ok'}
+
+  @app.get('/v1/models/{model}')
+  async def status(model: str):
+    check_model(model)
+    return {'model_version_status': [{'version': str(servable.version), 'state': 'AVAILABLE',
+                                      'status': {'error_code': 'OK', 'error_message': ''}}]}
+
+  @app.get('/v1/models/{model}/metadata')
+  async def model_metadata(model: str):
+    check_model(model)
+    return metadata(servable)
+
+  @app.get('/v1/models/{model}/batching')
+  async def batching_counts(model: str):
+    """How many device batches ran, with how many rows: the batching the load figures report."""
+    check_model(model)
+    return {name: {'batches': b.batches, 'rows': b.rows} for name, b in batchers.items()}
+
+  @app.post('/v1/models/{model}:predict')
+  async def predict(model: str, request: Request):
+    check_model(model)
+    name, inputs, rows, row_format = parse_predict(await request.body(), servable, max_batch_size)
+    outputs = await batchers[name].submit(inputs, rows)
+    return predict_response(outputs, rows, row_format)
+
+  return app
+
+
+def serve(app, host: str, port: int):
+  """Runs `app` until SIGINT or SIGTERM: then it stops accepting, finishes the requests in flight and returns."""
+  import uvicorn  # pylint: disable=g-import-not-at-top
+  # uvicorn shuts down gracefully on the signal, then restores these handlers and raises it again: with them a
+  # drained server exits 0 rather than dying of the signal.
+  for sig in (signal.SIGINT, signal.SIGTERM):
+    signal.signal(sig, lambda *_: None)
+  uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level='warning', access_log=False)).run()

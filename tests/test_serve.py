@@ -1,0 +1,197 @@
+"""serve.py as a user runs it: a real server process on 127.0.0.1, real HTTP clients (httpx), TF Serving's REST
+API. Predictions equal the model's own in this process; concurrent clients are batched; every bad request is a
+4xx naming the problem and the server goes on; the API key; SIGTERM finishes the request in flight and exits 0."""
+import concurrent.futures
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+import httpx
+import jax
+import numpy as np
+import portpicker
+import pytest
+
+from conftest import ROOT
+from helpers import tiny_config, xla_flags
+from model_zoo.data import registry
+from model_zoo.evaluation import evaluate
+from model_zoo.serving import server as server_lib
+from model_zoo.serving.servable import Function, Servable
+from model_zoo.tasks.base import Input
+from model_zoo.training import loop
+
+KEY = 'test-key'
+AUTH = {'Authorization': f'Bearer {KEY}'}
+
+
+def _config():
+  return tiny_config('mlp')
+
+
+def _start(*args, env_key=None):
+  port = portpicker.pick_unused_port()
+  env = dict(os.environ, XLA_FLAGS=xla_flags(1))
+  if env_key:
+    env['MODEL_ZOO_API_KEY'] = env_key
+  proc = subprocess.Popen([sys.executable, os.path.join(ROOT, 'serve.py'), *args, f'--port={port}'], cwd=ROOT,
+                          env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+  url = f'http://127.0.0.1:{port}'
+  deadline = time.time() + 120
+  while time.time() < deadline:
+    if proc.poll() is not None:
+      raise AssertionError(f'serve.py exited {proc.returncode}: {proc.stderr.read()}')
+    try:
+      if httpx.get(f'{url}/healthz', timeout=1).status_code == 200:
+        return proc, url
+    except httpx.HTTPError:
+      time.sleep(0.3)
+  proc.kill()
+  raise AssertionError('serve.py did not start in 120 s')
+
+
+def _stop(proc):
+  if proc.poll() is None:
+    proc.send_signal(signal.SIGTERM)
+    try:
+      proc.wait(30)
+    except subprocess.TimeoutExpired:
+      proc.kill()
+
+
+@pytest.fixture(scope='module')
+def trained(tmp_path_factory):
+  workdir = str(tmp_path_factory.mktemp('mlp'))
+  loop.train_and_evaluate(_config(), workdir)
+  return workdir
+
+
+@pytest.fixture(scope='module')
+def served(trained):
+  """A server of the trained MLP with an API key (from the environment) and batches of at most 8 rows."""
+  proc, url = _start('--config=configs/mlp.py', f'--workdir={trained}', '--config.model.hidden_sizes=(32,)',
+                     '--max_batch_size=8', '--batch_timeout_ms=20', env_key=KEY)
+  yield url
+  _stop(proc)
+
+
+def _images(n, start=0):
+  test = registry.load(_config().dataset, 'test')
+  return np.stack([test.preprocess(test.source[i])['image'] for i in range(start, start + n)])
+
+
+def _expected(trained, images):
+  _, exp, _, state, _ = evaluate._restore(_config(), trained, None)  # pylint: disable=protected-access
+  return np.asarray(jax.nn.softmax(exp.task.predict(state, {'image': images}), -1))
+
+
+def test_predict_in_both_formats_equals_the_model(trained, served):
+  images = _images(5)
+  want = _expected(trained, images)
+  rows = httpx.post(f'{served}/v1/models/mlp:predict', json={'instances': images.tolist()}, headers=AUTH).json()
+  assert [p['label'] for p in rows['predictions']] == np.argmax(want, -1).tolist()
+  np.testing.assert_allclose([p['probabilities'] for p in rows['predictions']], want, rtol=1e-5, atol=1e-6)
+  named = httpx.post(f'{served}/v1/models/mlp:predict', headers=AUTH,
+                     json={'instances': [{'image': x} for x in images[:2].tolist()]}).json()
+  assert named['predictions'] == rows['predictions'][:2]
+  cols = httpx.post(f'{served}/v1/models/mlp:predict', json={'inputs': {'image': images.tolist()}},
+                    headers=AUTH).json()
+  np.testing.assert_allclose(cols['outputs']['probabilities'], want, rtol=1e-5, atol=1e-6)
+  status = httpx.get(f'{served}/v1/models/mlp', headers=AUTH).json()
+  assert status['model_version_status'][0]['state'] == 'AVAILABLE'
+  assert status['model_version_status'][0]['version'] == '30'
+  meta = httpx.get(f'{served}/v1/models/mlp/metadata', headers=AUTH).json()['metadata']['signature_def']
+  image = meta['signature_def']['serving_default']['inputs']['image']
+  assert image['dtype'] == 'DT_FLOAT' and [d['size'] for d in image['tensor_shape']['dim']] == ['-1', '8', '8', '1']
+  assert meta['labels'] == [str(i) for i in range(10)]
+
+
+def test_concurrent_clients_are_batched_and_each_gets_its_own_answer(trained, served):
+  images = _images(32, start=100)
+  want = np.argmax(_expected(trained, images), -1)
+  before = httpx.get(f'{served}/v1/models/mlp/batching', headers=AUTH).json()['model']
+  barrier = threading.Barrier(16)
+
+  def client(i):
+    with httpx.Client(timeout=60) as c:
+      barrier.wait(30)
+      return [c.post(f'{served}/v1/models/mlp:predict', headers=AUTH,
+                     json={'instances': images[j:j + 1].tolist()}).json()['predictions'][0]['label']
+              for j in (2 * i, 2 * i + 1)]
+
+  with concurrent.futures.ThreadPoolExecutor(16) as pool:
+    labels = [label for got in pool.map(client, range(16)) for label in got]
+  assert labels == want.tolist()
+  after = httpx.get(f'{served}/v1/models/mlp/batching', headers=AUTH).json()['model']
+  rows, batches = after['rows'] - before['rows'], after['batches'] - before['batches']
+  assert rows == 32 and batches < 32, (rows, batches)   # some requests shared a device batch
+
+
+BAD = [
+    (b'{"instances": [', 400, 'not JSON'),
+    (b'[1, 2]', 400, 'must be a JSON object'),
+    (b'{"instances": []}', 400, 'non-empty list'),
+    (b'{"rows": [[1]]}', 400, 'exactly one of "instances"'),
+    (b'{"instances": [[1, 2]]}', 400, "has shape [2], but the model takes [8, 8, 1]"),
+    (b'{"instances": [[[1], [2, 3]]]}', 400, 'rectangular array'),
+    (b'{"instances": ["a picture"]}', 400, 'array of numbers'),
+    (b'{"instances": [{"pixels": 1}]}', 400, "['pixels'] unknown"),
+    (b'{"inputs": {"image": [[1.0]]}}', 400, 'has shape [1]'),
+    (b'{"instances": [[[[0.0]]]], "signature_name": "encode"}', 400, "signature_name 'encode' is not one of"),
+]
+
+
+@pytest.mark.parametrize('body, status, message', BAD)
+def test_a_bad_request_is_a_4xx_naming_the_problem_and_the_server_goes_on(served, body, status, message):
+  r = httpx.post(f'{served}/v1/models/mlp:predict', content=body, headers=AUTH)
+  assert r.status_code == status and message in r.json()['error'], r.text
+  assert httpx.get(f'{served}/v1/models/mlp', headers=AUTH).status_code == 200
+
+
+def test_too_many_instances_unknown_model_and_path_and_the_api_key(served):
+  nine = {'instances': np.zeros((9, 8, 8, 1)).tolist()}
+  r = httpx.post(f'{served}/v1/models/mlp:predict', json=nine, headers=AUTH)
+  assert r.status_code == 400 and '9 instances is more than this server takes at once (8)' in r.json()['error']
+  r = httpx.post(f'{served}/v1/models/cnn:predict', json=nine, headers=AUTH)
+  assert r.status_code == 404 and "no model 'cnn' here; this server serves 'mlp'" in r.json()['error']
+  assert httpx.get(f'{served}/v2/anything', headers=AUTH).status_code == 404
+  assert httpx.get(f'{served}/v1/models/mlp:predict', headers=AUTH).status_code == 405
+  for headers in ({}, {'Authorization': 'Bearer wrong'}, {'Authorization': KEY}):
+    r = httpx.get(f'{served}/v1/models/mlp', headers=headers)
+    assert r.status_code == 401 and 'API key' in r.json()['error']
+  assert httpx.get(f'{served}/healthz').json() == {'status': 'ok'}
+
+
+def test_a_generative_function_is_not_a_predict_signature():
+  fn = Function('prefill', {'tokens': Input(('length',), np.int32)}, ['logits'], lambda x: x)
+  model = Servable('gpt', 1, {'prefill': fn, 'decode_step': fn}, [])
+  with pytest.raises(server_lib.RequestError, match='gpt is a generative model: ask POST /v1/completions'):
+    server_lib.parse_predict(b'{"instances": [[1, 2]]}', model, 8)
+
+
+def test_serving_an_export_and_sigterm_finishes_the_request_in_flight(trained, tmp_path):
+  """The StableHLO export serves what the work directory does; a request waiting in its batch when SIGTERM
+  arrives is answered, then the server exits 0 and takes no more connections."""
+  out = str(tmp_path / 'hlo')
+  evaluate.export(_config(), trained, out, format='stablehlo')
+  proc, url = _start(f'--export={out}', '--name=digits', '--batch_timeout_ms=3000')
+  try:
+    images = _images(3, start=40)
+    result = {}
+    thread = threading.Thread(target=lambda: result.update(r=httpx.post(
+        f'{url}/v1/models/digits:predict', json={'instances': images.tolist()}, timeout=60)))
+    thread.start()
+    time.sleep(1.0)          # the request waits up to 3 s for more rows in its batch
+    proc.send_signal(signal.SIGTERM)
+    thread.join(60)
+    assert result['r'].status_code == 200, result['r'].text
+    got = np.array([p['probabilities'] for p in result['r'].json()['predictions']])
+    np.testing.assert_allclose(got, _expected(trained, images), rtol=1e-5, atol=1e-6)
+    assert proc.wait(30) == 0
+    with pytest.raises(httpx.ConnectError):
+      httpx.get(f'{url}/healthz', timeout=2)
+  finally:
+    _stop(proc)

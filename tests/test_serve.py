@@ -16,7 +16,7 @@ import portpicker
 import pytest
 
 from conftest import ROOT
-from helpers import tiny_config, xla_flags
+from helpers import family_config, tiny_config, xla_flags
 from model_zoo.data import registry
 from model_zoo.evaluation import evaluate
 from model_zoo.serving import server as server_lib
@@ -195,3 +195,152 @@ def test_serving_an_export_and_sigterm_finishes_the_request_in_flight(trained, t
       httpx.get(f'{url}/healthz', timeout=2)
   finally:
     _stop(proc)
+
+
+# -- the OpenAI completions API, with continuous batching
+
+GPT_FLAGS = ['--config=configs/gpt.py', '--config.model.num_layers=2', '--config.model.d_model=32',
+             '--config.model.num_heads=2', '--config.model.d_ff=64', '--config.model.max_len=32',
+             '--config.dataset.seq_len=32', '--config.dataset.tokenizer=bytes', '--config.dataset.vocab_size=259']
+
+
+@pytest.fixture(scope='module')
+def gpt_run(tmp_path_factory):
+  workdir = str(tmp_path_factory.mktemp('gpt'))
+  config = family_config('gpt', num_train_steps=60, **{'optimizer.learning_rate': 3e-3})
+  loop.train_and_evaluate(config, workdir)
+  return config, workdir
+
+
+@pytest.fixture(scope='module')
+def gpt_served(gpt_run):
+  """The tiny GPT with 3 decode slots and an API key."""
+  proc, url = _start(*GPT_FLAGS, f'--workdir={gpt_run[1]}', '--slots=3', f'--api_key={KEY}')
+  yield url
+  _stop(proc)
+
+
+def _client(url, key=KEY):
+  import openai  # pylint: disable=g-import-not-at-top
+  return openai.OpenAI(base_url=f'{url}/v1', api_key=key, max_retries=0, timeout=60)
+
+
+PROMPTS = ['The ', 'def f', 'import o', 'class A', 'x = ', 'It is']
+
+
+def test_completions_with_the_openai_client_equal_eval_sample(gpt_run, gpt_served):
+  config, workdir = gpt_run
+  client = _client(gpt_served)
+  for prompt in PROMPTS[:2]:
+    want = evaluate.sample(config, workdir, [prompt], max_new_tokens=10, temperature=0.0)[0]
+    r = client.completions.create(model='gpt', prompt=prompt, max_tokens=10, temperature=0)
+    assert r.choices[0].text == want
+    assert r.usage.prompt_tokens == 1 + len(prompt.encode()) and r.usage.completion_tokens <= 10
+    chunks = list(client.completions.create(model='gpt', prompt=prompt, max_tokens=10, temperature=0, stream=True))
+    assert ''.join(c.choices[0].text for c in chunks) == want
+    assert chunks[-1].choices[0].finish_reason in ('stop', 'length')
+    assert all(c.choices[0].finish_reason is None for c in chunks[:-1])
+  import openai  # pylint: disable=g-import-not-at-top
+  with pytest.raises(openai.AuthenticationError):
+    _client(gpt_served, 'wrong').completions.create(model='gpt', prompt='x', max_tokens=2)
+
+
+def test_concurrent_completions_join_the_running_batch_and_each_gets_its_own(gpt_served):
+  """Six greedy clients on three slots: each answer equals its prompt's alone, and decode steps were shared."""
+  client = _client(gpt_served)
+  alone = {p: client.completions.create(model='gpt', prompt=p, max_tokens=12, temperature=0).choices[0].text
+           for p in PROMPTS}
+  before = httpx.get(f'{gpt_served}/v1/models/gpt/generation', headers=AUTH).json()
+  barrier = threading.Barrier(len(PROMPTS))
+
+  def ask(prompt):
+    barrier.wait(30)
+    return _client(gpt_served).completions.create(model='gpt', prompt=prompt, max_tokens=12,
+                                                  temperature=0).choices[0].text
+
+  with concurrent.futures.ThreadPoolExecutor(len(PROMPTS)) as pool:
+    together = dict(zip(PROMPTS, pool.map(ask, PROMPTS)))
+  assert together == alone
+  after = httpx.get(f'{gpt_served}/v1/models/gpt/generation', headers=AUTH).json()
+  assert after['active'] == 0 and after['admitted'] - before['admitted'] == len(PROMPTS)
+  assert after['steps'] - before['steps'] < after['tokens'] - before['tokens']   # steps served several rows
+
+
+def test_stop_strings_seeds_and_several_prompts(gpt_served):
+  client = _client(gpt_served)
+  full = client.completions.create(model='gpt', prompt='The ', max_tokens=12, temperature=0).choices[0].text
+  stop = full[4:6]
+  r = client.completions.create(model='gpt', prompt='The ', max_tokens=12, temperature=0, stop=[stop])
+  assert r.choices[0].text == full[:full.index(stop)] and r.choices[0].finish_reason == 'stop'
+  streamed = client.completions.create(model='gpt', prompt='The ', max_tokens=12, temperature=0, stop=stop,
+                                       stream=True)
+  assert ''.join(c.choices[0].text for c in streamed) == full[:full.index(stop)]
+  a, b = (client.completions.create(model='gpt', prompt=['def ', 'x'], max_tokens=8, temperature=1.0, seed=3, n=2)
+          for _ in range(2))
+  assert [c.index for c in a.choices] == [0, 1, 2, 3] and [c.text for c in a.choices] == [c.text for c in b.choices]
+
+
+BAD_COMPLETIONS = [
+    ({'model': 'gpt', 'prompt': 'x' * 40}, 400, 'is 41 tokens; this model takes at most 32'),
+    ({'model': 'gpt', 'prompt': 'x' * 20, 'max_tokens': 20}, 400, 'more than the 9 tokens'),
+    ({'model': 'gpt3', 'prompt': 'x'}, 404, "model 'gpt3' not found"),
+    ({'model': 'gpt', 'prompt': 'x', 'temperature': 3}, 400, 'temperature must be in [0, 2]'),
+    ({'model': 'gpt', 'prompt': 'x', 'top_p': 0}, 400, 'top_p must be in (0, 1]'),
+    ({'model': 'gpt', 'prompt': 'x', 'max_tokens': 'ten'}, 400, 'max_tokens must be an integer'),
+    ({'model': 'gpt', 'prompt': [1, 2]}, 400, 'prompt must be a string'),
+    ({'model': 'gpt', 'prompt': 'x', 'stop': ['a', 'b', 'c', 'd', 'e']}, 400, 'at most 4'),
+    ({'model': 'gpt', 'prompt': 'x', 'logprobs': 2}, 400, 'logprobs=2 is not supported'),
+    ({'model': 'gpt', 'prompt': 'x', 'temprature': 1}, 400, "unknown parameter 'temprature'"),
+]
+
+
+@pytest.mark.parametrize('body, status, message', BAD_COMPLETIONS)
+def test_a_bad_completion_request_is_a_4xx_in_openais_format(gpt_served, body, status, message):
+  r = httpx.post(f'{gpt_served}/v1/completions', json=body, headers=AUTH)
+  assert r.status_code == status and message in r.json()['error']['message'], r.text
+
+
+def test_malformed_json_predict_on_a_generator_and_a_client_that_leaves_mid_stream(gpt_served):
+  r = httpx.post(f'{gpt_served}/v1/completions', content=b'{"model": ', headers=AUTH)
+  assert r.status_code == 400 and 'not JSON' in r.json()['error']['message']
+  r = httpx.post(f'{gpt_served}/v1/models/gpt:predict', json={'instances': [[1]]}, headers=AUTH)
+  assert r.status_code == 400 and 'generative model' in r.json()['error']
+  body = {'model': 'gpt', 'prompt': 'The ', 'max_tokens': 25, 'temperature': 1.0, 'stream': True}
+  with httpx.stream('POST', f'{gpt_served}/v1/completions', json=body, headers=AUTH, timeout=60) as r:
+    next(r.iter_lines())          # the first chunk; then the client goes away
+  deadline = time.time() + 20
+  while httpx.get(f'{gpt_served}/v1/models/gpt/generation', headers=AUTH).json()['active'] and time.time() < deadline:
+    time.sleep(0.1)
+  assert httpx.get(f'{gpt_served}/v1/models/gpt/generation', headers=AUTH).json()['active'] == 0
+  assert _client(gpt_served).completions.create(model='gpt', prompt='x', max_tokens=2).choices[0].text is not None
+
+
+def test_the_generator_translates_as_greedy_decoding_does(tmp_path):
+  """Continuous batching over the Transformer's prefill and decode_step (in this process, two slots, five
+  sources) gives the translations of eval.py's greedy search."""
+  from model_zoo.serving import generation, restore  # pylint: disable=g-import-not-at-top
+  config = family_config('transformer', **{'decode.beam_size': 1})
+  workdir = str(tmp_path / 'mt')
+  loop.train_and_evaluate(config, workdir)
+  _, exp, _, state, _ = evaluate._restore(config, workdir, None)  # pylint: disable=protected-access
+  sources = ['one', 'twenty two', 'three hundred', 'forty', 'five thousand and six']
+  want = exp.task.translate(state.params, sources)
+  gen = generation.Generator(restore.servable_of(exp.task, exp.task.variables(state), 'mt', 30), slots=2)
+  gen.start()
+  try:
+    texts, done = {i: '' for i in range(len(sources))}, threading.Semaphore(0)
+
+    def emit(i):
+      def on(event, payload):
+        if event == 'text':
+          texts[i] += payload
+        else:
+          done.release()
+      return on
+    for i, src in enumerate(sources):
+      gen.submit(generation.Request(gen.encode(src), gen.max_tokens, 0.0, 1.0, (), emit(i)))
+    for _ in sources:
+      assert done.acquire(timeout=60)
+  finally:
+    gen.stop()
+  assert [texts[i] for i in range(len(sources))] == want

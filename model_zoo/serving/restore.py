@@ -10,17 +10,21 @@ from model_zoo.tasks.base import Input
 
 def from_workdir(config, workdir: str, name: str, step: int | None = None) -> Servable:
   """The model of a trained work directory, each function jitted on its restored weights."""
-  run, exp, step, state, _ = evaluate._restore(config, workdir, step)  # pylint: disable=protected-access
-  del run
-  variables = jax.device_get(exp.task.variables(state))
+  _, exp, step, state, _ = evaluate._restore(config, workdir, step)  # pylint: disable=protected-access
+  return servable_of(exp.task, exp.task.variables(state), name, step)
+
+
+def servable_of(task, variables: dict, name: str, version: int) -> Servable:
+  """`task.serving()`'s functions, each jitted on its weights from `variables`."""
+  variables = jax.device_get(variables)
   functions = {}
-  for fn_name, serving in exp.task.serving().items():
+  for fn_name, serving in task.serving().items():
     weights = jax.device_put(serving.weights_of(variables))
     jitted = jax.jit(serving.fn)
     example = jax.tree.map(lambda i: np.zeros((1, *[1 if isinstance(d, str) else d for d in i.shape]), i.dtype),
                            serving.inputs, is_leaf=lambda x: isinstance(x, Input))
     outputs = jax.eval_shape(jitted, weights, example)
     functions[fn_name] = Function(fn_name, flat_inputs(serving.inputs), sorted(outputs),
-                                  lambda inputs, jitted=jitted, weights=weights: jax.device_get(jitted(weights, inputs)),
+                                  lambda inputs, jitted=jitted, weights=weights: jitted(weights, inputs),
                                   dict(serving.notes))
-  return Servable(name, step, functions, list(exp.task.info.class_names), exp.task.info.tokenizer)
+  return Servable(name, version, functions, list(task.info.class_names), task.info.tokenizer)

@@ -22,13 +22,12 @@ class Function:
   name: str
   inputs: dict[str, Input]          # flat input names -> one example's shape (no batch axis) and dtype
   outputs: list[str]
-  run: Callable[[dict], dict]
+  call: Callable[[dict], dict]      # inputs -> outputs, on the device (a generator keeps its cache there)
   notes: dict = dataclasses.field(default_factory=dict)
 
-  @property
-  def fixed_shapes(self) -> bool:
-    """Every input has a fixed shape (apart from the batch): a function TF Serving's :predict can batch."""
-    return all(all(isinstance(d, int) for d in i.shape) for i in self.inputs.values())
+  def run(self, inputs: dict) -> dict:
+    """`call` with the outputs as numpy arrays."""
+    return jax.device_get(self.call(inputs))
 
 
 @dataclasses.dataclass
@@ -74,5 +73,20 @@ def from_export(outdir: str, name: str) -> Servable:
     inputs = {k: Input(tuple(s['shape'][1:]), np.dtype(s['dtype'])) for k, s in spec['inputs'].items()}
     notes = {k: v for k, v in spec.items() if k not in ('file', 'arguments', 'inputs', 'outputs', 'tolerance')}
     functions[fn_name] = Function(fn_name, inputs, sorted(spec['outputs']),
-                                  lambda x, fn_name=fn_name: stablehlo.run(outdir, fn_name, weights, x), notes)
-  return Servable(name, int(signature.get('step', 1)), functions, signature.get('labels', []))
+                                  stablehlo.program(outdir, fn_name, weights), notes)
+  return Servable(name, int(signature.get('step', 1)), functions, signature.get('labels', []), _tokenizer(outdir))
+
+
+def _tokenizer(outdir: str):
+  """The export's tokenizer (its config.json's kind, its file), or None for a model without text."""
+  import ml_collections  # pylint: disable=g-import-not-at-top
+  from model_zoo.data import base, tokenizers  # pylint: disable=g-import-not-at-top
+  with open(os.path.join(outdir, 'config.json')) as f:
+    dataset = json.load(f).get('dataset', {})
+  if 'tokenizer' not in dataset:
+    return None
+
+  def untrained():
+    raise UserError(f'{outdir} has no tokenizer file: export it again')
+  return tokenizers.build(ml_collections.ConfigDict(dataset), base.Files(tokenizer=os.path.join(
+      outdir, 'tokenizer.model')), untrained)

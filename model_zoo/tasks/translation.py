@@ -166,7 +166,8 @@ class TranslationTask(SupervisedTask):
                                                    method='encode'), self._abstract_params())
     cache = jax.eval_shape(lambda: protocol.init_cache(model, jnp.ones((1, 8), jnp.int32),
                                                        jnp.ones((1, size), jnp.int32)))
-    notes = {'max_tokens': size, 'bos_id': tok.bos_id, 'eos_id': tok.eos_id, 'pad_id': tok.pad_id}
+    notes = {'max_tokens': size, 'max_source_tokens': self.config.dataset.src_len, 'bos_id': tok.bos_id,
+             'eos_id': tok.eos_id, 'pad_id': tok.pad_id}
     limit = (f'source_length <= {self.config.model.max_len}',) if self.config.model.positional == 'learned' else ()
     return {'prefill': Serving(prefill, {'source': Input(('source_length',), np.int32)}, reference=sources,
                                notes=notes, constraints=limit),

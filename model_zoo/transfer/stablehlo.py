@@ -201,14 +201,19 @@ def export(config: ml_collections.ConfigDict, task, variables: dict, data, workd
 
 def run(outdir: str, name: str, weights: dict[str, np.ndarray], inputs: dict) -> dict:
   """Runs function `name` of a StableHLO export on `inputs` (a dict, nested as the function's inputs are), as any
-  runtime would: the deserialized program with the weights in the order signature.json gives."""
+  runtime would: the deserialized program with the weights in the order signature.json gives. -> numpy arrays."""
+  return jax.device_get(program(outdir, name, weights)(jax.tree.map(jnp.asarray, inputs)))
+
+
+def program(outdir: str, name: str, weights: dict[str, np.ndarray]):
+  """Function `name` of a StableHLO export as `call(inputs) -> outputs` on the device, its weights bound."""
   with open(os.path.join(outdir, 'signature.json')) as f:
     spec = json.load(f)['functions'][name]
   path = os.path.join(outdir, spec['file'])
   call = _program(path, os.stat(path).st_mtime_ns)
   arguments = spec['arguments']
   given = [weights[a] for a in arguments[:len(arguments) - len(spec['inputs'])]]
-  return jax.device_get(call(given, jax.tree.map(jnp.asarray, inputs)))
+  return lambda inputs: call(given, inputs)
 
 
 @functools.lru_cache(maxsize=16)

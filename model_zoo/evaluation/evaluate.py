@@ -24,7 +24,7 @@ from model_zoo.training.writer import read_metrics
 from model_zoo.workdir import Workdir
 
 
-FORMATS = ('safetensors', 'stablehlo')
+FORMATS = ('safetensors', 'stablehlo', 'savedmodel')
 
 
 def _quantized_config(config, quantize: str | None):
@@ -134,18 +134,22 @@ def translate(config, workdir: str, texts: list[str], *, step: int | None = None
 
 def export(config, workdir: str, output: str | None, *, step: int | None = None,
            quantize: str | None = None, format: str = 'safetensors') -> str:  # pylint: disable=redefined-builtin
-  """Writes the model of `workdir` for inference to `output`: its weights (model_zoo.transfer.export) or, with
-  format='stablehlo', its inference functions (model_zoo.transfer.stablehlo)."""
+  """Writes the model of `workdir` for inference to `output`: its weights (model_zoo.transfer.export) or its
+  inference functions, as StableHLO (model_zoo.transfer.stablehlo) or a SavedModel (.savedmodel)."""
   from model_zoo.transfer import export as export_lib  # pylint: disable=g-import-not-at-top
   if format not in FORMATS:
     raise UserError(f'--format must be one of {", ".join(FORMATS)}, got {format!r}')
   output = output or Workdir(workdir).export
   export_lib.check_output(output)
+  if format == 'savedmodel':
+    from model_zoo.transfer import savedmodel  # pylint: disable=g-import-not-at-top
+    savedmodel.tensorflow()   # TensorFlow is there, before anything is restored
   run, exp, step, state, _ = _restore(config, workdir, step, quantize)
-  if format == 'stablehlo':
-    from model_zoo.transfer import stablehlo  # pylint: disable=g-import-not-at-top
-    stablehlo.export(exp.config, exp.task, exp.task.variables(state), run.data[run.config.dataset.eval_split],
-                     Workdir(workdir), output, step=step)
+  if format in ('stablehlo', 'savedmodel'):
+    from model_zoo.transfer import savedmodel, stablehlo  # pylint: disable=g-import-not-at-top
+    tool = stablehlo if format == 'stablehlo' else savedmodel
+    tool.export(exp.config, exp.task, exp.task.variables(state), run.data[run.config.dataset.eval_split],
+                Workdir(workdir), output, step=step)
   else:
     export_lib.export(exp.config, exp.task.variables(state)['params'], Workdir(workdir), output)
   print(f'exported step {step} of {workdir} to {output}', flush=True)

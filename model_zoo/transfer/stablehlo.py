@@ -7,7 +7,8 @@ verified before it is kept.
 DIR holds:
   <function>.stablehlo  `Exported.serialize()` of each function: `model.stablehlo` for a model with one
                         (classifiers, BERT), `encode`/`decode` for the autoencoder and VAE, `generate` for
-                        the GAN's generator. Its arguments are the weights (in signature.json's order) and
+                        the GAN's generator, `prefill`/`decode_step` for the decoders (GPT, the LSTM language
+                        model, the Transformer), the cache an input and an output. Its arguments are the weights (in signature.json's order) and
                         then the inputs (by name, in their order); the batch dimension is symbolic ('batch'),
                         so any batch size runs; lowered for CPU and CUDA. A quantized model (--quantize) takes
                         its weights as stored, int8 or int4 two to a byte with their scales, and dequantizes
@@ -46,11 +47,12 @@ NUM_EXAMPLES = 4
 TOLERANCE = {'float32': (1e-5, 1e-4), 'bfloat16': (2e-2, 2e-2), 'float16': (2e-2, 2e-2)}
 
 
-def flatten(tree, is_leaf=None) -> tuple[list[str], list, object]:
-  """(names, leaves, treedef) of a pytree; names join the key path with '/'."""
+def flatten(tree, is_leaf=None, numpy: bool = True) -> tuple[list[str], list, object]:
+  """(names, leaves, treedef) of a pytree; names join the key path with '/'; leaves as numpy arrays unless
+  `numpy` is False (or `is_leaf` picks them)."""
   with_paths, treedef = jax.tree_util.tree_flatten_with_path(tree, is_leaf=is_leaf)
   return (['/'.join(path_names(p)) for p, _ in with_paths],
-          [x if is_leaf and is_leaf(x) else np.asarray(x) for _, x in with_paths], treedef)
+          [np.asarray(x) if numpy and not (is_leaf and is_leaf(x)) else x for _, x in with_paths], treedef)
 
 
 def reference_inputs(serving, data, earlier: dict, n: int = NUM_EXAMPLES) -> dict:

@@ -2,7 +2,9 @@
 checkpoint, between two checkpoints, during an evaluation and while a checkpoint is being written, one
 after another, each time resumed by the same command; the run then ends with parameters and metrics
 bit-identical to an uninterrupted one. For the CNN, GPT (a SentencePiece tokenizer trained by the first,
-killed, run), BERT masked-LM (masks drawn from the stream position), translation and the GAN."""
+killed, run), BERT masked-LM (masks drawn from the stream position) and the GAN. (The translation
+Transformer was here too; it reads its packed rows through GPT's pipeline, and the suite's time is kept
+under 10 minutes.)"""
 import os
 import re
 import signal
@@ -27,10 +29,6 @@ FAMILIES = {
     'bert_pretrain': ['--config=configs/bert_pretrain.py', '--config.model.num_layers=1', '--config.model.d_model=32',
                       '--config.model.num_heads=2', '--config.model.d_ff=64', '--config.dataset.vocab_size=400',
                       '--config.dataset.seq_len=32', '--config.batch_size=16'],
-    'transformer': ['--config=configs/transformer.py', '--config.model.num_encoder_layers=1',
-                    '--config.model.num_decoder_layers=1', '--config.model.d_model=32', '--config.model.num_heads=2',
-                    '--config.model.d_ff=64', '--config.dataset.train_examples=400', '--config.dataset.vocab_size=296',
-                    '--config.batch_size=16'],
     'gan': ['--config=configs/gan.py', '--config.model.latent_dim=8', '--config.model.generator_features=8',
             '--config.model.discriminator_features=8', '--config.batch_size=32'],
 }

@@ -10,11 +10,7 @@ DIR holds the SavedModel (saved_model.pb, variables/), and signature.json, refer
 the StableHLO export writes them. Signature inputs and outputs are the function's, their names flattened with
 '__' for '/' (a decoder's `cache__block_0__self_attention__cached_key`), as TF needs plain names.
 """
-import json
-import os
 import re
-import shutil
-import tempfile
 
 import jax
 import ml_collections
@@ -57,10 +53,7 @@ def export(config: ml_collections.ConfigDict, task, variables: dict, data, workd
   functions = task.serving()
   atol, rtol = stablehlo.TOLERANCE.get(config.model.get('dtype', 'float32'), stablehlo.TOLERANCE['bfloat16'])
   variables = jax.device_get(variables)
-  parent = os.path.dirname(os.path.abspath(outdir))
-  os.makedirs(parent, exist_ok=True)
-  tmp = tempfile.mkdtemp(prefix=f'.{os.path.basename(os.path.abspath(outdir))}.partial-', dir=parent)
-  try:
+  with stablehlo.staged(outdir) as tmp:
     module, signatures, reference = tf.Module(), {}, {}
     signature = {'format': 'savedmodel', 'step': step, 'functions': {}, 'labels': list(task.info.class_names)}
     default = 'model' if 'model' in functions else next(iter(functions))
@@ -93,15 +86,7 @@ def export(config: ml_collections.ConfigDict, task, variables: dict, data, workd
       signature['functions'][name] = {'signature_name': key, 'inputs': list(specs),
                                       'tolerance': {'atol': atol, 'rtol': rtol}, **serving.notes}
     tf.saved_model.save(module, tmp, signatures=signatures)
-    np.savez(os.path.join(tmp, 'reference_io.npz'), **{
-        f'{fn}/{kind}/{k}': v for fn, io in reference.items() for kind, tree in zip(('inputs', 'outputs'), io)
-        for k, v in zip(*stablehlo.flatten(tree)[:2])})
-    with open(os.path.join(tmp, 'signature.json'), 'w') as f:
-      json.dump(signature, f, indent=2)
-    with open(os.path.join(tmp, 'config.json'), 'w') as f:
-      f.write(config.to_json_best_effort(indent=2, sort_keys=True))
-    if os.path.exists(workdir.tokenizer):
-      shutil.copyfile(workdir.tokenizer, os.path.join(tmp, os.path.basename(workdir.tokenizer)))
+    stablehlo.write_alongside(tmp, reference, signature, config, workdir)
 
     # Verification: TF loads the directory and runs each signature, as TF Serving would.
     loaded = tf.saved_model.load(tmp)
@@ -113,12 +98,6 @@ def export(config: ml_collections.ConfigDict, task, variables: dict, data, workd
         if diff is not None:
           raise UserError(f'the SavedModel of {name} does not reproduce the model: its {k!r} differs by up to '
                           f'{diff:.3g} (tolerance atol {atol}, rtol {rtol}); nothing was written')
-    if os.path.isdir(outdir):
-      os.rmdir(outdir)
-    os.rename(tmp, outdir)
-  except BaseException:
-    shutil.rmtree(tmp, ignore_errors=True)
-    raise
   print(f'exported signatures {", ".join(signatures)} (verified with tf.saved_model.load on '
         f'{stablehlo.NUM_EXAMPLES} eval examples)', flush=True)
   return outdir

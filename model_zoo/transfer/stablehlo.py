@@ -25,6 +25,7 @@ of them, and the first alone, a second batch size) and compares with the JAX mod
 refuses, leaving nothing behind, if any output differs beyond the tolerance. It is written to a
 temporary directory beside DIR and renamed into place once verified.
 """
+import contextlib
 import functools
 import json
 import os
@@ -122,6 +123,36 @@ def _close(got, want, atol, rtol) -> float | None:
   return None if np.all(np.abs(g - w) <= atol + rtol * np.abs(w)) else float(np.max(np.abs(g - w)))
 
 
+@contextlib.contextmanager
+def staged(outdir: str):
+  """A temporary directory beside `outdir`, renamed to it if the block succeeds and removed if it raises: an
+  export is kept whole or not at all."""
+  parent = os.path.dirname(os.path.abspath(outdir))
+  os.makedirs(parent, exist_ok=True)
+  tmp = tempfile.mkdtemp(prefix=f'.{os.path.basename(os.path.abspath(outdir))}.partial-', dir=parent)
+  try:
+    yield tmp
+    if os.path.isdir(outdir):
+      os.rmdir(outdir)   # empty, as check_output made sure
+    os.rename(tmp, outdir)
+  except BaseException:
+    shutil.rmtree(tmp, ignore_errors=True)
+    raise
+
+
+def write_alongside(tmp: str, reference: dict, signature: dict, config, workdir: Workdir):
+  """What every export holds beside its programs: reference_io.npz, signature.json, config.json, the tokenizer."""
+  np.savez(os.path.join(tmp, 'reference_io.npz'), **{
+      f'{fn}/{kind}/{k}': v for fn, io in reference.items() for kind, tree in zip(('inputs', 'outputs'), io)
+      for k, v in zip(*flatten(tree)[:2])})
+  with open(os.path.join(tmp, 'signature.json'), 'w') as f:
+    json.dump(signature, f, indent=2)
+  with open(os.path.join(tmp, 'config.json'), 'w') as f:
+    f.write(config.to_json_best_effort(indent=2, sort_keys=True))
+  if os.path.exists(workdir.tokenizer):
+    shutil.copyfile(workdir.tokenizer, os.path.join(tmp, os.path.basename(workdir.tokenizer)))
+
+
 def export(config: ml_collections.ConfigDict, task, variables: dict, data, workdir: Workdir, outdir: str,
            platforms: tuple[str, ...] = PLATFORMS, step: int = 0) -> str:
   """Writes, verifies and keeps the StableHLO export of `task.serving()` on `variables` in `outdir`, lowered for
@@ -132,10 +163,7 @@ def export(config: ml_collections.ConfigDict, task, variables: dict, data, workd
   functions = task.serving()
   atol, rtol = TOLERANCE.get(config.model.get('dtype', 'float32'), TOLERANCE['bfloat16'])
   variables = jax.device_get(variables)
-  parent = os.path.dirname(os.path.abspath(outdir))
-  os.makedirs(parent, exist_ok=True)
-  tmp = tempfile.mkdtemp(prefix=f'.{os.path.basename(os.path.abspath(outdir))}.partial-', dir=parent)
-  try:
+  with staged(outdir) as tmp:
     signature = {'format': 'stablehlo', 'step': step, 'platforms': list(platforms), 'functions': {},
                  'preprocessing': _preprocessing(config, task.info),
                  'labels': list(task.info.class_names), 'weights': 'weights.safetensors'}
@@ -169,15 +197,7 @@ def export(config: ml_collections.ConfigDict, task, variables: dict, data, workd
           'outputs': _flat_specs(outputs, batch=True), 'tolerance': {'atol': atol, 'rtol': rtol},
           **({'constraints': list(serving.constraints)} if serving.constraints else {}), **serving.notes}
     save_file(stored, os.path.join(tmp, 'weights.safetensors'))
-    np.savez(os.path.join(tmp, 'reference_io.npz'), **{
-        f'{fn}/{kind}/{k}': v for fn, io in reference.items() for kind, tree in zip(('inputs', 'outputs'), io)
-        for k, v in zip(*flatten(tree)[:2])})
-    with open(os.path.join(tmp, 'signature.json'), 'w') as f:
-      json.dump(signature, f, indent=2)
-    with open(os.path.join(tmp, 'config.json'), 'w') as f:
-      f.write(config.to_json_best_effort(indent=2, sort_keys=True))
-    if os.path.exists(workdir.tokenizer):
-      shutil.copyfile(workdir.tokenizer, os.path.join(tmp, os.path.basename(workdir.tokenizer)))
+    write_alongside(tmp, reference, signature, config, workdir)
 
     # Verification, from the files alone.
     weights = load_file(os.path.join(tmp, 'weights.safetensors'))
@@ -190,12 +210,6 @@ def export(config: ml_collections.ConfigDict, task, variables: dict, data, workd
           if diff is not None:
             raise UserError(f'the StableHLO export of {name} does not reproduce the model: its {key!r}{label} differs '
                             f'by up to {diff:.3g} (tolerance atol {atol}, rtol {rtol}); nothing was written')
-    if os.path.isdir(outdir):
-      os.rmdir(outdir)   # empty, as check_output made sure
-    os.rename(tmp, outdir)
-  except BaseException:
-    shutil.rmtree(tmp, ignore_errors=True)
-    raise
   print(f'exported {", ".join(f"{n}.stablehlo" for n in functions)} (verified on {NUM_EXAMPLES} eval examples, '
         f'atol {atol}, rtol {rtol})', flush=True)
   return outdir

@@ -17,12 +17,13 @@ MODE = flags.DEFINE_enum('mode', 'eval', ['eval', 'sample', 'translate', 'export
                          'translate: translate --input (translation models); export: the parameters for '
                          'inference, LoRA merged, to --output.')
 OUTPUT = flags.DEFINE_string('output', None, 'Directory for --mode=export; default <workdir>/export.')
-FORMAT = flags.DEFINE_enum('format', 'safetensors', ['safetensors', 'stablehlo', 'savedmodel'],
+FORMAT = flags.DEFINE_enum('format', 'safetensors', ['safetensors', 'stablehlo', 'savedmodel', 'onnx'],
                            'What --mode=export writes: safetensors (the weights, LoRA merged), stablehlo (each '
                            'inference function as a serialized jax.export program with a symbolic batch, its '
-                           'weights, signature.json and reference_io.npz) or savedmodel (a TensorFlow SavedModel '
-                           'through jax2tf, pip install -e .[tf]); the last two verify themselves before they are '
-                           'kept.')
+                           'weights, signature.json and reference_io.npz), savedmodel (a TensorFlow SavedModel '
+                           'through jax2tf, pip install -e .[tf]) or onnx (through jax2onnx, checked with '
+                           'onnxruntime; pip install -e .[onnx] && pip install --no-deps jax2onnx==0.17.1); the '
+                           'last three verify themselves before they are kept.')
 INPUT = flags.DEFINE_multi_string('input', [], 'Text(s) to translate with --mode=translate; repeat for several.')
 PROMPT = flags.DEFINE_multi_string('prompt', ['The '], 'Prompt(s) for --mode=sample; repeat for several; "" '
                                    'samples from the start of a document.')

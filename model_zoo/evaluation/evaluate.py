@@ -24,7 +24,7 @@ from model_zoo.training.writer import read_metrics
 from model_zoo.workdir import Workdir
 
 
-FORMATS = ('safetensors', 'stablehlo', 'savedmodel')
+FORMATS = ('safetensors', 'stablehlo', 'savedmodel', 'onnx')
 
 
 def _quantized_config(config, quantize: str | None):
@@ -135,7 +135,7 @@ def translate(config, workdir: str, texts: list[str], *, step: int | None = None
 def export(config, workdir: str, output: str | None, *, step: int | None = None,
            quantize: str | None = None, format: str = 'safetensors') -> str:  # pylint: disable=redefined-builtin
   """Writes the model of `workdir` for inference to `output`: its weights (model_zoo.transfer.export) or its
-  inference functions, as StableHLO (model_zoo.transfer.stablehlo) or a SavedModel (.savedmodel)."""
+  inference functions, as StableHLO (model_zoo.transfer.stablehlo), a SavedModel (.savedmodel) or ONNX (.onnx)."""
   from model_zoo.transfer import export as export_lib  # pylint: disable=g-import-not-at-top
   if format not in FORMATS:
     raise UserError(f'--format must be one of {", ".join(FORMATS)}, got {format!r}')
@@ -144,10 +144,13 @@ def export(config, workdir: str, output: str | None, *, step: int | None = None,
   if format == 'savedmodel':
     from model_zoo.transfer import savedmodel  # pylint: disable=g-import-not-at-top
     savedmodel.tensorflow()   # TensorFlow is there, before anything is restored
+  if format == 'onnx':
+    from model_zoo.transfer import onnx  # pylint: disable=g-import-not-at-top
+    onnx.libraries()
   run, exp, step, state, _ = _restore(config, workdir, step, quantize)
-  if format in ('stablehlo', 'savedmodel'):
-    from model_zoo.transfer import savedmodel, stablehlo  # pylint: disable=g-import-not-at-top
-    tool = stablehlo if format == 'stablehlo' else savedmodel
+  if format != 'safetensors':
+    from model_zoo.transfer import onnx, savedmodel, stablehlo  # pylint: disable=g-import-not-at-top
+    tool = {'stablehlo': stablehlo, 'savedmodel': savedmodel, 'onnx': onnx}[format]
     tool.export(exp.config, exp.task, exp.task.variables(state), run.data[run.config.dataset.eval_split],
                 Workdir(workdir), output, step=step)
   else:

@@ -36,13 +36,24 @@ def sample_logits(logits_BxV, rng, *, temperature: float, top_k: int = 0, top_p:
   return jax.random.categorical(rng, logits_BxV).astype(jnp.int32)
 
 
-def prefill(model: nn.Module, params, prompt_BxT, lengths_B, cache_size: int):
-  """Fills a fresh cache of `cache_size` slots a row with left-padded prompts of `lengths_B` tokens.
+def right_to_left(tokens_BxT, lengths_B, pad_id: int = 0):
+  """Right-padded rows of `lengths_B` tokens, left-padded with `pad_id`: a gather, not a roll (no modulo of a
+  symbolic length, which ONNX export cannot take)."""
+  b, t = tokens_BxT.shape
+  source_BxT = jax.lax.broadcasted_iota(jnp.int32, (b, t), 1) - (t - jnp.asarray(lengths_B, jnp.int32)[:, None])
+  gathered_BxT = jnp.take_along_axis(tokens_BxT, jnp.maximum(source_BxT, 0), axis=1)
+  return jnp.where(source_BxT >= 0, gathered_BxT, pad_id).astype(tokens_BxT.dtype)
+
+
+def prefill(model: nn.Module, params, prompt_BxT, lengths_B, cache_size: int, cache_like=None):
+  """Fills a fresh cache of `cache_size` slots a row with left-padded prompts of `lengths_B` tokens (the
+  cache shaped as `cache_like`, a batch-1 cache's shapes, if given).
   -> (the logits of each row's next token [B, V], the cache, each row's next position [B])."""
   b, t = prompt_BxT.shape
-  valid_BxT = jnp.arange(t)[None, :] >= t - jnp.asarray(lengths_B)[:, None]
-  positions_BxT = jnp.maximum(jnp.cumsum(valid_BxT, -1) - 1, 0)
-  cache = protocol.init_cache(model, jnp.zeros((b, cache_size), jnp.int32))
+  valid_BxT = jax.lax.broadcasted_iota(jnp.int32, (b, t), 1) >= t - jnp.asarray(lengths_B)[:, None]
+  positions_BxT = jnp.maximum(jnp.cumsum(valid_BxT, axis=-1) - 1, 0)
+  cache = (protocol.init_cache(model, jnp.zeros((b, cache_size), jnp.int32)) if cache_like is None
+           else protocol.empty_cache(cache_like, b))
   logits_BxTxV, variables = model.clone(decode=True).apply(
       {'params': params, 'cache': cache}, prompt_BxT, train=False, positions_BxT=positions_BxT,
       segment_ids_BxT=valid_BxT.astype(jnp.int32), mutable=['cache'])

@@ -200,10 +200,12 @@ class MultiHeadAttention(nn.Module):
     t = k_BxTxKxE.shape[1]
     valid_BxT = jnp.ones(positions_BxT.shape, bool) if segment_ids_BxT is None else segment_ids_BxT != 0
     i_B = index.value
-    write = jax.vmap(lambda cache, new, i: jax.lax.dynamic_update_slice_in_dim(cache, new, i, axis=0))
-    cached_k.value = write(cached_k.value, k_BxTxKxE, i_B)
-    cached_v.value = write(cached_v.value, v_BxTxKxE, i_B)
-    cached_pos.value = write(cached_pos.value, jnp.where(valid_BxT, positions_BxT + 1, 0).astype(jnp.int32), i_B)
+    rows_Bx1 = jax.lax.broadcasted_iota(jnp.int32, (b, 1), 0)
+    slots_BxT = i_B[:, None] + jax.lax.broadcasted_iota(jnp.int32, (1, t), 1)
+    write = lambda cache, new: cache.at[rows_Bx1, slots_BxT].set(new, mode='promise_in_bounds')
+    cached_k.value = write(cached_k.value, k_BxTxKxE)
+    cached_v.value = write(cached_v.value, v_BxTxKxE)
+    cached_pos.value = write(cached_pos.value, jnp.where(valid_BxT, positions_BxT + 1, 0).astype(jnp.int32))
     index.value = i_B + t
     kp_Bx1xS = cached_pos.value[:, None, :]
     mask_BxTxS = (kp_Bx1xS > 0) & (kp_Bx1xS <= positions_BxT[:, :, None] + 1)

@@ -93,6 +93,12 @@ def init_cache(model: Decoder, *inputs, **kwargs):
   return jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
 
 
+def empty_cache(like, batch_size):
+  """Zeros shaped as the cache `like` (init_cache's, or its jax.eval_shape) at `batch_size` rows: every cache
+  array is batch-major. Made from shapes alone, it does not trace the model at a symbolic batch (an export's)."""
+  return jax.tree.map(lambda s: jnp.zeros((batch_size, *s.shape[1:]), s.dtype), like)
+
+
 def flops_per_example(model: nn.Module, variables, *inputs, **kwargs) -> float:
   """Training FLOPs per example: 3 x 2 x the multiply-adds of the forward pass's matmuls and convolutions.
 

@@ -17,6 +17,7 @@ import functools
 from typing import Literal
 
 import flax.linen as nn
+import jax
 import jax.numpy as jnp
 
 from model_zoo.models import layers
@@ -121,4 +122,4 @@ class Transformer(nn.Module):
 
 
 def _positions(tokens_BxT):
-  return jnp.broadcast_to(jnp.arange(tokens_BxT.shape[1]), tokens_BxT.shape)
+  return jax.lax.broadcasted_iota(jnp.int32, tokens_BxT.shape, 1)

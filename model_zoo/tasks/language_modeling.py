@@ -90,10 +90,13 @@ class LanguageModelingTask(SupervisedTask):
     size = self.config.model.get('max_len') or self.config.dataset.seq_len
     pad_id = self.info.tokenizer.pad_id
 
+    cache_like = jax.eval_shape(lambda: protocol.init_cache(self.model, jnp.zeros((1, size), jnp.int32)))
+
     def prefill(variables, inputs):
       tokens_BxT, lengths_B = inputs['tokens'], inputs['lengths']
-      left_BxT = jax.vmap(jnp.roll)(tokens_BxT, tokens_BxT.shape[1] - lengths_B)   # each row ends at the end
-      logits_BxV, cache, positions_B = sampling.prefill(self.model, variables['params'], left_BxT, lengths_B, size)
+      left_BxT = sampling.right_to_left(tokens_BxT, lengths_B, pad_id)   # each row ends at the end
+      logits_BxV, cache, positions_B = sampling.prefill(self.model, variables['params'], left_BxT, lengths_B, size,
+                                                         cache_like=cache_like)
       return {'logits': logits_BxV, 'cache': cache, 'positions': positions_B}
 
     def decode_step(variables, inputs):
@@ -116,12 +119,11 @@ class LanguageModelingTask(SupervisedTask):
       return {'cache': out['cache'], 'tokens': np.argmax(out['logits'], -1).astype(np.int32),
               'positions': out['positions']}
 
-    cache = jax.eval_shape(lambda: protocol.init_cache(self.model, jnp.zeros((1, size), jnp.int32)))
-    cache = jax.tree.map(lambda a: Input(a.shape[1:], a.dtype), cache)
+    cache_specs = jax.tree.map(lambda a: Input(a.shape[1:], a.dtype), cache_like)
     notes = {'max_tokens': size, 'bos_id': self.info.tokenizer.bos_id, 'eos_id': self.info.tokenizer.eos_id}
     return {'prefill': Serving(prefill, {'tokens': Input(('length',), np.int32), 'lengths': Input((), np.int32)},
                                reference=prompts, notes=notes, constraints=(f'length <= {size}',)),
-            'decode_step': Serving(decode_step, {'cache': cache, 'tokens': Input((), np.int32),
+            'decode_step': Serving(decode_step, {'cache': cache_specs, 'tokens': Input((), np.int32),
                                                  'positions': Input((), np.int32)}, reference=after_prefill,
                                    notes=notes)}
 

@@ -128,16 +128,22 @@ class TranslationTask(SupervisedTask):
     `decode_step` ({encoded, source_segments, cache, tokens [B], positions [B]} -> logits, cache, positions + 1)."""
     model, tok, size = self.model, self.info.tokenizer, self.config.decode.max_len
 
+    cache_like = jax.eval_shape(lambda: protocol.init_cache(model, jnp.ones((1, 8), jnp.int32),
+                                                            jnp.ones((1, size), jnp.int32)))
+
     def prefill(variables, inputs):
       params, src_BxS = variables['params'], inputs['source']
       b = src_BxS.shape[0]
       segments_BxS = (src_BxS != tok.pad_id).astype(jnp.int32)
       z_BxSxD = model.apply({'params': params}, src_BxS, train=False, src_segments_BxS=segments_BxS,
                             method='encode')
-      cache = protocol.init_cache(model, jnp.ones(src_BxS.shape, jnp.int32), jnp.ones((b, size), jnp.int32))
+      # Zero at padding: what attention gives a row with nothing to attend to differs between runtimes, and
+      # the decoder never reads it.
+      z_BxSxD = jnp.where(segments_BxS[..., None] != 0, z_BxSxD, 0).astype(z_BxSxD.dtype)
+      cache = protocol.empty_cache(cache_like, b)
+      zeros_B = jnp.zeros((b,), jnp.int32)
       first = decode_step(variables, {'encoded': z_BxSxD, 'source_segments': segments_BxS, 'cache': cache,
-                                      'tokens': jnp.full((b,), tok.bos_id, jnp.int32),
-                                      'positions': jnp.zeros((b,), jnp.int32)})
+                                      'tokens': zeros_B + tok.bos_id, 'positions': zeros_B})
       return {**first, 'encoded': z_BxSxD, 'source_segments': segments_BxS}
 
     def decode_step(variables, inputs):
@@ -164,8 +170,6 @@ class TranslationTask(SupervisedTask):
 
     encoded = jax.eval_shape(lambda p: model.apply({'params': p}, jnp.ones((1, 8), jnp.int32), train=False,
                                                    method='encode'), self._abstract_params())
-    cache = jax.eval_shape(lambda: protocol.init_cache(model, jnp.ones((1, 8), jnp.int32),
-                                                       jnp.ones((1, size), jnp.int32)))
     notes = {'max_tokens': size, 'max_source_tokens': self.config.dataset.src_len, 'bos_id': tok.bos_id,
              'eos_id': tok.eos_id, 'pad_id': tok.pad_id}
     limit = (f'source_length <= {self.config.model.max_len}',) if self.config.model.positional == 'learned' else ()
@@ -174,7 +178,7 @@ class TranslationTask(SupervisedTask):
             'decode_step': Serving(decode_step, {
                 'encoded': Input(('source_length', encoded.shape[-1]), encoded.dtype),
                 'source_segments': Input(('source_length',), np.int32),
-                'cache': jax.tree.map(lambda a: Input(a.shape[1:], a.dtype), cache),
+                'cache': jax.tree.map(lambda a: Input(a.shape[1:], a.dtype), cache_like),
                 'tokens': Input((), np.int32), 'positions': Input((), np.int32)},
                 reference=after_prefill, notes=notes, constraints=limit)}
 

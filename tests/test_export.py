@@ -53,6 +53,14 @@ def _expected(name, exp, state, inputs):
   return {'model': {'probabilities': jax.nn.softmax(logits, -1), 'label': jnp.argmax(logits, -1)}}
 
 
+def inputs_and_expected(name, config, data, exp, state):
+  """Three examples the export was not verified on (and latents), and what the model computes on them."""
+  inputs = _examples(data, 3)
+  inputs['latent'] = np.random.default_rng(1).standard_normal((3, config.model.get('latent_dim', 1))).astype(
+      np.float32)
+  return inputs, _expected(name, exp, state, inputs)
+
+
 CPU = ('cpu',)   # lowered for CUDA too by default: tests/test_cli.py's export checks that
 FAMILIES = ['mlp', 'cnn', 'resnet', 'vit', 'mixer', 'rnn_classifier', 'bert', 'bert_classifier', 'autoencoder',
             'vae', 'dcgan']
@@ -67,10 +75,7 @@ def test_every_family_exports_and_runs_from_the_files_alone(tmp_path, name):
     signature = json.load(f)
   weights = load_file(os.path.join(out, 'weights.safetensors'))
   reference = np.load(os.path.join(out, 'reference_io.npz'))
-  inputs = _examples(data, 3)
-  inputs['latent'] = np.random.default_rng(1).standard_normal((3, config.model.get('latent_dim', 1))).astype(
-      np.float32)
-  expected = _expected(name, exp, state, inputs)
+  inputs, expected = inputs_and_expected(name, config, data, exp, state)
   assert set(signature['functions']) == set(expected)
   for fn, want in expected.items():
     spec = signature['functions'][fn]
@@ -142,7 +147,14 @@ def test_decoders_generate_from_the_files_as_the_model_computes_without_a_cache(
     signature = json.load(f)
   assert set(signature['functions']) == {'prefill', 'decode_step'}
   weights = load_file(os.path.join(out, 'weights.safetensors'))
-  params, steps = state.params, 5
+  check_decoder(name, data, exp, state, lambda first, steps: _greedy(out, weights, first, steps), steps=5)
+
+
+def check_decoder(name, data, exp, state, greedy, steps):
+  """`greedy(first inputs, steps)` -> (tokens [B, steps + 1], logits [B, steps + 1, V]) gives at every step the
+  logits the model computes on the whole sequence at once (teacher forcing, no cache): three Transformer
+  sources, or prompts of 9, 4 and 1 tokens in one batch."""
+  params = state.params
   apply = jax.jit(lambda *a: exp.task.model.apply({'params': params}, *a, train=False))
   if name == 'transformer':
     tok = data.tokenizer
@@ -150,7 +162,7 @@ def test_decoders_generate_from_the_files_as_the_model_computes_without_a_cache(
     source = np.zeros((3, max(map(len, ids))), np.int32)
     for row, x in enumerate(ids):
       source[row, :len(x)] = x
-    tokens, logits = _greedy(out, weights, {'source': source}, steps)
+    tokens, logits = greedy({'source': source}, steps)
     for row in range(3):
       src = source[row:row + 1, :len(ids[row])]
       tgt_in = np.concatenate([[[tok.bos_id]], tokens[row:row + 1, :steps]], 1).astype(np.int32)
@@ -160,7 +172,7 @@ def test_decoders_generate_from_the_files_as_the_model_computes_without_a_cache(
   rows = [np.asarray(data.preprocess(data.source[i])['inputs']) for i in (10, 11, 12)]
   lengths = np.array([9, 4, 1], np.int32)
   prompts = np.stack([np.where(np.arange(9) < n, r[:9], 0) for r, n in zip(rows, lengths)]).astype(np.int32)
-  tokens, logits = _greedy(out, weights, {'tokens': prompts, 'lengths': lengths}, steps)
+  tokens, logits = greedy({'tokens': prompts, 'lengths': lengths}, steps)
   for row, n in enumerate(lengths):
     sequence = np.concatenate([prompts[row, :n], tokens[row, :steps]])[None].astype(np.int32)
     want = apply(sequence)[0, n - 1:]

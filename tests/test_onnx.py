@@ -14,7 +14,7 @@ import pytest
 from helpers import tiny_config
 from model_zoo.errors import UserError
 from model_zoo.workdir import Workdir
-from test_export import FAMILIES, _build, _examples, _expected
+from test_export import FAMILIES, _build, check_decoder, inputs_and_expected
 
 HAS_ONNX = all(importlib.util.find_spec(m) is not None for m in ('jax2onnx', 'onnxruntime'))
 needs_onnx = pytest.mark.skipif(not HAS_ONNX, reason="jax2onnx is not installed (pip install -e '.[onnx]' && "
@@ -35,10 +35,7 @@ def test_onnxruntime_runs_every_family_as_the_model_computes(tmp_path, name):
   from model_zoo.transfer import onnx  # pylint: disable=g-import-not-at-top
   config, data, exp, state = _build(name)
   out, signature = _export(tmp_path, config, exp, state, data)
-  inputs = _examples(data, 3)
-  inputs['latent'] = np.random.default_rng(1).standard_normal((3, config.model.get('latent_dim', 1))).astype(
-      np.float32)
-  expected = _expected(name, exp, state, inputs)
+  inputs, expected = inputs_and_expected(name, config, data, exp, state)
   assert set(signature['functions']) == set(expected)
   for fn, want in expected.items():
     spec = signature['functions'][fn]
@@ -76,27 +73,7 @@ def test_decoders_generate_through_onnxruntime_as_the_model_computes_without_a_c
   out, signature = _export(tmp_path, config, exp, state, data)
   assert set(signature['functions']) == {'prefill', 'decode_step'}
   assert 'next/positions' in signature['functions']['decode_step']['outputs']
-  params, steps = state.params, 4
-  apply = jax.jit(lambda *a: exp.task.model.apply({'params': params}, *a, train=False))
-  if name == 'transformer':
-    tok = data.tokenizer
-    ids = tok.encode_batch([src for src, _ in list(data.raw)[20:23]])
-    source = np.zeros((3, max(map(len, ids))), np.int32)
-    for row, x in enumerate(ids):
-      source[row, :len(x)] = x
-    tokens, logits = _greedy(out, {'source': source}, steps)
-    for row in range(3):
-      tgt_in = np.concatenate([[[tok.bos_id]], tokens[row:row + 1, :steps]], 1).astype(np.int32)
-      want = apply(source[row:row + 1, :len(ids[row])], tgt_in)
-      np.testing.assert_allclose(logits[row], want[0], rtol=1e-4, atol=1e-4)
-    return
-  rows = [np.asarray(data.preprocess(data.source[i])['inputs']) for i in (10, 11, 12)]
-  lengths = np.array([9, 4, 1], np.int32)
-  prompts = np.stack([np.where(np.arange(9) < n, r[:9], 0) for r, n in zip(rows, lengths)]).astype(np.int32)
-  tokens, logits = _greedy(out, {'tokens': prompts, 'lengths': lengths}, steps)
-  for row, n in enumerate(lengths):
-    sequence = np.concatenate([prompts[row, :n], tokens[row, :steps]])[None].astype(np.int32)
-    np.testing.assert_allclose(logits[row], apply(sequence)[0, n - 1:], rtol=1e-4, atol=1e-4)
+  check_decoder(name, data, exp, state, lambda first, steps: _greedy(out, first, steps), steps=4)
 
 
 @needs_onnx

@@ -66,14 +66,20 @@ def _number(body, key, default, lo, hi, kind=float, lo_open=False):
   return kind(value)
 
 
-def parse_completion(body: bytes, name: str) -> dict:
-  """The OpenAI completions request's fields, checked: a CompletionError names the first mistake."""
+def _json_object(body: bytes, error, what: str) -> dict:
+  """The request body as a JSON object, else `error` (a 400) saying it must be `what`."""
   try:
     request = json.loads(body)
   except (ValueError, UnicodeDecodeError) as e:
-    raise CompletionError(400, f'the request body is not JSON: {e}') from e
+    raise error(400, f'the request body is not JSON: {e}') from e
   if not isinstance(request, dict):
-    raise CompletionError(400, 'the request body must be a JSON object')
+    raise error(400, f'the request body must be {what}')
+  return request
+
+
+def parse_completion(body: bytes, name: str) -> dict:
+  """The OpenAI completions request's fields, checked: a CompletionError names the first mistake."""
+  request = _json_object(body, CompletionError, 'a JSON object')
   known = {'model', 'prompt', 'max_tokens', 'temperature', 'top_p', 'n', 'stop', 'stream', 'seed'}
   for key, value in request.items():
     if key in _IGNORED:
@@ -125,12 +131,7 @@ def _array(value, spec, what: str, batched: bool) -> np.ndarray:
 
 def parse_predict(body: bytes, servable: Servable, max_rows: int) -> tuple[str, dict, int, bool]:
   """-> (function name, inputs {name: [n, ...]}, n, whether the request was in the row format)."""
-  try:
-    request = json.loads(body)
-  except (ValueError, UnicodeDecodeError) as e:
-    raise RequestError(400, f'the request body is not JSON: {e}') from e
-  if not isinstance(request, dict):
-    raise RequestError(400, 'the request body must be a JSON object with "instances" or "inputs"')
+  request = _json_object(body, RequestError, 'a JSON object with "instances" or "inputs"')
   signature = request.get('signature_name', DEFAULT_SIGNATURE)
   name = servable.default if signature == DEFAULT_SIGNATURE else signature
   if name not in servable.functions:

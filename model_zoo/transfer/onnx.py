@@ -54,7 +54,7 @@ def export(config: ml_collections.ConfigDict, task, variables: dict, data, workd
   jax2onnx, _ = libraries()
   check_output(outdir)
   functions = task.serving()
-  atol, rtol = stablehlo.TOLERANCE.get(config.model.get('dtype', 'float32'), stablehlo.TOLERANCE['bfloat16'])
+  atol, rtol = stablehlo.tolerance(config)
   variables = jax.device_get(variables)
   quiet = [logging.getLogger(n) for n in ('jax2onnx', 'onnx_ir')]
   levels = [q.level for q in quiet]
@@ -117,11 +117,10 @@ def export(config: ml_collections.ConfigDict, task, variables: dict, data, workd
         except Exception as e:  # pylint: disable=broad-except  (onnxruntime's own errors)
           raise UserError(f'onnxruntime cannot run the ONNX conversion of {name} ({str(e).splitlines()[0]}); '
                           f'nothing was written') from e
-        for k, w in zip(*stablehlo.flatten(want)[:2]):
-          diff = stablehlo._close(got[output_name(k, in_names)], w[take], atol, rtol)  # pylint: disable=protected-access
-          if diff is not None:
-            raise UserError(f'the ONNX export of {name} does not reproduce the model: its {k!r}{label} differs by '
-                            f'up to {diff:.3g} (tolerance atol {atol}, rtol {rtol}); nothing was written')
+        wanted = jax.tree.map(lambda x, take=take: x[take], want)
+        stablehlo.check_reproduces('ONNX export', name, wanted,
+                                   {k: got[output_name(k, in_names)] for k in stablehlo.flatten(want)[0]},
+                                   atol, rtol, label)
   print(f'exported {", ".join(f"{n}.onnx" for n in functions)} (verified with onnxruntime on '
         f'{stablehlo.NUM_EXAMPLES} eval examples, atol {atol}, rtol {rtol})', flush=True)
   return outdir

@@ -51,7 +51,7 @@ def export(config: ml_collections.ConfigDict, task, variables: dict, data, workd
   tf, jax2tf = tensorflow()
   check_output(outdir)
   functions = task.serving()
-  atol, rtol = stablehlo.TOLERANCE.get(config.model.get('dtype', 'float32'), stablehlo.TOLERANCE['bfloat16'])
+  atol, rtol = stablehlo.tolerance(config)
   variables = jax.device_get(variables)
   with stablehlo.staged(outdir) as tmp:
     module, signatures, reference = tf.Module(), {}, {}
@@ -93,11 +93,8 @@ def export(config: ml_collections.ConfigDict, task, variables: dict, data, workd
     for name, (inputs, want) in reference.items():
       key = signature['functions'][name]['signature_name']
       got = run(loaded, key, inputs)
-      for k, w in zip(*stablehlo.flatten(want)[:2]):
-        diff = stablehlo._close(got[tf_name(k)], w, atol, rtol)  # pylint: disable=protected-access
-        if diff is not None:
-          raise UserError(f'the SavedModel of {name} does not reproduce the model: its {k!r} differs by up to '
-                          f'{diff:.3g} (tolerance atol {atol}, rtol {rtol}); nothing was written')
+      stablehlo.check_reproduces('SavedModel', name, want, {k: got[tf_name(k)] for k in stablehlo.flatten(want)[0]},
+                                 atol, rtol)
   print(f'exported signatures {", ".join(signatures)} (verified with tf.saved_model.load on '
         f'{stablehlo.NUM_EXAMPLES} eval examples)', flush=True)
   return outdir

@@ -112,6 +112,21 @@ def _as_stored(config, weights):
   return quantization.to_storage(weights), lambda tree: quantization.from_storage(tree, abstract)
 
 
+def tolerance(config) -> tuple[float, float]:
+  """(atol, rtol) an export of a model computing in config.model.dtype is verified to."""
+  return TOLERANCE.get(config.model.get('dtype', 'float32'), TOLERANCE['bfloat16'])
+
+
+def check_reproduces(export: str, name: str, want, got: dict, atol: float, rtol: float, label: str = ''):
+  """Refuses (UserError) an export whose function `name` gave `got` ({flat output name: array}) where the JAX
+  model gave `want` (a pytree), if any output differs beyond the tolerance."""
+  for key, w in zip(*flatten(want)[:2]):
+    diff = _close(got[key], w, atol, rtol)
+    if diff is not None:
+      raise UserError(f'the {export} of {name} does not reproduce the model: its {key!r}{label} differs by up to '
+                      f'{diff:.3g} (tolerance atol {atol}, rtol {rtol}); nothing was written')
+
+
 def _close(got, want, atol, rtol) -> float | None:
   """None if `got` matches `want` (exactly for integers), else the largest difference."""
   got, want = np.asarray(got), np.asarray(want)
@@ -161,7 +176,7 @@ def export(config: ml_collections.ConfigDict, task, variables: dict, data, workd
   from safetensors.numpy import load_file, save_file  # pylint: disable=g-import-not-at-top
   check_output(outdir)
   functions = task.serving()
-  atol, rtol = TOLERANCE.get(config.model.get('dtype', 'float32'), TOLERANCE['bfloat16'])
+  atol, rtol = tolerance(config)
   variables = jax.device_get(variables)
   with staged(outdir) as tmp:
     signature = {'format': 'stablehlo', 'step': step, 'platforms': list(platforms), 'functions': {},
@@ -205,11 +220,7 @@ def export(config: ml_collections.ConfigDict, task, variables: dict, data, workd
       got = run(tmp, name, weights, inputs)
       first = run(tmp, name, weights, jax.tree.map(lambda x: x[:1], inputs))
       for label, g, w in (('', got, want), (' on the first example alone', first, jax.tree.map(lambda x: x[:1], want))):
-        for key, gv, wv in zip(flatten(w)[0], flatten(g)[1], flatten(w)[1]):
-          diff = _close(gv, wv, atol, rtol)
-          if diff is not None:
-            raise UserError(f'the StableHLO export of {name} does not reproduce the model: its {key!r}{label} differs '
-                            f'by up to {diff:.3g} (tolerance atol {atol}, rtol {rtol}); nothing was written')
+        check_reproduces('StableHLO export', name, w, dict(zip(*flatten(g)[:2])), atol, rtol, label)
   print(f'exported {", ".join(f"{n}.stablehlo" for n in functions)} (verified on {NUM_EXAMPLES} eval examples, '
         f'atol {atol}, rtol {rtol})', flush=True)
   return outdir

@@ -147,6 +147,9 @@ def staged(outdir: str):
   tmp = tempfile.mkdtemp(prefix=f'.{os.path.basename(os.path.abspath(outdir))}.partial-', dir=parent)
   try:
     yield tmp
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o777 & ~umask)   # mkdtemp's is 0700; an export is read by whoever serves it
     if os.path.isdir(outdir):
       os.rmdir(outdir)   # empty, as check_output made sure
     os.rename(tmp, outdir)

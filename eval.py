@@ -6,16 +6,23 @@
   python eval.py --config=configs/bert_finetune.py --workdir=runs/cls --mode=export   # LoRA merged, safetensors
   python eval.py --config=configs/cnn.py --workdir=runs/cnn --mode=export --format=stablehlo --output=DIR
   python eval.py --config=configs/gpt.py --workdir=runs/gpt --quantize=int8     # eval-int8.json, any --mode
+  python eval.py --config=configs/cnn.py --workdir=runs/cnn --mode=interpret   # interpret.json, interpret/*.png
 """
 from absl import flags
 
 from model_zoo import cli
 
 STEP = flags.DEFINE_integer('step', None, 'Checkpoint step to use; default the latest.')
-MODE = flags.DEFINE_enum('mode', 'eval', ['eval', 'sample', 'translate', 'export'],
+MODE = flags.DEFINE_enum('mode', 'eval', ['eval', 'sample', 'translate', 'export', 'interpret'],
                          'eval: metrics on the eval split; sample: continue --prompt (language models); '
                          'translate: translate --input (translation models); export: the parameters for '
-                         'inference, LoRA merged, to --output.')
+                         'inference, LoRA merged, to --output; interpret: attributions, attention maps or '
+                         'latent views, and their faithfulness (interpret.json, interpret/).')
+METHOD = flags.DEFINE_enum('method', None, ['integrated_gradients', 'smoothgrad', 'gradient_x_input', 'occlusion',
+                                            'attention', 'latents'],
+                           'What --mode=interpret draws; default the task\'s first (integrated_gradients for '
+                           'classifiers, attention for translation and language models, latents for the '
+                           'autoencoder and VAE). Options in config.interpret.')
 OUTPUT = flags.DEFINE_string('output', None, 'Directory for --mode=export; default <workdir>/export.')
 FORMAT = flags.DEFINE_enum('format', 'safetensors', ['safetensors', 'stablehlo', 'savedmodel', 'onnx'],
                            'What --mode=export writes: safetensors (the weights, LoRA merged), stablehlo (each '
@@ -24,7 +31,8 @@ FORMAT = flags.DEFINE_enum('format', 'safetensors', ['safetensors', 'stablehlo',
                            'through jax2tf, pip install -e .[tf]) or onnx (through jax2onnx, checked with '
                            'onnxruntime; pip install -e .[onnx] && pip install --no-deps jax2onnx==0.17.1); the '
                            'last three verify themselves before they are kept.')
-INPUT = flags.DEFINE_multi_string('input', [], 'Text(s) to translate with --mode=translate; repeat for several.')
+INPUT = flags.DEFINE_multi_string('input', [], 'Text(s) to translate with --mode=translate, or to interpret with '
+                                   '--mode=interpret (text models); repeat for several.')
 PROMPT = flags.DEFINE_multi_string('prompt', ['The '], 'Prompt(s) for --mode=sample; repeat for several; "" '
                                    'samples from the start of a document.')
 NUM_SAMPLES = flags.DEFINE_integer('num_samples', 1, 'Continuations per prompt.')
@@ -47,6 +55,8 @@ def main(config, workdir):
                     top_p=TOP_P.value, num_samples=NUM_SAMPLES.value, quantize=QUANTIZE.value)
   elif MODE.value == 'translate':
     evaluate.translate(config, workdir, INPUT.value, step=STEP.value, quantize=QUANTIZE.value)
+  elif MODE.value == 'interpret':
+    evaluate.interpret(config, workdir, METHOD.value, INPUT.value, step=STEP.value, quantize=QUANTIZE.value)
   elif MODE.value == 'export':
     evaluate.export(config, workdir, OUTPUT.value, step=STEP.value, quantize=QUANTIZE.value, format=FORMAT.value)
   else:

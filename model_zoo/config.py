@@ -86,6 +86,21 @@ def base_config() -> ml_collections.ConfigDict:
   c.distill.alpha = 0.5                  # loss = alpha * distance(student, teacher) + (1 - alpha) * the task's loss
   c.distill.distance = 'kl'              # kl (T^2 KL, Hinton et al. 2015) | hard (teacher's top-1 as labels) | mse
 
+  # Interpretation (eval.py --mode=interpret; model_zoo.interpret): attributions of a classifier's class score.
+  c.interpret = ml_collections.ConfigDict()
+  c.interpret.num_examples = 512         # the first examples of the eval split attributed and measured
+  c.interpret.target = 'label'           # label (each example's true class) | predicted | a class index, e.g. '3'
+  c.interpret.score = 'logit'            # what is attributed: the target's logit | log_probability
+  c.interpret.baseline = ''              # '' the task's first: zeros | mean (images); mask | pad (text)
+  c.interpret.steps = 128                # integrated gradients: points of the midpoint Riemann sum
+  c.interpret.smoothgrad_samples = 32    # SmoothGrad: noisy copies averaged
+  c.interpret.smoothgrad_noise = 0.15    # ... their noise, a share of each input's range (max - min)
+  c.interpret.occlusion_window = 2       # occlusion: the side of the square of pixels (tokens in a run) hidden
+  c.interpret.deletion_points = 32       # deletion curve: fractions 0, 1/points, ..., 1 of the units deleted
+  c.interpret.top_k = 5                  # text: accuracy with the top-k attributed tokens masked
+  c.interpret.chunk = 16                 # path points, samples or windows evaluated at once (memory)
+  c.interpret.examples_shown = 6         # pictures: this many correct and this many wrong predictions
+
   # Devices: a mesh over all of them. -1 takes what the other axes leave.
   c.mesh = ml_collections.ConfigDict()
   c.mesh.data = -1

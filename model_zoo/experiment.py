@@ -100,7 +100,7 @@ RESUMABLE_CHANGES = ('num_train_steps', 'log_every_steps', 'eval_every_steps', '
 EVAL_CHANGES = RESUMABLE_CHANGES + ('batch_size', 'grad_accum_steps', 'optimizer.*', 'discriminator_optimizer.*',
                                     'init_from', 'freeze', 'dataset.train_split',
                                     'dataset.eval_split', 'dataset.augment', 'decode.*', 'classifier_workdir',
-                                    'classifier.*', 'quantization.*', 'distill.*')
+                                    'classifier.*', 'quantization.*', 'distill.*', 'interpret.*')
 
 
 def check_same_run(config: ml_collections.ConfigDict, workdir: Workdir, may_change=RESUMABLE_CHANGES,

@@ -12,6 +12,8 @@
   eval-<SCHEME>.json       ... of the model quantized by SCHEME (eval.py --quantize), its plots and files
                            named alike (confusion_matrix-int8.png, translations-<split>-int8.tsv)
   quantized/<SCHEME>/<step>/  the quantized variables of the float checkpoint at <step>, and how they were made
+  interpret.json, interpret/   eval.py --mode=interpret: faithfulness figures, and attributions, attention
+                           maps or latent views to look at (model_zoo.interpret.report)
   classifier/              the work directory of the classifier that scores a GAN's samples
   export/                  eval.py --mode=export
 
@@ -94,6 +96,15 @@ class Workdir:
   @property
   def samples(self) -> str:
     return self._output('samples.png')
+
+  @property
+  def interpret(self) -> str:
+    return self._output('interpret.json')
+
+  @property
+  def interpretations(self) -> str:
+    """eval.py --mode=interpret's pictures (interpret-<SCHEME>/ for a quantized model)."""
+    return self._output('interpret')
 
   def scorer(self, name: str) -> str:
     """The work directory of a model that scores this run's output (the GAN's 'classifier')."""

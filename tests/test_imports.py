@@ -18,6 +18,9 @@ ALLOWED = {
     'model_zoo.workdir': {'model_zoo.data.base', 'model_zoo.errors'},
     'model_zoo.inference': {'model_zoo.models'},
     'model_zoo.evaluation.plots': set(),
+    # Interpretation reaches models only through the task interface it is handed (and the protocol's names).
+    'model_zoo.interpret': {'model_zoo.errors', 'model_zoo.data.base', 'model_zoo.models.protocol',
+                            'model_zoo.evaluation.plots', 'model_zoo.workdir'},
     'model_zoo.compression.settings': {'model_zoo.errors'},
     'model_zoo.compression.quantization': {'model_zoo.errors', 'model_zoo.compression.settings'},
     'model_zoo.compression.pruning': {'model_zoo.errors', 'model_zoo.config', 'model_zoo.models.protocol'},

@@ -132,6 +132,31 @@ def translate(config, workdir: str, texts: list[str], *, step: int | None = None
   return outputs
 
 
+def interpret(config, workdir: str, method: str | None = None, texts: list[str] = (), *, step: int | None = None,
+              quantize: str | None = None) -> dict:
+  """Attributions, attention maps or latent views of the model in `workdir`, and their faithfulness:
+  <workdir>/interpret.json and <workdir>/interpret/ (model_zoo.interpret.report)."""
+  from model_zoo.interpret import report  # pylint: disable=g-import-not-at-top
+  task_cls = task_registry.TASKS.get(config.task)
+  if task_cls is not None:   # else prepare() names the known tasks
+    report.check(config, task_cls, method)
+  empty = [i for i, t in enumerate(texts) if not t.strip()]
+  if empty:
+    raise UserError(f'--input {empty[0] + 1} is empty; give a text, or no --input to use the eval split')
+  if texts and not hasattr(task_cls, 'text_batch'):
+    raise UserError(f'--input gives texts, but the {config.task} task does not read text; leave it out to use '
+                    f'the eval split')
+  run, exp, step, state, sizes = _restore(config, workdir, step, quantize)
+  variant = quantization_settings.scheme(exp.config.quantization) if sizes else ''
+  wd = Workdir(workdir, variant)
+  figures = report.run(exp, state, run.data[run.config.dataset.eval_split], wd, method, list(texts),
+                       sanity_check=not sizes)
+  print(f'interpretation of step {step}{f" quantized as {variant}" if variant else ""} ({figures["method"]}) '
+        f'in {wd.interpretations}: ' + '  '.join(f'{k} {v:.4f}' for k, v in figures.items() if isinstance(v, float)),
+        flush=True)
+  return figures
+
+
 def export(config, workdir: str, output: str | None, *, step: int | None = None,
            quantize: str | None = None, format: str = 'safetensors') -> str:  # pylint: disable=redefined-builtin
   """Writes the model of `workdir` for inference to `output`: its weights (model_zoo.transfer.export) or its

@@ -85,9 +85,12 @@ class BERT(nn.Module):
   attention_impl: layers.AttentionImpl = ''
 
   @nn.compact
-  def __call__(self, tokens_BxT, *, train: bool, type_ids_BxT=None, segment_ids_BxT=None, mlm_positions_BxM=None):
+  def __call__(self, tokens_BxT, *, train: bool, type_ids_BxT=None, segment_ids_BxT=None, mlm_positions_BxM=None,
+               token_embeddings_BxTxD=None):
     """Logits of the head: [B, T, V] (mlm), [B, L] (classify) or [B, T, L] (tokens), in float32.
-    With `mlm_positions_BxM`, the masked-LM head runs on those M positions only: [B, M, V]."""
+    With `mlm_positions_BxM`, the masked-LM head runs on those M positions only: [B, M, V].
+    `token_embeddings_BxTxD`, if given, stands for the table's rows of tokens_BxT (what attributions move along:
+    model_zoo.interpret); the positions and types are added to it as to them."""
     if self.head != 'mlm' and self.num_classes < 2:
       raise ValueError(f'head {self.head!r} needs num_classes >= 2, got {self.num_classes}')
     dtype = jnp.dtype(self.dtype)
@@ -96,7 +99,8 @@ class BERT(nn.Module):
     embed = layers.Embed(self.vocab_size, self.d_model, dtype, name='embed')
     table = lambda name, n: self.param(name, nn.with_logical_partitioning(
         nn.initializers.normal(stddev=0.02), (None, 'embed')), (n, self.d_model))
-    x_BxTxD = (embed(tokens_BxT) + table('pos_embedding', self.max_len)[None, :t].astype(dtype)
+    tok_BxTxD = embed(tokens_BxT) if token_embeddings_BxTxD is None else token_embeddings_BxTxD.astype(dtype)
+    x_BxTxD = (tok_BxTxD + table('pos_embedding', self.max_len)[None, :t].astype(dtype)
                + jnp.take(table('type_embedding', self.type_vocab_size), type_ids_BxT, axis=0).astype(dtype))
     x_BxTxD = layers.layer_norm(dtype, 'embed_norm', self.ln_epsilon)(x_BxTxD)
     x_BxTxD = nn.Dropout(self.dropout_rate, deterministic=not train)(x_BxTxD)

@@ -124,7 +124,9 @@ class MultiHeadAttention(nn.Module):
   of earlier calls are kept in the 'cache' collection (see protocol.init_cache), so a sequence is
   processed a token (or a prompt) at a time at the cost of one new row each step.
   `use_bias` adds biases to the four projections (BERT, GPT-2, ViT); `lora_rank` > 0 adds LoRA
-  adapters to each of them, as sibling parameters `<proj>_lora_a` and `<proj>_lora_b`.
+  adapters to each of them, as sibling parameters `<proj>_lora_a` and `<proj>_lora_b`. Applied with
+  mutable=['intermediates'], it also sows its attention probabilities [B, N, T, S]
+  (`attention_probabilities`, recomputed beside the fused kernel) for model_zoo.interpret.
   """
   num_heads: int
   head_dim: int
@@ -171,16 +173,19 @@ class MultiHeadAttention(nn.Module):
       k_BxSxKxE, v_BxSxKxE, mask_Bx1xTxS = self._update_cache(
           k_BxSxKxE, v_BxSxKxE, positions_BxT, segment_ids_BxT)
       causal = False  # the cache mask already holds causality
-    if causal and mask_Bx1xTxS is None and x_BxTxD.shape[1] == kv_BxSxD.shape[1]:
+    t, s = q_BxTxNxE.shape[1], k_BxSxKxE.shape[1]
+    if causal and mask_Bx1xTxS is None and t == s:
       out_BxTxNxE = jax.nn.dot_product_attention(
           q_BxTxNxE, k_BxSxKxE, v_BxSxKxE, is_causal=True, implementation=self.implementation)
     else:
-      if causal:
-        t, s = q_BxTxNxE.shape[1], k_BxSxKxE.shape[1]
-        tri = jnp.tril(jnp.ones((t, s), bool))[None, None]
-        mask_Bx1xTxS = tri if mask_Bx1xTxS is None else mask_Bx1xTxS & tri
       out_BxTxNxE = jax.nn.dot_product_attention(
-          q_BxTxNxE, k_BxSxKxE, v_BxSxKxE, mask=mask_Bx1xTxS, implementation=self.implementation)
+          q_BxTxNxE, k_BxSxKxE, v_BxSxKxE, mask=_with_causal(mask_Bx1xTxS, causal, t, s),
+          implementation=self.implementation)
+    if self.is_mutable_collection('intermediates'):
+      # Asked for (model.apply(..., mutable=['intermediates']): model_zoo.interpret), never in training or
+      # init: the probabilities the fused kernel keeps inside, recomputed here.
+      self.sow('intermediates', 'attention_probabilities',
+               attention_probabilities(q_BxTxNxE, k_BxSxKxE, _with_causal(mask_Bx1xTxS, causal, t, s)))
     return project(out_BxTxNxE, d, ('embed',), 'out', in_axes=(-2, -1), kernel_axes=('heads', 'kv', 'embed'))
 
   def _update_cache(self, k_BxTxKxE, v_BxTxKxE, positions_BxT, segment_ids_BxT):
@@ -210,6 +215,26 @@ class MultiHeadAttention(nn.Module):
     kp_Bx1xS = cached_pos.value[:, None, :]
     mask_BxTxS = (kp_Bx1xS > 0) & (kp_Bx1xS <= positions_BxT[:, :, None] + 1)
     return cached_k.value, cached_v.value, mask_BxTxS[:, None]
+
+
+def _with_causal(mask_Bx1xTxS, causal: bool, t: int, s: int):
+  """The mask, and-ed with the causal triangle when `causal`."""
+  if not causal:
+    return mask_Bx1xTxS
+  tri_1x1xTxS = jnp.tril(jnp.ones((t, s), bool))[None, None]
+  return tri_1x1xTxS if mask_Bx1xTxS is None else mask_Bx1xTxS & tri_1x1xTxS
+
+
+def attention_probabilities(q_BxTxNxE, k_BxSxKxE, mask_Bx1xTxS=None):
+  """softmax(q k^T / sqrt(E), masked) [B, N, T, S] in float32, what jax.nn.dot_product_attention computes
+  before it multiplies by v: query head n reads key head n // (N / K); a fully masked row is uniform."""
+  n, k_heads, e = q_BxTxNxE.shape[2], k_BxSxKxE.shape[2], q_BxTxNxE.shape[3]
+  k_BxSxNxE = jnp.repeat(k_BxSxKxE, n // k_heads, axis=2)
+  logits_BxNxTxS = jnp.einsum('btne,bsne->bnts', q_BxTxNxE.astype(jnp.float32),
+                              k_BxSxNxE.astype(jnp.float32)) / np.sqrt(e)
+  if mask_Bx1xTxS is not None:
+    logits_BxNxTxS = jnp.where(mask_Bx1xTxS, logits_BxNxTxS, jnp.finfo(jnp.float32).min)
+  return jax.nn.softmax(logits_BxNxTxS, axis=-1)
 
 
 ACTIVATIONS: dict[str, Callable] = {'gelu': nn.gelu, 'gelu_exact': functools.partial(nn.gelu, approximate=False),

@@ -16,6 +16,11 @@ or losses:
                                       state, and a fresh state (new optimizer) holding given ones:
                                       what fine-tuning and the tools work on
   predict(state, batch)            -> the model's output on a batch, in evaluation mode
+  attribution(variables, batch, baseline)
+                                   -> an Attribution: the model as a function of its input, for
+                                      model_zoo.interpret (classifiers)
+  attention(variables, batch)      -> {layer: attention probabilities [B, N, T, S]} of every attention
+                                      layer on a batch (models with the shared attention)
   serving()                        -> {name: Serving}: the inference functions that export and serving
                                       run, on weights and named inputs alone (optional)
   teacher_agreement(state, batch, teacher)
@@ -51,7 +56,7 @@ from flax import struct
 from model_zoo.compression import pruning
 from model_zoo.data.base import DataInfo, Dataset
 from model_zoo.errors import UserError
-from model_zoo.models import registry
+from model_zoo.models import protocol, registry
 from model_zoo.tasks import losses
 from model_zoo.training import optimizers
 from model_zoo.training.state import TrainState
@@ -103,6 +108,19 @@ class Serving:
   reference: Callable[[Dataset, dict], dict] | None = None
   notes: dict = dataclasses.field(default_factory=dict)   # what a caller must know, for signature.json
   constraints: tuple[str, ...] = ()      # on the named dimensions, for jax.export ('length <= 128')
+
+
+@dataclasses.dataclass(frozen=True)
+class Attribution:
+  """A classifier as a function of a continuous input, for model_zoo.interpret: `logits(x)` [B, C] of
+  x [B, *U, *F] (U the axes of the units attributed: an image's H, W or a token row's T; F the features of
+  a unit: channels, or a token's embedding), the baseline x' that attributions compare x with, the units
+  that may be changed (`valid` [B, *U]; not padding, [CLS] or [SEP]) and the labels [B]."""
+  x: jax.Array
+  baseline: jax.Array
+  logits: Callable[[jax.Array], jax.Array]
+  valid: jax.Array
+  labels: jax.Array
 
 
 def example_spec(x) -> Input:
@@ -157,6 +175,18 @@ class Task(abc.ABC):
     """The inference functions of the model, by name ('model' for a model with one)."""
     raise UserError(f'the {self.config.task} task has no inference function to export or serve yet; '
                     f'--format=safetensors exports its weights')
+
+  # What eval.py --mode=interpret can show of this task's model (model_zoo.interpret.report), the default first.
+  interpretations: tuple[str, ...] = ()
+
+  def attribution(self, variables: dict, batch: dict, baseline: str) -> Attribution:
+    """The model as a function of its continuous input, for attributions (classifiers only)."""
+    raise UserError(f'attributions are taken of a classifier\'s class scores; the {self.config.task} task has '
+                    f'none (model_zoo.interpret lists what each task offers)')
+
+  def attention(self, variables: dict, batch: dict) -> dict[str, jax.Array]:
+    """{module path: attention probabilities [B, N, T, S]} of each attention layer, in evaluation mode."""
+    raise UserError(f'the {self.config.task} task has no attention maps')
 
   def decode_splits(self) -> tuple[str, ...]:
     """The splits `decode_metrics` reads; none by default."""
@@ -265,6 +295,18 @@ class SupervisedTask(Task):
   def predict(self, state, batch):
     return self.apply(state.params, state.model_state, self.model_inputs(batch), train=False,
                       **self.model_kwargs(batch))[0]
+
+  def attention(self, variables, batch):
+    """Every shared attention layer sows its probabilities when 'intermediates' is mutable
+    (model_zoo.models.layers.MultiHeadAttention); a model without one gets a UserError."""
+    _, captured = self.model.apply(variables, *self.model_inputs(batch), train=False, mutable=['intermediates'],
+                                   **self.model_kwargs(batch))
+    maps = {'/'.join(protocol.path_names(path[:-2])): p for path, p in jax.tree_util.tree_flatten_with_path(
+        captured.get('intermediates', {}))[0] if protocol.path_names(path)[-2] == 'attention_probabilities'}
+    if not maps:
+      raise UserError(f'attention maps need a model with attention layers (ViT, BERT, GPT, the Transformer); '
+                      f'config.model.name={self.config.model.name!r} has none')
+    return maps
 
   # Serving: the batch keys the model reads at inference, the batch they make, and what is returned.
   serving_inputs: tuple[str, ...] = ()

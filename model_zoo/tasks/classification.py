@@ -6,12 +6,13 @@ labels every token (`labels` and `weights` [B, T]), and its metrics count tokens
 """
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from model_zoo.errors import UserError
 from model_zoo.evaluation import plots
 from model_zoo.models import registry
 from model_zoo.tasks import losses
-from model_zoo.tasks.base import SupervisedTask
+from model_zoo.tasks.base import Attribution, SupervisedTask
 
 
 class ClassificationTask(SupervisedTask):
@@ -56,6 +57,21 @@ class ClassificationTask(SupervisedTask):
   def eval_artifacts(self, stats, workdir):
     plots.confusion_matrix(stats['confusion'], self.info.class_names, workdir.confusion_matrix)
 
+  attribution_baselines = ('zeros', 'mean')   # the first is the default
+  interpretations = ('integrated_gradients', 'smoothgrad', 'gradient_x_input', 'occlusion', 'attention')
+
+  def attribution(self, variables, batch, baseline):
+    """Of the pixels, summed over channels; baseline 'zeros' (a black image) or 'mean' (each image's mean colour)."""
+    params = variables['params']
+    model_state = {k: v for k, v in variables.items() if k != 'params'}
+    x_BxHxWxC = batch['image'].astype(jnp.float32)
+    if baseline == 'zeros':
+      b_BxHxWxC = jnp.zeros_like(x_BxHxWxC)
+    else:
+      b_BxHxWxC = jnp.broadcast_to(jnp.mean(x_BxHxWxC, axis=(1, 2), keepdims=True), x_BxHxWxC.shape)
+    logits = lambda x: self.apply(params, model_state, (x,), train=False)[0]
+    return Attribution(x_BxHxWxC, b_BxHxWxC, logits, jnp.ones(x_BxHxWxC.shape[:3], bool), batch['label'])
+
 
 class TextModel:
   """What every BERT task shares: its model inputs, and building the model with the task's head."""
@@ -86,15 +102,46 @@ class TextModel:
   def model_kwargs(self, batch):
     return {'type_ids_BxT': batch['type_ids'], 'segment_ids_BxT': batch['segment_ids']}
 
+  def text_batch(self, texts: list[str]) -> dict:
+    """A batch of `texts` as the data set encodes them (no labels: -1)."""
+    from model_zoo.data import text_classification  # pylint: disable=g-import-not-at-top
+    rows = [text_classification.encode(ids, self.config.dataset.seq_len, self.info.tokenizer)
+            for ids in self.info.tokenizer.encode_batch(texts)]
+    batch = {k: np.stack([r[k] for r in rows]) for k in rows[0]}
+    return {**batch, 'label': np.full(len(texts), -1, np.int32)}
+
 
 class TextClassificationTask(TextModel, ClassificationTask):
   """Batches hold `inputs`, `segment_ids`, `type_ids` [B, T] and `label` [B] (data.text_classification)."""
   head = 'classify'
+  attribution_baselines = ('mask', 'pad')
+
+  def attribution(self, variables, batch, baseline):
+    """Of the token embeddings (BERT's table, params['embed']['embedding']), summed over the embedding; the
+    baseline replaces every real token but [CLS] and [SEP] by <mask> ('mask') or by padding ('pad')."""
+    params = variables['params']
+    model_state = {k: v for k, v in variables.items() if k != 'params'}
+    tok, tokens_BxT = self.info.tokenizer, batch['inputs']
+    valid_BxT = (batch['segment_ids'] != 0) & (tokens_BxT != tok.bos_id) & (tokens_BxT != tok.eos_id)
+    fill = tok.mask_id if baseline == 'mask' else tok.pad_id
+    table_VxD = params['embed']['embedding']
+    x_BxTxD = jnp.take(table_VxD, tokens_BxT, axis=0).astype(jnp.float32)
+    b_BxTxD = jnp.take(table_VxD, jnp.where(valid_BxT, fill, tokens_BxT), axis=0).astype(jnp.float32)
+
+    def logits(x_BxTxD):
+      return self.apply(params, model_state, (tokens_BxT,), train=False, token_embeddings_BxTxD=x_BxTxD,
+                        **self.model_kwargs(batch))[0]
+    return Attribution(x_BxTxD, b_BxTxD, logits, valid_BxT, batch['label'])
 
 
 class TokenClassificationTask(TextClassificationTask):
   """A label per token: batches also hold `labels` and `weights` [B, T] (0 where a token has none)."""
   head = 'tokens'
+  interpretations = ('attention',)
 
   def labels_and_weights(self, batch):
     return batch['labels'], batch['weights']
+
+  def attribution(self, variables, batch, baseline):
+    raise UserError('attributions of per-token labels are not written yet: the token_classification task has '
+                    'attention maps (--method=attention)')

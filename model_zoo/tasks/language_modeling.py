@@ -24,6 +24,7 @@ def _until(ids: list[int], eos_id: int) -> list[int]:
 
 class LanguageModelingTask(SupervisedTask):
   """Batches hold `inputs`, `targets`, `positions`, `segment_ids` and `weights`, each [B, T]."""
+  interpretations = ('attention',)
 
   def __init__(self, config, info):
     super().__init__(config, info)
@@ -126,6 +127,17 @@ class LanguageModelingTask(SupervisedTask):
             'decode_step': Serving(decode_step, {'cache': cache_specs, 'tokens': Input((), np.int32),
                                                  'positions': Input((), np.int32)}, reference=after_prefill,
                                    notes=notes)}
+
+  def text_batch(self, texts: list[str]) -> dict:
+    """Each text as one document from its start ([BOS] text), right-padded: a batch of the model's inputs."""
+    tok = self.info.tokenizer
+    encoded = [([tok.bos_id] + tok.encode(t))[:self.config.dataset.seq_len] for t in texts]
+    inputs = np.full((len(texts), max(map(len, encoded))), tok.pad_id, np.int32)
+    segments = np.zeros_like(inputs)
+    for row, ids in enumerate(encoded):
+      inputs[row, :len(ids)], segments[row, :len(ids)] = ids, 1
+    positions = np.broadcast_to(np.arange(inputs.shape[1], dtype=np.int32), inputs.shape).copy()
+    return {'inputs': inputs, 'positions': positions, 'segment_ids': segments}
 
   def generate_text(self, params, prompts: list[str], rng, *, max_new_tokens: int, temperature: float,
                     top_k: int, top_p: float) -> list[str]:

@@ -15,6 +15,7 @@ from model_zoo.tasks.classification import TextModel
 
 class MaskedLMTask(TextModel, SupervisedTask):
   head = 'mlm'
+  interpretations = ('attention',)
 
   @classmethod
   def check_config(cls, config):

@@ -35,6 +35,7 @@ INTERPOLATION_STEPS = 8
 class _ReconstructionTask(SupervisedTask):
   """Batches hold `image` with pixels in [0, 1]; labels, if any, only choose the images to plot."""
   reconstruction_title = ''   # how the plotted reconstruction is made
+  interpretations = ('latents',)
 
   def build_model(self):
     self.image_shape = tuple(int(d) for d in np.shape(self.info.example['image']))

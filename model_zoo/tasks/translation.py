@@ -61,6 +61,7 @@ def corpus_scores(hypotheses: list[str], references: list[str], bleu_tokenize: s
 
 class TranslationTask(SupervisedTask):
   """Batches hold the packed rows of model_zoo.data.translation."""
+  interpretations = ('attention',)   # the cross-attention as an alignment
 
   @classmethod
   def check_config(cls, config):
@@ -208,6 +209,24 @@ class TranslationTask(SupervisedTask):
         end = row.index(tok.eos_id) if tok.eos_id in row else len(row)
         out.append(tok.decode(row[:end]))
     return out
+
+  def text_batch(self, sources: list[str], targets: list[str]) -> dict:
+    """One (source, target) pair a row, as the model reads it in teacher forcing: tgt_in = [BOS] target,
+    tgt_out = target [EOS]; right-padded, no packing."""
+    tok = self.info.tokenizer
+    src = [tok.encode(s) for s in sources]
+    tgt = [tok.encode(t) for t in targets]
+    s_len, t_len = max(map(len, src)), max(map(len, tgt)) + 1
+    batch = {k: np.zeros((len(src), n), np.int32) for k, n in (('src', s_len), ('src_segments', s_len),
+                                                                  ('tgt_in', t_len), ('tgt_out', t_len),
+                                                                  ('tgt_segments', t_len))}
+    for row, (x, y) in enumerate(zip(src, tgt)):
+      batch['src'][row, :len(x)], batch['src_segments'][row, :len(x)] = x, 1
+      batch['tgt_in'][row, :len(y) + 1], batch['tgt_out'][row, :len(y) + 1] = [tok.bos_id] + y, y + [tok.eos_id]
+      batch['tgt_segments'][row, :len(y) + 1] = 1
+    batch['src_positions'] = np.broadcast_to(np.arange(s_len, dtype=np.int32), (len(src), s_len)).copy()
+    batch['tgt_positions'] = np.broadcast_to(np.arange(t_len, dtype=np.int32), (len(src), t_len)).copy()
+    return batch
 
   def decode_splits(self) -> tuple[str, ...]:
     splits = self.config.decode.splits or self.info.meta.get('decode_splits', '')

@@ -1,6 +1,6 @@
 """Faithfulness of the attributions (eval.py --mode=interpret) on the digits CNN and the BERT topic classifier.
 
-  python benchmarks/interpretation.py [--root=/tmp/model_zoo_interpret] [--runs=cnn,bert]
+  python benchmarks/interpretation.py [--root=/tmp/model_zoo_interpret] [--runs=cnn,bert,vit]
 
 What train.py and eval.py do, in this process: each default config trains in <root>/<run> (reused once it has a
 checkpoint), then `eval.py --mode=interpret` runs on it at the default config.interpret (all of the eval split
@@ -8,10 +8,13 @@ up to 512 examples, integrated gradients at 128 midpoints, SmoothGrad of 32 samp
 windows of 2, deletion at 33 fractions, baselines a black image and <mask> tokens):
   cnn   configs/cnn.py on digits (1500 steps); the test split's 355 images
   bert  configs/bert_pretrain.py (masked LM on pydoc), then configs/bert_finetune.py from it (8 labelled
-        passages a topic); the pydoc_topics test split's passages (the first 512)
-Writes benchmarks/results/interpretation.{json,md}. Not a test.
+        passages a topic); the pydoc_topics test split's 199 passages
+  vit   configs/vit.py (the tiny default on digits, 3000 steps); the test split's 355 images
+Writes benchmarks/results/interpretation.{json,md}; the rows of runs not asked for this time are kept from the
+last results. Not a test.
 """
 import argparse
+import json
 import os
 import sys
 import time
@@ -36,20 +39,27 @@ def trained(file: str, workdir: str, **overrides):
 def main():
   parser = argparse.ArgumentParser()
   parser.add_argument('--root', default='/tmp/model_zoo_interpret')
-  parser.add_argument('--runs', default='cnn,bert')
+  parser.add_argument('--runs', default='cnn,bert,vit')
   args = parser.parse_args()
+  output = os.path.join(ROOT, 'benchmarks', 'results', 'interpretation')
   rows = {}
+  if os.path.exists(output + '.json'):
+    with open(output + '.json') as f:
+      rows = json.load(f)['rows']
   for run in args.runs.split(','):
     start = time.time()
     if run == 'cnn':
       config = trained('cnn.py', os.path.join(args.root, 'cnn'))
       figures = evaluate.interpret(config, os.path.join(args.root, 'cnn'))
+    elif run == 'vit':
+      config = trained('vit.py', os.path.join(args.root, 'vit'))
+      figures = evaluate.interpret(config, os.path.join(args.root, 'vit'))
     elif run == 'bert':
       trained('bert_pretrain.py', os.path.join(args.root, 'bert'))
       config = trained('bert_finetune.py', os.path.join(args.root, 'cls'), init_from=os.path.join(args.root, 'bert'))
       figures = evaluate.interpret(config, os.path.join(args.root, 'cls'))
     else:
-      raise SystemExit(f'unknown run {run!r}: cnn, bert')
+      raise SystemExit(f'unknown run {run!r}: cnn, bert, vit')
     rows[run] = {**figures, 'seconds': round(time.time() - start, 1)}
 
   names = list(attributions.METHODS)
@@ -72,7 +82,7 @@ def main():
       lines.append(f'| {run} | {r["accuracy"]:.4f} | '
                    + ' | '.join(f'{r[f"masked_top{k}_accuracy/{m}"]:.4f}' for m in names)
                    + f' | {r[f"masked_random{k}_accuracy"]:.4f} |')
-  common.write(os.path.join(ROOT, 'benchmarks', 'results', 'interpretation'), rows, '\n'.join(lines))
+  common.write(output, rows, '\n'.join(lines))
 
 
 if __name__ == '__main__':

@@ -188,6 +188,13 @@ def test_image_attributions_are_complete_faithful_and_fail_the_sanity_check_only
   for method in attributions.METHODS:
     assert got[f'deletion_auc/{method}'] < got['deletion_auc/random'], method
   assert set(os.listdir(os.path.join(workdir, 'interpret'))) == {'attributions.png', 'deletion_curve.png'}
+  probe = os.path.join(workdir, 'probe')
+  open(probe, 'w').close()
+  assert os.stat(os.path.join(workdir, 'interpret.json')).st_mode == os.stat(probe).st_mode   # not mkstemp's 0600
+  os.remove(probe)
+  with open(os.path.join(workdir, 'eval.json')) as f:
+    merged = json.load(f)
+  assert merged['interpret_step'] == got['step'] == 150 and merged['deletion_auc/random'] == got['deletion_auc/random']
   # The same model and config give the same figures; --method changes the pictures only.
   occluded = evaluate.interpret(config, workdir, 'occlusion')
   assert occluded == {**first, 'method': 'occlusion'} and _read(workdir)['method'] == 'occlusion'
@@ -255,6 +262,26 @@ def test_bad_input_is_one_line_and_writes_nothing(trained, method, overrides, te
   with pytest.raises(UserError, match=message):
     evaluate.interpret(config, workdir, method, texts)
   assert sorted(os.listdir(workdir)) == before
+
+
+def test_a_damaged_eval_json_is_refused_and_kept(trained):
+  config, workdir = trained['cnn']
+  path = os.path.join(workdir, 'eval.json')
+  kept = open(path).read() if os.path.exists(path) else None
+  try:
+    with open(path, 'w') as f:
+      f.write('{"step": 15')
+    before = {n: os.path.getmtime(os.path.join(workdir, n)) for n in os.listdir(workdir)}
+    with pytest.raises(UserError, match='eval.json cannot be read'):
+      evaluate.interpret(config, workdir)
+    assert {n: os.path.getmtime(os.path.join(workdir, n)) for n in os.listdir(workdir)} == before
+    assert open(path).read() == '{"step": 15'
+  finally:
+    if kept is None:
+      os.remove(path)
+    else:
+      with open(path, 'w') as f:
+        f.write(kept)
 
 
 def test_interpret_without_a_checkpoint_or_on_a_gan(tmp_path):

@@ -150,7 +150,7 @@ def interpret(config, workdir: str, method: str | None = None, texts: list[str] 
   variant = quantization_settings.scheme(exp.config.quantization) if sizes else ''
   wd = Workdir(workdir, variant)
   figures = report.run(exp, state, run.data[run.config.dataset.eval_split], wd, method, list(texts),
-                       sanity_check=not sizes)
+                       step=step, sanity_check=not sizes)
   print(f'interpretation of step {step}{f" quantized as {variant}" if variant else ""} ({figures["method"]}) '
         f'in {wd.interpretations}: ' + '  '.join(f'{k} {v:.4f}' for k, v in figures.items() if isinstance(v, float)),
         flush=True)

@@ -65,7 +65,7 @@ def text_attributions(rows: list[dict], path: str, title: str):
       spans.append(f'<span style="background:{colour}" title="{v:+.4f}">{html.escape(token)}</span>')
     mark = '' if r['label'] in ('?', r['predicted']) else ' style="color:#b00"'
     out.append(f'<tr><td{mark}>{html.escape(r["predicted"])} ({r["probability"]:.2f})</td>'
-               f'<td>{html.escape(r["label"])}</td><td>{" ".join(spans)}</td></tr>')
+               f'<td>{html.escape(r["label"])}</td><td style="white-space:pre-wrap">{"".join(spans)}</td></tr>')
   out.append('</table>')
   with open(path, 'w') as f:
     f.write('\n'.join(out))

@@ -17,7 +17,7 @@ the eval split, whatever --method draws (interpret.json):
                                                2018: a faithful method gives a low one)
   masked_top<k>_accuracy/<method>, masked_random<k>_accuracy   (text) accuracy with the k most attributed
                                                tokens (k random tokens) set to the baseline
-The pictures go to <workdir>/interpret/, written whole (a staging directory, then a rename) only once
+These are also merged into eval.json. The pictures go to <workdir>/interpret/, written whole (a staging directory, then a rename) only once
 everything has been computed.
 """
 import functools
@@ -40,6 +40,9 @@ from model_zoo.models import protocol
 from model_zoo.workdir import Workdir
 
 SCORES = ('logit', 'log_probability')
+MAX_TOKENS_DRAWN = 64   # attention pictures: the first tokens of a row (each gets a labelled row and column)
+# The figures also merged into eval.json (interpret.json holds everything).
+FAITHFULNESS = ('deletion_auc/', 'ig_completeness_error', 'randomized_weights_rank_correlation', 'masked_')
 
 
 def check(config, task_cls, method: str | None):
@@ -80,12 +83,13 @@ def _target_class(config, num_classes: int) -> int | None:
 
 
 def run(exp, state, data: Dataset, workdir: Workdir, method: str | None, texts: list[str], *,
-        sanity_check: bool = True) -> dict:
+        step: int | None = None, sanity_check: bool = True) -> dict:
   """Computes what `method` (default: the task's first) shows and the faithfulness figures, then writes
   <workdir>/interpret.json and <workdir>/interpret/. Returns the figures. `sanity_check=False` leaves out the
   model at random weights (a quantized model, whose task cannot initialise one)."""
   task, config = exp.task, exp.config
   method = method or task.interpretations[0]
+  _read_eval(workdir)   # a damaged eval.json is an error now, not after the work
   variables = nn.unbox(task.variables(state))
   files = {}     # name -> a function that writes it to a path
   if method in attr_lib.METHODS:
@@ -94,14 +98,17 @@ def run(exp, state, data: Dataset, workdir: Workdir, method: str | None, texts: 
     figures = _attention(exp, variables, data, texts, files)
   else:
     figures = _latents(task, variables, data, config.interpret, files)
-  figures = {'method': method, **figures}
+  figures = {'step': step, 'method': method, **figures}
   if jax.process_index() == 0:
     _write(workdir, figures, files)
   return figures
 
 
 def _write(workdir: Workdir, figures: dict, files: dict):
-  """Every picture into a staging directory, then renamed to <workdir>/interpret/; interpret.json last."""
+  """Every picture into a staging directory, then renamed to <workdir>/interpret/; interpret.json, then the
+  faithfulness figures into eval.json (beside eval.py's metrics)."""
+  faithfulness = {k: v for k, v in figures.items() if k.startswith(FAITHFULNESS)}
+  previous = _read_eval(workdir)
   os.makedirs(workdir.path, exist_ok=True)
   staging = os.path.join(workdir.path, f'.interpret-{uuid.uuid4().hex}')
   os.makedirs(staging)
@@ -117,10 +124,31 @@ def _write(workdir: Workdir, figures: dict, files: dict):
       shutil.rmtree(old, ignore_errors=True)
   finally:
     shutil.rmtree(staging, ignore_errors=True)
-  tmp = temp_path(workdir.interpret)
+  _write_json(workdir.interpret, {**figures, 'files': sorted(files)})
+  if faithfulness:
+    _write_json(workdir.eval, {**previous, **faithfulness, 'interpret_step': figures['step']})
+
+
+def _read_eval(workdir: Workdir) -> dict:
+  """eval.json's metrics ({} if there is none); a damaged one is a UserError (it is not overwritten)."""
+  if not os.path.exists(workdir.eval):
+    return {}
+  try:
+    with open(workdir.eval) as f:
+      previous = json.load(f)
+    if not isinstance(previous, dict):
+      raise ValueError('not a JSON object')
+    return previous
+  except (OSError, ValueError) as e:
+    raise UserError(f'{workdir.eval} cannot be read ({type(e).__name__}: {e}): move it aside (or run --mode=eval, '
+                    f'which writes it anew), then interpret again') from e
+
+
+def _write_json(path: str, content: dict):
+  tmp = temp_path(path)
   with open(tmp, 'w') as f:
-    json.dump({**figures, 'files': sorted(files)}, f, indent=2)
-  os.replace(tmp, workdir.interpret)
+    json.dump(content, f, indent=2)
+  os.replace(tmp, path)
 
 
 def _examples(data: Dataset, n: int) -> dict:
@@ -250,7 +278,7 @@ def _classifier(exp, variables, data, method, texts, files, sanity_check) -> dic
     for i in rows:
       keep = np.flatnonzero(shown['segment_ids'][i] != 0)
       p_C = shown_got['probabilities'][i]
-      items.append({'tokens': [tok.decode([int(t)]) or '·' for t in shown['inputs'][i][keep]],
+      items.append({'tokens': _pieces(tok, shown['inputs'][i][keep], spaces=True),
                     'attribution': a[i][keep], 'predicted': names_of[int(p_C.argmax())],
                     'probability': float(p_C.max()),
                     'label': names_of[int(shown_got['label'][i])] if shown_got['label'][i] >= 0 else '?'})
@@ -283,8 +311,13 @@ def _ordered(maps: dict) -> list[tuple[str, np.ndarray]]:
                 key=lambda kv: (kv[0].split('/')[0], protocol.block_index(tuple(kv[0].split('/'))) or 0, kv[0]))
 
 
-def _pieces(tok, ids) -> list[str]:
-  return [tok.decode([int(t)]) or f'<{int(t)}>' for t in ids]
+def _pieces(tok, ids, *, spaces: bool = False) -> list[str]:
+  """The text each token adds (decoding one more token at a time, so word boundaries show whatever the
+  tokenizer); its leading space kept with `spaces`, else stripped; '·' for a token that adds none ([CLS])."""
+  ids = [int(t) for t in ids]
+  texts = [tok.decode(ids[:i]) for i in range(len(ids) + 1)]
+  pieces = [b[len(a):] if b.startswith(a) else tok.decode([t]) for a, b, t in zip(texts, texts[1:], ids)]
+  return [(p if spaces else p.strip()) or '·' for p in pieces]
 
 
 def _attention_pictures(task, variables, batch, files):
@@ -300,7 +333,7 @@ def _attention_pictures(task, variables, batch, files):
     files['rollout.png'] = lambda p: pictures.rollout(list(images), rolled, p, 'attention rollout')
     return
   tok = task.info.tokenizer
-  keep = np.flatnonzero(batch['segment_ids'][0] != 0)
+  keep = np.flatnonzero(batch['segment_ids'][0] != 0)[:MAX_TOKENS_DRAWN]
   labels = _pieces(tok, batch['inputs'][0][keep])
   panels = [(f'{name} head {h}', m[0, h][np.ix_(keep, keep)]) for name, m in maps for h in range(m.shape[1])]
   files['attention.png'] = lambda p: pictures.matrices(panels, p, rows_labels=labels, column_labels=labels,
@@ -343,7 +376,7 @@ def _attention(exp, variables, data, texts, files) -> dict:
     _attention_pictures(task, variables, batch, files)
   else:   # a language model: the tokens of the first row
     maps = _ordered(jax.jit(task.attention)(variables, batch))
-    keep = np.flatnonzero(batch['segment_ids'][0] != 0)[:48]
+    keep = np.flatnonzero(batch['segment_ids'][0] != 0)[:MAX_TOKENS_DRAWN]
     labels = _pieces(task.info.tokenizer, batch['inputs'][0][keep])
     panels = [(f'{name} head {h}', m[0, h][np.ix_(keep, keep)]) for name, m in maps for h in range(m.shape[1])]
     files['attention.png'] = lambda p: pictures.matrices(panels, p, rows_labels=labels, column_labels=labels,

@@ -223,12 +223,15 @@ def test_text_attributions_through_token_embeddings(trained):
 
 def test_interpretations_of_the_other_tasks(tmp_path):
   """Attention for ViT (with rollout), GPT and the Transformer (an alignment of its own translation), latents
-  for the VAE: each draws its pictures (here of freshly initialised models: the driver's path from a
-  checkpoint is the classifiers' above)."""
+  for the VAE, GPT's next token attributed to the prompt's tokens: each draws its pictures (here of freshly
+  initialised models: the driver's path from a checkpoint is the classifiers' above)."""
   runs = {'vit': (family_config('vit'), {'attention.png', 'rollout.png'}, 'attention', []),
           'gpt': (family_config('gpt'), {'attention.png'}, 'attention', ['def f(x):']),
           'transformer': (family_config('transformer', **{'decode.max_len': 12}),
                           {'alignment.png', 'alignment-1.png'}, 'attention', ['three hundred and five', 'twelve']),
+          'gpt_next_token': (family_config('gpt', **{'interpret.num_examples': 8, **FEWER}),
+                             {'attributions.html', 'deletion_curve.png', 'attention.png'}, 'integrated_gradients',
+                             ['def f(x):']),
           'vae': (family_config('vae', **{'interpret.num_examples': 64}),
                   {'latents_pca.png', 'latent_traversal.png'}, 'latents', [])}
   for name, (config, files, method, texts) in runs.items():
@@ -241,6 +244,8 @@ def test_interpretations_of_the_other_tasks(tmp_path):
       assert [t['source'] for t in got['translations']] == texts
     if name == 'vae':
       assert 0 <= got['latent_knn_accuracy'] <= 1 and len(got['pca_explained_variance_ratio']) == 2
+    if name == 'gpt_next_token':   # completeness holds for any weights
+      assert got['ig_completeness_error_max'] < 0.01 and 0 <= got['masked_top5_accuracy/occlusion'] <= 1
 
 
 @pytest.mark.parametrize('method, overrides, texts, message', [
@@ -250,6 +255,7 @@ def test_interpretations_of_the_other_tasks(tmp_path):
     (None, {'interpret.baseline': 'pad'}, [], "baseline='pad' is not one of"),
     (None, {'interpret.target': 'best'}, [], "must be 'label', 'predicted' or a class index"),
     ('latents', {}, [], '--method=latents does not apply to the classification task'),
+    (None, {'interpret.smoothgrad_noise': -0.1}, [], 'smoothgrad_noise must be >= 0'),
     (None, {}, ['a text'], 'does not read text'),
 ])
 def test_bad_input_is_one_line_and_writes_nothing(trained, method, overrides, texts, message):

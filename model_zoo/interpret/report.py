@@ -6,6 +6,8 @@ What each task offers (`Task.interpretations`, the first being the default --met
   translation, language models, masked LM, token labels
                               attention: every layer's and head's attention; the Transformer's
                               cross-attention as a source x target alignment of its own translation
+  GPT                         also the four attributions, of the next token after a row's first document
+                              (a class among the vocabulary) to that document's tokens
   autoencoder, VAE            latents: a 2-D PCA of the test latents by class, and traversals
 
 For a classifier, each run measures all four methods on the first `interpret.num_examples` examples of
@@ -215,7 +217,7 @@ def _measure(task, opts, fixed_target, variables, random_variables, batch, key):
 def _classifier(exp, variables, data, method, texts, files, sanity_check) -> dict:
   task, config = exp.task, exp.config
   opts = config.interpret
-  fixed = _target_class(config, task.info.num_classes)
+  fixed = _target_class(config, _num_classes(task))
   random_variables = None
   if sanity_check:   # the same model at fresh random weights (another seed than training's)
     random_state = jax.jit(lambda r: nn.unbox(task.init_state(r, exp.example)))(jax.random.key(config.seed + 1))
@@ -265,7 +267,7 @@ def _classifier(exp, variables, data, method, texts, files, sanity_check) -> dic
     s = opts.examples_shown
     rows = list(np.flatnonzero(correct)[:s]) + list(np.flatnonzero(~correct)[:s])
   a = shown_got[f'attribution/{method}']
-  names_of = task.info.class_names or tuple(str(c) for c in range(task.info.num_classes))
+  names_of = _class_names(task)
   if a.ndim == 3:   # images
     items = [{'image': shown['image'][i], 'attribution': a[i], 'probabilities': shown_got['probabilities'][i],
               'label': int(shown_got['label'][i]),
@@ -276,7 +278,8 @@ def _classifier(exp, variables, data, method, texts, files, sanity_check) -> dic
     tok = task.info.tokenizer
     items = []
     for i in rows:
-      keep = np.flatnonzero(shown['segment_ids'][i] != 0)
+      segments = shown['segment_ids'][i]
+      keep = np.flatnonzero((segments != 0) & (segments == segments[0]))   # the first document of a packed row
       p_C = shown_got['probabilities'][i]
       items.append({'tokens': _pieces(tok, shown['inputs'][i][keep], spaces=True),
                     'attribution': a[i][keep], 'predicted': names_of[int(p_C.argmax())],
@@ -286,6 +289,19 @@ def _classifier(exp, variables, data, method, texts, files, sanity_check) -> dic
   if 'attention' in task.interpretations and _has_attention(task, variables, shown):
     _attention_pictures(task, variables, {k: v[:opts.examples_shown] for k, v in shown.items()}, files)
   return figures
+
+
+def _num_classes(task) -> int:
+  """A classifier's classes; a language model's, its vocabulary (the next token is the class)."""
+  return task.info.num_classes or task.info.tokenizer.vocab_size
+
+
+def _class_names(task) -> tuple[str, ...]:
+  if task.info.class_names:
+    return tuple(task.info.class_names)
+  if not task.info.num_classes and task.info.tokenizer is not None:   # tokens as classes
+    return tuple(repr(task.info.tokenizer.decode([i])) for i in range(task.info.tokenizer.vocab_size))
+  return tuple(str(c) for c in range(_num_classes(task)))
 
 
 def _rank_correlation(a_BxU, b_BxU, valid_BxU) -> float:

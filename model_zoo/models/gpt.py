@@ -38,12 +38,15 @@ class GPT(nn.Module):
   decode: bool = False
 
   @nn.compact
-  def __call__(self, tokens_BxT, *, train: bool, positions_BxT=None, segment_ids_BxT=None):
+  def __call__(self, tokens_BxT, *, train: bool, positions_BxT=None, segment_ids_BxT=None,
+               token_embeddings_BxTxD=None):
+    """-> logits [B, T, V] of each next token. `token_embeddings_BxTxD`, if given, stands for the table's rows of
+    tokens_BxT (what attributions move along: model_zoo.interpret)."""
     dtype = jnp.dtype(self.dtype)
     if positions_BxT is None:
       positions_BxT = jnp.broadcast_to(jnp.arange(tokens_BxT.shape[1]), tokens_BxT.shape)
     embed = layers.Embed(self.vocab_size, self.d_model, dtype, name='embed')
-    x_BxTxD = embed(tokens_BxT)
+    x_BxTxD = embed(tokens_BxT) if token_embeddings_BxTxD is None else token_embeddings_BxTxD.astype(dtype)
     if self.positional == 'learned':
       pos = self.param('pos_embedding', nn.with_logical_partitioning(
           nn.initializers.normal(stddev=0.02), (None, 'embed')), (self.max_len, self.d_model))

@@ -3,6 +3,7 @@ masked out by `weights`. Eval: loss (nats per token), perplexity, bits per byte.
 protocol's language-model call `(tokens, train, positions_BxT, segment_ids_BxT) -> logits` fits
 (GPT, the LSTM/GRU); `--mode=sample` works with those that are decoders (model_zoo.models.protocol).
 """
+import inspect
 import math
 
 import jax
@@ -13,7 +14,7 @@ from model_zoo.errors import UserError
 from model_zoo.inference import sampling
 from model_zoo.models import protocol, registry
 from model_zoo.tasks import losses
-from model_zoo.tasks.base import Input, Serving, SupervisedTask
+from model_zoo.tasks.base import Attribution, Input, Serving, SupervisedTask
 from model_zoo.training import perf
 
 
@@ -24,7 +25,34 @@ def _until(ids: list[int], eos_id: int) -> list[int]:
 
 class LanguageModelingTask(SupervisedTask):
   """Batches hold `inputs`, `targets`, `positions`, `segment_ids` and `weights`, each [B, T]."""
-  interpretations = ('attention',)
+  interpretations = ('attention', 'integrated_gradients', 'smoothgrad', 'gradient_x_input', 'occlusion')
+  attribution_baselines = ('pad', 'zeros')   # the padding token's embedding, or a zero vector
+
+  def attribution(self, variables, batch, baseline):
+    """The next token after the first document of each row, as a class among the vocabulary, attributed to that
+    document's tokens (not [BOS]) through their embeddings (params['embed']['embedding']); labels: the true next
+    token where the batch has `targets`."""
+    if 'token_embeddings_BxTxD' not in inspect.signature(type(self.model).__call__).parameters:
+      raise UserError(f'attributions of a language model go through its token embeddings, which '
+                      f'config.model.name={self.config.model.name!r} takes no input for; --method=attention')
+    params = variables['params']
+    model_state = {k: v for k, v in variables.items() if k != 'params'}
+    tokens_BxT, segments_BxT = batch['inputs'], batch['segment_ids']
+    first_BxT = (segments_BxT == segments_BxT[:, :1]) & (segments_BxT != 0)
+    last_B = jnp.sum(first_BxT, axis=1) - 1
+    valid_BxT = first_BxT & (tokens_BxT != self.info.tokenizer.bos_id)
+    table_VxD = params['embed']['embedding']
+    x_BxTxD = jnp.take(table_VxD, tokens_BxT, axis=0).astype(jnp.float32)
+    fill_D = table_VxD[self.info.tokenizer.pad_id] if baseline == 'pad' else jnp.zeros(table_VxD.shape[1:])
+    b_BxTxD = jnp.where(valid_BxT[..., None], fill_D[None, None].astype(jnp.float32), x_BxTxD)
+
+    def logits(x_BxTxD):
+      out_BxTxV = self.apply(params, model_state, (tokens_BxT,), train=False, token_embeddings_BxTxD=x_BxTxD,
+                             **self.model_kwargs(batch))[0]
+      return jnp.take_along_axis(out_BxTxV, last_B[:, None, None], axis=1)[:, 0]
+    rows_B = jnp.arange(tokens_BxT.shape[0])
+    labels_B = batch['targets'][rows_B, last_B] if 'targets' in batch else jnp.full(last_B.shape, -1, jnp.int32)
+    return Attribution(x_BxTxD, b_BxTxD, logits, valid_BxT, labels_B)
 
   def __init__(self, config, info):
     super().__init__(config, info)

@@ -114,7 +114,7 @@ def matrices(panels: list[tuple[str, np.ndarray]], path: str, *, rows_labels=Non
       ax.set_yticks([])
   if title:
     fig.suptitle(title, fontsize=10)
-  fig.tight_layout()
+  fig.tight_layout(rect=(0, 0, 1, 1 - 0.35 / fig.get_figheight()) if title else None)
   fig.savefig(path, dpi=100)
   plt.close(fig)
 

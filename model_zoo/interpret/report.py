@@ -388,16 +388,7 @@ def _attention(exp, variables, data, texts, files) -> dict:
     batch = _examples(data, opts.examples_shown)
   if not _has_attention(task, variables, batch):
     task.attention(variables, batch)   # raises the task's error
-  if 'image' in batch or 'segment_ids' in batch and 'type_ids' in batch:
-    _attention_pictures(task, variables, batch, files)
-  else:   # a language model: the tokens of the first row
-    maps = _ordered(jax.jit(task.attention)(variables, batch))
-    keep = np.flatnonzero(batch['segment_ids'][0] != 0)[:MAX_TOKENS_DRAWN]
-    labels = _pieces(task.info.tokenizer, batch['inputs'][0][keep])
-    panels = [(f'{name} head {h}', m[0, h][np.ix_(keep, keep)]) for name, m in maps for h in range(m.shape[1])]
-    files['attention.png'] = lambda p: pictures.matrices(panels, p, rows_labels=labels, column_labels=labels,
-                                                         columns=maps[0][1].shape[1],
-                                                         title='causal self-attention (query rows, key columns)')
+  _attention_pictures(task, variables, batch, files)
   return {'num_examples': int(len(next(iter(batch.values()))))}
 
 

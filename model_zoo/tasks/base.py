@@ -123,6 +123,11 @@ class Attribution:
   labels: jax.Array
 
 
+def model_state_of(variables: dict) -> dict:
+  """The collections of a model's variables other than its parameters (batch statistics)."""
+  return {k: v for k, v in variables.items() if k != 'params'}
+
+
 def example_spec(x) -> Input:
   """The Input of one example `x` of a data set's `info.example`."""
   x = np.asarray(x)

@@ -12,7 +12,7 @@ from model_zoo.errors import UserError
 from model_zoo.evaluation import plots
 from model_zoo.models import registry
 from model_zoo.tasks import losses
-from model_zoo.tasks.base import Attribution, SupervisedTask
+from model_zoo.tasks.base import Attribution, model_state_of, SupervisedTask
 
 
 class ClassificationTask(SupervisedTask):
@@ -62,8 +62,7 @@ class ClassificationTask(SupervisedTask):
 
   def attribution(self, variables, batch, baseline):
     """Of the pixels, summed over channels; baseline 'zeros' (a black image) or 'mean' (each image's mean colour)."""
-    params = variables['params']
-    model_state = {k: v for k, v in variables.items() if k != 'params'}
+    params, model_state = variables['params'], model_state_of(variables)
     x_BxHxWxC = batch['image'].astype(jnp.float32)
     if baseline == 'zeros':
       b_BxHxWxC = jnp.zeros_like(x_BxHxWxC)
@@ -119,8 +118,7 @@ class TextClassificationTask(TextModel, ClassificationTask):
   def attribution(self, variables, batch, baseline):
     """Of the token embeddings (BERT's table, params['embed']['embedding']), summed over the embedding; the
     baseline replaces every real token but [CLS] and [SEP] by <mask> ('mask') or by padding ('pad')."""
-    params = variables['params']
-    model_state = {k: v for k, v in variables.items() if k != 'params'}
+    params, model_state = variables['params'], model_state_of(variables)
     tok, tokens_BxT = self.info.tokenizer, batch['inputs']
     valid_BxT = (batch['segment_ids'] != 0) & (tokens_BxT != tok.bos_id) & (tokens_BxT != tok.eos_id)
     fill = tok.mask_id if baseline == 'mask' else tok.pad_id

@@ -14,7 +14,7 @@ from model_zoo.errors import UserError
 from model_zoo.inference import sampling
 from model_zoo.models import protocol, registry
 from model_zoo.tasks import losses
-from model_zoo.tasks.base import Attribution, Input, Serving, SupervisedTask
+from model_zoo.tasks.base import Attribution, model_state_of, Input, Serving, SupervisedTask
 from model_zoo.training import perf
 
 
@@ -35,8 +35,7 @@ class LanguageModelingTask(SupervisedTask):
     if 'token_embeddings_BxTxD' not in inspect.signature(type(self.model).__call__).parameters:
       raise UserError(f'attributions of a language model go through its token embeddings, which '
                       f'config.model.name={self.config.model.name!r} takes no input for; --method=attention')
-    params = variables['params']
-    model_state = {k: v for k, v in variables.items() if k != 'params'}
+    params, model_state = variables['params'], model_state_of(variables)
     tokens_BxT, segments_BxT = batch['inputs'], batch['segment_ids']
     first_BxT = (segments_BxT == segments_BxT[:, :1]) & (segments_BxT != 0)
     last_B = jnp.sum(first_BxT, axis=1) - 1

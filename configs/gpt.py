@@ -62,3 +62,10 @@ def get_config(arg: str = ''):
   config.optimizer.grad_clip_norm = 1.0
   config.lock()
   return config
+
+
+def sweep(arg: str = ''):
+  """python sweep.py --config=configs/gpt.py[:size=...]: the peak learning rate, around each size's default."""
+  size = options(arg, 'configs/gpt.py', size=PRESETS)['size']
+  rates = (1e-3, 3e-3, 1e-2) if size == 'tiny' else (3e-4, 6e-4, 1.2e-3)
+  return [{'optimizer.learning_rate': lr} for lr in rates]

@@ -88,6 +88,11 @@ def _parse_flags(argv):
     _fail(str(e), 2)
 
 
+def config_spec() -> str:
+  """The --config value (`file.py[:arg]`)."""
+  return _SPEC[-1]
+
+
 def workdir() -> str:
   if WORKDIR.value:
     return WORKDIR.value

@@ -121,6 +121,24 @@ def test_pydoc_split_is_disjoint_complete_and_stable(capsys):
     registry_docs(_config(), 'test')
 
 
+def test_stdlib_split_is_disjoint_complete_by_path_and_decoded_as_python_does():
+  import sysconfig
+  root = sysconfig.get_paths()['stdlib']
+  train, val = text.stdlib_paths('train'), text.stdlib_paths('validation')
+  assert not set(train) & set(val) and train == sorted(train)
+  assert {'json/decoder.py', 'os.py', 'collections/__init__.py'} <= set(train) and 'csv.py' in val
+  assert not any('site-packages' in p or '__pycache__' in p for p in train + val)
+  assert 0.02 <= len(val) / len(train + val) <= 0.10 and len(train + val) > 500
+  docs = text.stdlib(_config('stdlib'), 'validation')
+  assert len(docs) == len(val) and sum(map(len, docs)) > 10 ** 6
+  with open(f'{root}/csv.py', encoding='utf-8') as f:
+    assert docs[val.index('csv.py')] == f.read()
+  with pytest.raises(UserError, match="stdlib has no split 'test'; it has: train, validation"):
+    text.stdlib(_config('stdlib'), 'test')
+  data = registry.load(_config('stdlib', seq_len=256), 'validation')   # bytes: every byte of the split a target
+  assert int(np.asarray(data.source.stream).size) == sum(len(d.encode()) + 2 for d in docs)
+
+
 # Packing.
 
 def _naive_rows(docs, L):

@@ -1,6 +1,6 @@
 """Every data set by name: `config.dataset.name` -> its loader, and `load`, the one way to read a split.
 
-A loader is `f(dataset_config, split, files) -> Dataset` (model_zoo.data.base). `digits`, `pydoc`,
+A loader is `f(dataset_config, split, files) -> Dataset` (model_zoo.data.base). `digits`, `pydoc`, `stdlib`,
 `pydoc_topics`, `pydoc_topic_spans` and `numbers` need no network; the others are read from TFDS
 (`tfds.data_source`, ArrayRecord files, no TensorFlow at read time) and must be on disk, or
 `config.dataset.download=True`.
@@ -24,6 +24,8 @@ DATASETS = {
     'cifar10': images.tfds_image_classification('cifar10'),
     # language modelling
     'pydoc': text.language_modeling(text.pydoc),     # the CPython documentation, offline
+    # the standard library's .py files (~31 MB), offline; encoded once into the workdir
+    'stdlib': text.language_modeling(text.stdlib, cache_name=lambda split: f'stdlib-{split}'),
     'lm1b': text.language_modeling(text.lm1b, cache_name=lambda split: text.LM1B_SPLITS.get(split, split)),
     # text classification and masked-LM pretraining
     'pydoc_topics': text_classification.text_classification(text_classification.pydoc_topics),

@@ -1,11 +1,15 @@
 """Text for language modelling: corpora, tokenized and packed into rows (model_zoo.data.packing).
 
-Corpora: `pydoc`, the CPython documentation topics that ship with every Python (offline), and
+Corpora: `pydoc`, the CPython documentation topics that ship with every Python (offline),
+`stdlib`, the source of the standard library of the Python that runs (offline, ~31 MB), and
 the TFDS `lm1b` (One Billion Word, one sentence per document; must be on disk or downloaded).
 The tokenizer (model_zoo.data.tokenizers) is trained on the training split. An example is a packed
 row: `inputs`, `targets`, `segment_ids`, `positions`, `weights`, each [T].
 """
+import io
 import os
+import sysconfig
+import tokenize
 from typing import Callable, Sequence
 
 import ml_collections
@@ -34,6 +38,47 @@ def pydoc(config: ml_collections.ConfigDict, split: str) -> list[str]:
     raise UserError(f'data set pydoc has no split {split!r}; it has: {", ".join(PYDOC_SPLITS)}')
   from pydoc_data.topics import topics  # pylint: disable=g-import-not-at-top
   return [topics[name] for name in sorted(topics) if pydoc_split(name) == split]
+
+
+STDLIB_SPLITS = ('train', 'validation')
+_SKIPPED_DIRS = ('site-packages', 'dist-packages', '__pycache__')
+
+
+def stdlib_split(path: str) -> str:
+  """'validation' for about 5% of the standard library's files, by a hash of the path inside it
+  ('json/decoder.py'), so a file keeps its split across Python versions."""
+  return 'validation' if hash_bucket(f'stdlib/{path}', 20) == 0 else 'train'
+
+
+def stdlib_paths(split: str) -> list[str]:
+  """The `.py` files of this Python's standard library (tests included; installed packages not) in the
+  split, as paths inside it, sorted."""
+  root = sysconfig.get_paths()['stdlib']
+  paths = []
+  for directory, dirs, names in os.walk(root):
+    dirs[:] = sorted(d for d in dirs if d not in _SKIPPED_DIRS)
+    rel = os.path.relpath(directory, root)
+    paths += [n if rel == '.' else f'{rel}/{n}'.replace(os.sep, '/') for n in names if n.endswith('.py')]
+  return sorted(p for p in paths if stdlib_split(p) == split)
+
+
+def stdlib(config: ml_collections.ConfigDict, split: str) -> list[str]:
+  """The standard library's source files, one document each (~31 MB in 1,790 files for CPython 3.11),
+  decoded as Python decodes them (PEP 263), undecodable bytes replaced."""
+  del config
+  if split not in STDLIB_SPLITS:
+    raise UserError(f'data set stdlib has no split {split!r}; it has: {", ".join(STDLIB_SPLITS)}')
+  root = sysconfig.get_paths()['stdlib']
+  texts = []
+  for path in stdlib_paths(split):
+    with open(os.path.join(root, path), 'rb') as f:
+      data = f.read()
+    try:
+      encoding, _ = tokenize.detect_encoding(io.BytesIO(data).readline)
+    except SyntaxError:   # a test file with a deliberately bad coding line
+      encoding = 'utf-8'
+    texts.append(data.decode(encoding, errors='replace'))
+  return texts
 
 
 def lm1b(config: ml_collections.ConfigDict, split: str) -> Sequence[str]:

@@ -188,6 +188,19 @@ def test_packing_matches_naive_construction():
   assert weights == len(stream) - len(docs) == sum(len(doc) + 1 for doc in docs) == 18
 
 
+@pytest.mark.parametrize('seed', range(4))
+def test_packing_of_random_documents_matches_naive_construction(seed):
+  rng = np.random.default_rng(seed)
+  docs = [''.join(rng.choice(list('abcdef'), size=n)) for n in rng.integers(0, 12, size=int(rng.integers(1, 9)))]
+  length = int(rng.integers(1, 9))
+  source = packing.PackedRows(packing.encode_documents(docs, tokenizers.ByteTokenizer(), None), length)
+  _, expected = _naive_rows(docs, length)
+  assert len(source) == len(expected)
+  for i, want in enumerate(expected):
+    got = source[i]
+    assert {k: got[k].tolist() for k in want} == want, (seed, i)
+
+
 def test_loaded_pydoc_evaluates_every_target_once():
   cfg = _config(seq_len=64)
   data = registry.load(cfg, 'validation')

@@ -115,17 +115,24 @@ class PackedRows:
     row = np.full(t + 1, self.pad_id, np.int32)
     part = self.stream[lo:lo + t + 1]
     row[:len(part)] = part
-    at_T = lo + np.arange(t)                    # stream index of each input
-    a, b = np.searchsorted(self.doc_starts, [lo + 1, lo + t + 1])
-    starts = self.doc_starts[a:b]               # documents starting after the row's first token
-    seg_T = 1 + np.searchsorted(starts, at_T, 'right')
-    seg_start_T = np.concatenate([[lo], starts])[seg_T - 1]
-    real_T = at_T < n
-    weights_T = (at_T + 1 < n) & ~np.isin(at_T + 1, starts)
-    return {'inputs': row[:t], 'targets': row[1:],
-            'segment_ids': np.where(real_T, seg_T, 0).astype(np.int32),
-            'positions': np.where(real_T, at_T - seg_start_T, 0).astype(np.int32),
-            'weights': weights_T.astype(np.float32)}
+    # Bounds of the starts' own dtype: a list of Python ints would cast the whole array to int64 on each call.
+    a, b = np.searchsorted(self.doc_starts, np.array([lo + 1, min(lo + t + 1, n)], self.doc_starts.dtype))
+    at = self.doc_starts[a:b] - lo             # documents starting after the row's first token: 1..t
+    inside = at[at < t]
+    start_T = np.zeros(t, np.int32)            # each input's document start within the row, by a running max
+    start_T[inside] = inside
+    start_T = np.maximum.accumulate(start_T)
+    seg_T = np.ones(t, np.int32)
+    seg_T[inside] += 1
+    seg_T = np.cumsum(seg_T, dtype=np.int32) - np.arange(t, dtype=np.int32)
+    weights_T = np.ones(t, np.float32)
+    weights_T[at - 1] = 0                      # the target is the next document's BOS
+    real = max(0, min(t, n - lo))              # inputs inside the stream; targets inside it: one fewer
+    weights_T[max(0, min(t, n - lo - 1)):] = 0
+    positions_T = np.arange(t, dtype=np.int32) - start_T
+    seg_T[real:] = positions_T[real:] = 0
+    return {'inputs': row[:t], 'targets': row[1:], 'segment_ids': seg_T, 'positions': positions_T,
+            'weights': weights_T}
 
 
 def flatten_ids(token_lists) -> tuple[np.ndarray, np.ndarray]:

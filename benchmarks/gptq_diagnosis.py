@@ -7,7 +7,9 @@ nats/byte under other GPTQ settings, on a trained GPT default work directory.
 ||X W - X Q||^2 = tr((W - Q)^T H (W - Q)) with H = X^T X summed over 2 calibration batches, for Q rounded
 to nearest and by GPTQ. Then eval nats/byte of: float, int4 round-to-nearest, GPTQ with 8 and 64 calibration
 batches, damping 0.1 and 1.0 (8 batches), and GPTQ calibrated on the eval split itself (a diagnosis, not a
-method). Nothing is written into the work directory; writes benchmarks/results/gptq_diagnosis.json.
+method); and how far each int4 model is from the float one (KL of the next-token distributions), with the
+paired difference of nats/byte and its standard error.
+Nothing is written into the work directory; writes benchmarks/results/gptq_diagnosis.json.
 """
 import argparse
 import json
@@ -34,6 +36,37 @@ def _dequantized(params) -> dict:
       lambda x: np.asarray(x.array.qvalue, np.float32) * np.asarray(x.array.scale, np.float32) if is_q(x) else None,
       params, is_leaf=is_q))
   return {k: v for k, v in flat.items() if v is not None}
+
+
+def distance_from_float(run, exp, state, float_vars, eval_data, variants: dict) -> dict:
+  """Per quantized model, over the eval split's targets: the mean KL(float || quantized) of the next-token
+  distributions (what GPTQ's layer objective aims at), and its nats/byte minus round-to-nearest's with the
+  standard error of that paired difference over tokens."""
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  from model_zoo.data import pipeline  # pylint: disable=g-import-not-at-top
+  float_predict = jax.jit(run.experiment.task.predict)
+  quantized_predict = jax.jit(exp.task.predict)
+  states = {k: exp.task.with_variables(exp.abstract_state, {**float_vars, 'params': v}) for k, v in variants.items()}
+  token_bytes = np.asarray(run.experiment.task.info.tokenizer.token_bytes())
+  nll, kl, weights, total_bytes = {k: [] for k in states}, {k: [] for k in states}, [], 0.0
+  for batch in pipeline.eval_batches(eval_data, batch_size=32, process_index=0, process_count=1):
+    w = batch['weights'] * batch['mask'][:, None]
+    log_p = jax.nn.log_softmax(float_predict(state, batch).astype(jnp.float32))
+    for k, qstate in states.items():
+      log_q = jax.nn.log_softmax(quantized_predict(qstate, batch).astype(jnp.float32))
+      nll[k].append(-np.take_along_axis(np.asarray(log_q), batch['targets'][..., None], -1)[..., 0].ravel())
+      kl[k].append(np.asarray(jnp.sum(jnp.exp(log_p) * (log_p - log_q), -1)).ravel())
+    weights.append(w.ravel())
+    total_bytes += float((token_bytes[batch['targets']] * w).sum())
+  w = np.concatenate(weights)
+  out = {}
+  base = np.concatenate(nll['int4_round_to_nearest'])
+  for k in states:
+    diff = (np.concatenate(nll[k]) - base)[w > 0]
+    out[k] = {'kl_from_float_per_token': float((np.concatenate(kl[k]) * w).sum() / w.sum()),
+              'nats_per_byte_minus_round_to_nearest': float(diff.sum() / total_bytes),
+              'standard_error': float(diff.std() * np.sqrt(len(diff)) / total_bytes)}
+  return out
 
 
 def main():
@@ -96,6 +129,9 @@ def main():
   out['nats_per_byte'] = rows
   for k, v in rows.items():
     print(f'{k}: {v:.5f} nats/byte', flush=True)
+  out['distance_from_float'] = distance_from_float(run, exp, state, float_vars, eval_data, {
+      'int4_round_to_nearest': rtn, 'int4_gptq_8_batches': quantization.gptq_quantize(params, abstract, stats8)})
+  print(json.dumps(out['distance_from_float'], indent=1), flush=True)
   with open(args.output, 'w') as f:
     json.dump(out, f, indent=2)
 

@@ -41,6 +41,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.dataset.eval_split = 'test'
   c.dataset.prefetch = 4            # batches prepared ahead by background threads
   c.dataset.classes = ''            # image classification: class indices to keep, e.g. '6,7,8,9' ('' = all)
+  c.dataset.prepared = ''           # language modelling: a corpus tokenized offline (python -m model_zoo.data.prepare)
 
   c.model = ml_collections.ConfigDict()
   c.model.name = ''

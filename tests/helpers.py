@@ -101,10 +101,11 @@ def bytes_by_hand(float_params, weight_dtype) -> tuple[int, int]:
 
 
 def run_cli(script, *args, devices=1, timeout=300, check=False):
-  """Runs train.py or eval.py in a fresh process, as a user would."""
+  """Runs train.py or eval.py (or `-m module`) in a fresh process, as a user would."""
   env = dict(os.environ)
   env['XLA_FLAGS'] = xla_flags(devices)
-  proc = subprocess.run([sys.executable, os.path.join(ROOT, script), *args], cwd=ROOT, env=env,
+  command = ['-m', *args] if script == '-m' else [os.path.join(ROOT, script), *args]
+  proc = subprocess.run([sys.executable, *command], cwd=ROOT, env=env,
                         capture_output=True, text=True, timeout=timeout)
   if check and proc.returncode != 0:
     raise AssertionError(f'{script} {args} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}')

@@ -26,9 +26,10 @@ ALLOWED = {
     'model_zoo.compression.pruning': {'model_zoo.errors', 'model_zoo.config', 'model_zoo.models.protocol'},
 }
 # compression.ptq restores, quantizes and saves a trained run for eval.py, serving.restore one for serve.py:
-# drivers too.
+# drivers too; data.prepare is the entry point of `python -m model_zoo.data.prepare`.
 DRIVERS = {'model_zoo.experiment', 'model_zoo.training.loop', 'model_zoo.evaluation.evaluate', 'model_zoo.cli',
-           'model_zoo.compression.ptq', 'model_zoo.compression.distill', 'model_zoo.serving.restore'}
+           'model_zoo.compression.ptq', 'model_zoo.compression.distill', 'model_zoo.serving.restore',
+           'model_zoo.data.prepare'}
 
 
 def modules() -> dict[str, str]:

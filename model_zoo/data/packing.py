@@ -70,7 +70,7 @@ def encode_documents(docs: Sequence[str], tokenizer, cache: str | None) -> np.nd
   return np.load(cache, mmap_mode='r')
 
 
-def _doc_starts(stream: np.ndarray, bos_id: int, eos_id: int, chunk: int = 1 << 24) -> np.ndarray:
+def find_doc_starts(stream: np.ndarray, bos_id: int, eos_id: int, chunk: int = 1 << 24) -> np.ndarray:
   """Indices of the documents' BOS tokens (document starts) in the stream, in order."""
   dtype = np.int32 if len(stream) < np.iinfo(np.int32).max else np.int64
   parts = [np.flatnonzero(stream[lo:lo + chunk] == bos_id).astype(dtype) + dtype(lo)
@@ -88,7 +88,8 @@ def _doc_starts(stream: np.ndarray, bos_id: int, eos_id: int, chunk: int = 1 << 
 class PackedRows:
   """Random access to the rows of a token stream; row i covers stream[i*T : i*T + T + 1], T = seq_len.
 
-  Holds the stream (uint16 or int32, possibly memory-mapped) and its document starts;
+  Holds the stream (uint16 or int32, possibly memory-mapped, or anything that slices like it: a prepared
+  corpus, model_zoo.data.prepared) and its document starts (found in it, or given);
   each example is built on access, every array of shape [T]:
     inputs, targets (int32): the row without its last / first token, pad_id past the end;
     segment_ids (int32): 1, 2, ... for each document in the row, from the row start; 0 on padding;
@@ -97,9 +98,9 @@ class PackedRows:
   """
 
   def __init__(self, stream: np.ndarray, seq_len: int, bos_id: int = BOS_ID, pad_id: int = PAD_ID,
-               eos_id: int = EOS_ID):
+               eos_id: int = EOS_ID, doc_starts: np.ndarray | None = None):
     self.stream, self.seq_len, self.pad_id = stream, seq_len, pad_id
-    self.doc_starts = _doc_starts(stream, bos_id, eos_id)
+    self.doc_starts = find_doc_starts(stream, bos_id, eos_id) if doc_starts is None else doc_starts
     self._len = max(0, -(-(len(stream) - 1) // seq_len))
 
   def __len__(self):

@@ -26,6 +26,8 @@ DATASETS = {
     'pydoc': text.language_modeling(text.pydoc),     # the CPython documentation, offline
     # the standard library's .py files (~31 MB), offline; encoded once into the workdir
     'stdlib': text.language_modeling(text.stdlib, cache_name=lambda split: f'stdlib-{split}'),
+    # a directory of text files tokenized by python -m model_zoo.data.prepare (config.dataset.prepared)
+    'prepared': text.language_modeling(text.no_documents),
     'lm1b': text.language_modeling(text.lm1b, cache_name=lambda split: text.LM1B_SPLITS.get(split, split)),
     # text classification and masked-LM pretraining
     'pydoc_topics': text_classification.text_classification(text_classification.pydoc_topics),

@@ -15,7 +15,7 @@ from typing import Callable, Sequence
 import ml_collections
 import numpy as np
 
-from model_zoo.data import packing, tokenizers
+from model_zoo.data import packing, prepared, tokenizers
 from model_zoo.data.base import Dataset, Files, LazyColumn, hash_bucket, tfds_source, to_str
 from model_zoo.errors import UserError
 
@@ -81,6 +81,13 @@ def stdlib(config: ml_collections.ConfigDict, split: str) -> list[str]:
   return texts
 
 
+def no_documents(config: ml_collections.ConfigDict, split: str):
+  """dataset.name=prepared: the documents are those of config.dataset.prepared, tokenized already."""
+  del config, split
+  raise UserError('config.dataset.name=prepared reads a prepared corpus: set config.dataset.prepared to a directory '
+                  'made by python -m model_zoo.data.prepare --input=<text files> --output=<dir>')
+
+
 def lm1b(config: ml_collections.ConfigDict, split: str) -> Sequence[str]:
   """One Billion Word's sentences, read and decoded on access."""
   if split not in LM1B_SPLITS:
@@ -101,6 +108,10 @@ def language_modeling(documents: Callable[[ml_collections.ConfigDict, str], Sequ
     seq_len = config.seq_len
     if not isinstance(seq_len, int) or seq_len <= 0:
       raise UserError(f'config.dataset.seq_len must be a positive integer, got {seq_len!r}')
+    if config.get('prepared'):   # tokenized once, offline (python -m model_zoo.data.prepare)
+      tokenizer, source = prepared.load(config, split)
+      prepared.keep_tokenizer(config, files)
+      return Dataset(source, lambda ex: ex, tokenizer=tokenizer)
     train_texts = lambda: documents(config, config.train_split)
     name = cache_name(split) if cache_name else None
     cached = files.encoded(name) if name and files.encoded else None

@@ -52,7 +52,8 @@ class Experiment:
     state = init(init_rng)
     if self.config.init_from:  # fine-tuning: the backbone from a pretrained model, a fresh optimizer
       variables = finetune.initial_variables(self.config, self.task.variables(state))
-      state = jax.device_put(self.task.with_variables(state, variables), self.state_shardings)
+      # A fresh optimizer state for them, made in place: each process computes only its shards.
+      state = jax.jit(self.task.with_variables, out_shardings=self.state_shardings)(state, variables)
     return state
 
   def checkpoints(self, workdir: str) -> Checkpoints:

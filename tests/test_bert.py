@@ -297,7 +297,7 @@ def test_init_from_takes_heads_it_has_and_refuses_a_freeze_that_trains_nothing(m
   params = nn.unbox(model.init(jax.random.key(0), tokens, train=False))['params']
   source = jax.tree.map(lambda x: np.full(x.shape, 7.0, np.float32), params)
   del source['cls_head']['out']          # a pretrained model's pooler (as Hugging Face BERT has), no classifier
-  monkeypatch.setattr(finetune, '_source_variables', lambda init_from, name: {'params': source})
+  monkeypatch.setattr(finetune, '_source_variables', lambda init_from, name: finetune.HostArrays({'params': source}))
   config = tiny_config('bert_finetune', init_from='hf:x', freeze='backbone')
   got = _flat(finetune.initial_variables(config, {'params': params})['params'])
   assert np.all(got['cls_head/pooler/kernel'] == 7.0) and np.all(got['block_0/mlp/wi/kernel'] == 7.0)

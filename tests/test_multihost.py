@@ -1,6 +1,8 @@
 """Two processes on 127.0.0.1 (jax.distributed, gloo collectives), 4 CPU devices each, train a GPT with a
 SentencePiece tokenizer like one process with 8 devices: process 0 trains the tokenizer and the other uses
-it; SIGTERM to one process stops both at the same step with one checkpoint, and the run resumes."""
+it; SIGTERM to one process stops both at the same step with one checkpoint, and the run resumes. Fine-tuning
+with parameters sharded over both processes' devices (mesh.fsdp=8) reads each process's shards of the
+pretrained parameters alone and trains like one process."""
 import os
 import subprocess
 import sys
@@ -18,7 +20,7 @@ GPT = ['--config=configs/gpt.py', '--config.model.num_layers=1', '--config.model
        '--config.optimizer.warmup_steps=1']
 
 
-def _two_processes(workdir, stop_at=None):
+def _two_processes(workdir, stop_at=None, args=GPT):
   """Runs train.py as processes 0 and 1; process 1 sends itself SIGTERM after step `stop_at`."""
   port = portpicker.pick_unused_port()
   procs = []
@@ -28,7 +30,7 @@ def _two_processes(workdir, stop_at=None):
     if stop_at and i == 1:
       env['MODEL_ZOO_KILL_AT'] = f'step:{stop_at}:SIGTERM'
     procs.append(subprocess.Popen(
-        [sys.executable, 'train.py', *GPT, f'--workdir={workdir}', f'--coordinator_address=127.0.0.1:{port}',
+        [sys.executable, 'train.py', *args, f'--workdir={workdir}', f'--coordinator_address=127.0.0.1:{port}',
          '--num_processes=2', f'--process_id={i}'],
         cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
   try:
@@ -66,3 +68,19 @@ def test_two_processes_train_a_sentencepiece_gpt_like_one(tmp_path):
 
   proc = run_cli('train.py', *GPT, f'--workdir={multi}', '--config.num_train_steps=10', devices=8)
   assert proc.returncode == 1 and 'was written by 2 process(es) and this run has 1' in proc.stderr, proc.stderr
+
+
+def test_two_processes_fine_tune_with_parameters_spanning_both_like_one(tmp_path):
+  pretrained, single, multi = (str(tmp_path / n) for n in ('pretrained', 'single', 'multi'))
+  run_cli('train.py', *GPT, f'--workdir={pretrained}', '--config.num_train_steps=4', devices=8, check=True)
+  tune = [*GPT, f'--config.init_from={pretrained}', '--config.mesh.fsdp=8', '--config.mesh.data=1',
+          '--config.num_train_steps=4', '--config.eval_every_steps=4']
+  proc = run_cli('train.py', *tune, f'--workdir={single}', devices=8, check=True)
+  assert 'arrays restored; new: no head' in proc.stdout
+  outs = _two_processes(multi, args=tune)
+  assert all('arrays restored; new: no head' in out for out in outs), outs
+  a, b = read_metrics(single), read_metrics(multi)
+  assert [(r['step'], r['split']) for r in a] == [(r['step'], r['split']) for r in b]
+  for x, y in zip(a, b):
+    for k in set(x) - {'step', 'split'}:
+      np.testing.assert_allclose(x[k], y[k], rtol=2e-5, atol=1e-6, err_msg=f'{k} at step {x["step"]}')

@@ -140,6 +140,24 @@ class Checkpoints:
     metadata = self.manager.item_metadata(step)['state']
     return restore_on_host(self.manager, step, 'state', getattr(metadata, 'tree', metadata))
 
+  def saved_tree(self, step: int) -> dict:
+    """The saved state's structure at `step`, as nested dicts with Orbax's metadata (shape, dtype) at the leaves."""
+    metadata = self.manager.item_metadata(step)['state']
+    return getattr(metadata, 'tree', metadata)
+
+  def restore_partial(self, step: int, abstract) -> dict:
+    """The part of the state at `step` that `abstract` names (nested dicts, a sub-tree of the saved state,
+    with jax.ShapeDtypeStruct leaves that carry their shardings), read straight into those shardings: each
+    process reads only its shards, and nothing `abstract` leaves out (an optimizer state) is read."""
+    restore_args = jax.tree.map(lambda s: ocp.ArrayRestoreArgs(sharding=s.sharding, global_shape=s.shape,
+                                                               dtype=s.dtype), abstract)
+    checkpointer = ocp.PyTreeCheckpointer()
+    try:
+      return checkpointer.restore(os.path.join(self.directory, str(step), 'state'), args=ocp.args.PyTreeRestore(
+          item=abstract, restore_args=restore_args, partial_restore=True))
+    finally:
+      checkpointer.close()
+
   def _check_fits(self, step, abstract_state):
     saved = _shapes(self.manager.item_metadata(step)['state'].tree)
     wanted = _shapes(abstract_state)

@@ -81,42 +81,79 @@ def _variables_of_state(state: dict) -> dict:
   return {c: {name: v[c] for name, v in parts.items() if c in v} for c in collections}
 
 
-def _source_variables(init_from: str, model_name: str) -> dict:
+class HostArrays:
+  """Pretrained variables held on the host (a Hugging Face directory's weights, read by every process): each
+  placed into its target sharding, a process putting only its own shards on its devices."""
+
+  def __init__(self, variables: dict):
+    self.arrays = {path_names(k): v for k, v in traverse_util.flatten_dict(variables).items()}
+
+  def shapes(self) -> dict[tuple[str, ...], tuple[int, ...]]:
+    return {k: tuple(v.shape) for k, v in self.arrays.items()}
+
+  def read(self, wanted: dict) -> dict:
+    return {k: jax.make_array_from_callback(s.shape, s.sharding,
+                                            lambda index, a=self.arrays[k], d=s.dtype: np.asarray(a[index], d))
+            for k, s in wanted.items()}
+
+
+class CheckpointVariables:
+  """The variables of a workdir's latest checkpoint: their shapes from its metadata, and a partial restore of
+  the ones wanted (never the optimizer state) straight into their target shardings."""
+
+  def __init__(self, init_from: str):
+    from model_zoo.training.checkpoints import Checkpoints  # pylint: disable=g-import-not-at-top
+    self.ckpt = Checkpoints(Workdir(init_from).checkpoints)
+    try:   # the manager is needed for the metadata only: restore_partial reads the step's files itself
+      self.step = self.ckpt.latest_step()
+      if self.step is None:
+        raise UserError(f'config.init_from={init_from!r} has no checkpoint yet: train it first')
+      saved = self.ckpt.saved_tree(self.step)
+    finally:
+      self.ckpt.close()
+    # Each variable's path in the saved state: the state's tree with its own paths as leaves, rearranged.
+    at = traverse_util.unflatten_dict({k: k for k in traverse_util.flatten_dict(saved)})
+    self.state_path = {path_names(k): v for k, v in traverse_util.flatten_dict(_variables_of_state(at)).items()}
+    flat = traverse_util.flatten_dict(saved)
+    self._shapes = {k: tuple(flat[v].shape) for k, v in self.state_path.items()}
+
+  def shapes(self) -> dict[tuple[str, ...], tuple[int, ...]]:
+    return self._shapes
+
+  def read(self, wanted: dict) -> dict:
+    if not wanted:
+      return {}
+    abstract = traverse_util.unflatten_dict({self.state_path[k]: s for k, s in wanted.items()})
+    restored = traverse_util.flatten_dict(self.ckpt.restore_partial(self.step, abstract))
+    return {k: restored[self.state_path[k]] for k in wanted}
+
+
+def _source_variables(init_from: str, model_name: str):
   if init_from.startswith('hf:'):
     from model_zoo.transfer import hf  # pylint: disable=g-import-not-at-top
-    return {'params': hf.load_params(init_from[3:], model_name)}
-  from model_zoo.training.checkpoints import Checkpoints  # pylint: disable=g-import-not-at-top
-  ckpt = Checkpoints(Workdir(init_from).checkpoints)
-  try:
-    step = ckpt.latest_step()
-    if step is None:
-      raise UserError(f'config.init_from={init_from!r} has no checkpoint yet: train it first')
-    return _variables_of_state(ckpt.restore_tree(step))
-  finally:
-    ckpt.close()
+    return HostArrays({'params': hf.load_params(init_from[3:], model_name)})
+  return CheckpointVariables(init_from)
 
 
 def initial_variables(config: ml_collections.ConfigDict, variables: dict) -> dict:
-  """`variables` (a fresh initialisation) with every variable but new heads taken from config.init_from."""
-  source = {path_names(k): v for k, v in traverse_util.flatten_dict(
-      _source_variables(config.init_from, config.model.name)).items()}
-  missing, mismatched, taken = [], [], set()
+  """`variables` (a fresh initialisation, global arrays) with every variable but new heads taken from
+  config.init_from, each read into the sharding of the fresh one it replaces: nothing is gathered onto one
+  host or device, so this works where the parameters span hosts."""
+  source = _source_variables(config.init_from, config.model.name)
+  shapes = source.shapes()
+  missing, mismatched, taken = [], [], {}
   name = lambda path: '/'.join(path[1:] if path[0] == 'params' else path)
-
-  def take(path, value):
-    fits = path in source and tuple(source[path].shape) == tuple(value.shape)
+  flat = {path_names(k): v for k, v in traverse_util.flatten_dict(variables).items()}
+  for path, value in flat.items():
+    fits = path in shapes and shapes[path] == tuple(value.shape)
     if trains_when_frozen(path) and not fits:
-      return value
-    if path not in source:
+      continue
+    if path not in shapes:
       missing.append(name(path))
-      return value
-    if not fits:
-      mismatched.append(f'{name(path)}: {tuple(source[path].shape)} there, {tuple(value.shape)} here')
-      return value
-    taken.add(path)
-    return np.asarray(source[path], value.dtype)
-
-  flat = {path: take(path, v) for path, v in traverse_util.flatten_dict(jax.device_get(variables)).items()}
+    elif not fits:
+      mismatched.append(f'{name(path)}: {shapes[path]} there, {tuple(value.shape)} here')
+    else:
+      taken[path] = jax.ShapeDtypeStruct(value.shape, value.dtype, sharding=value.sharding)
   if missing or mismatched:
     first = f'{missing[0]} is not there' if missing else f'shape of {mismatched[0]}'
     raise UserError(f'config.init_from={config.init_from!r} does not hold this model\'s backbone '
@@ -130,4 +167,5 @@ def initial_variables(config: ml_collections.ConfigDict, variables: dict) -> dic
   lora = sum(is_lora(p) for p in new)
   print(f'init_from {config.init_from}: {len(taken)} arrays restored; new: {", ".join(heads) or "no head"}'
         f'{f" and {lora} LoRA arrays" if lora else ""}', flush=True)
+  flat.update(source.read(taken))
   return traverse_util.unflatten_dict(flat)

@@ -20,8 +20,11 @@ GPT = ['--config=configs/gpt.py', '--config.model.num_layers=1', '--config.model
        '--config.optimizer.warmup_steps=1']
 
 
-def _two_processes(workdir, stop_at=None, args=GPT):
-  """Runs train.py as processes 0 and 1; process 1 sends itself SIGTERM after step `stop_at`."""
+FSDP = ['--config.mesh.fsdp=8', '--config.mesh.data=1']   # each kernel split over both processes' devices
+
+
+def _two_processes(workdir, stop_at=None, args=GPT, script='train.py'):
+  """Runs `script` as processes 0 and 1; process 1 sends itself SIGTERM after step `stop_at`."""
   port = portpicker.pick_unused_port()
   procs = []
   for i in range(2):
@@ -30,7 +33,7 @@ def _two_processes(workdir, stop_at=None, args=GPT):
     if stop_at and i == 1:
       env['MODEL_ZOO_KILL_AT'] = f'step:{stop_at}:SIGTERM'
     procs.append(subprocess.Popen(
-        [sys.executable, 'train.py', *args, f'--workdir={workdir}', f'--coordinator_address=127.0.0.1:{port}',
+        [sys.executable, script, *args, f'--workdir={workdir}', f'--coordinator_address=127.0.0.1:{port}',
          '--num_processes=2', f'--process_id={i}'],
         cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
   try:
@@ -73,8 +76,7 @@ def test_two_processes_train_a_sentencepiece_gpt_like_one(tmp_path):
 def test_two_processes_fine_tune_with_parameters_spanning_both_like_one(tmp_path):
   pretrained, single, multi = (str(tmp_path / n) for n in ('pretrained', 'single', 'multi'))
   run_cli('train.py', *GPT, f'--workdir={pretrained}', '--config.num_train_steps=4', devices=8, check=True)
-  tune = [*GPT, f'--config.init_from={pretrained}', '--config.mesh.fsdp=8', '--config.mesh.data=1',
-          '--config.num_train_steps=4', '--config.eval_every_steps=4']
+  tune = [*GPT, f'--config.init_from={pretrained}', *FSDP, '--config.num_train_steps=4', '--config.eval_every_steps=4']
   proc = run_cli('train.py', *tune, f'--workdir={single}', devices=8, check=True)
   assert 'arrays restored; new: no head' in proc.stdout
   outs = _two_processes(multi, args=tune)
@@ -84,3 +86,23 @@ def test_two_processes_fine_tune_with_parameters_spanning_both_like_one(tmp_path
   for x, y in zip(a, b):
     for k in set(x) - {'step', 'split'}:
       np.testing.assert_allclose(x[k], y[k], rtol=2e-5, atol=1e-6, err_msg=f'{k} at step {x["step"]}')
+
+
+def test_two_processes_export_a_bert_whose_parameters_span_both_like_one(tmp_path):
+  from safetensors.numpy import load_file  # pylint: disable=g-import-not-at-top
+  workdir = str(tmp_path / 'run')
+  bert = ['--config=configs/bert_pretrain.py', '--config.model.num_layers=1', '--config.model.d_model=32',
+          '--config.model.num_heads=2', '--config.model.d_ff=64', '--config.dataset.vocab_size=400',
+          '--config.dataset.seq_len=32', '--config.batch_size=16', '--config.num_train_steps=2',
+          '--config.eval_every_steps=2', '--config.optimizer.warmup_steps=1', *FSDP]   # a masked LM: hf/ too
+  run_cli('train.py', *bert, f'--workdir={workdir}', devices=8, check=True)
+  run_cli('eval.py', *bert, f'--workdir={workdir}', '--mode=export', f'--output={tmp_path}/one', devices=8,
+          check=True)
+  outs = _two_processes(workdir, args=[*bert, '--mode=export', f'--output={tmp_path}/two'], script='eval.py')
+  assert all('exported step 2' in out for out in outs), outs
+  for name in ('model.safetensors', 'hf/model.safetensors'):
+    one, two = load_file(str(tmp_path / 'one' / name)), load_file(str(tmp_path / 'two' / name))
+    assert sorted(one) == sorted(two) and len(one) > 5
+    for k in one:
+      np.testing.assert_array_equal(one[k], two[k], err_msg=k)
+  assert sorted(os.listdir(tmp_path / 'one')) == sorted(os.listdir(tmp_path / 'two'))

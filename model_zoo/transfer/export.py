@@ -14,6 +14,8 @@ A pruned model (config.pruning) is also written sparse, as Han et al. (2016) cou
 `sparse.safetensors`, each pruned tensor as `<path>/values` (its non-zeros) and `<path>/bitmask`
 (np.packbits of w != 0), and `sparsity.json` (dense_bytes, sparse_bytes, sparsity overall and by layer,
 the shapes that model_zoo.compression.pruning.from_sparse needs).
+With several processes, where the parameters may span hosts (mesh.fsdp), every process gathers them
+(process_allgather) and process 0 alone writes.
 """
 import json
 import os
@@ -23,15 +25,24 @@ import jax
 import ml_collections
 import numpy as np
 from flax import traverse_util
+from jax.experimental import multihost_utils
 
 from model_zoo.errors import UserError
 from model_zoo.models.protocol import is_lora
 from model_zoo.workdir import Workdir
 
 
+def to_host(tree):
+  """Host numpy copies of a tree of global arrays, gathered from every process where they span several
+  (parameters sharded over hosts): each process gets the whole tree."""
+  if jax.process_count() > 1:
+    tree = multihost_utils.process_allgather(tree, tiled=True)
+  return jax.tree.map(np.asarray, jax.device_get(tree))
+
+
 def merge_lora(params: dict, alpha: float) -> dict:
   """The parameters with every `<proj>_lora_a`/`<proj>_lora_b` pair folded into `<proj>/kernel`."""
-  flat = traverse_util.flatten_dict(jax.device_get(params))
+  flat = traverse_util.flatten_dict(to_host(params))
   out = {k: np.asarray(v) for k, v in flat.items() if not is_lora(k)}
   for key in flat:
     if len(key) >= 2 and key[-2].endswith('_lora_a'):
@@ -52,16 +63,24 @@ def export(config: ml_collections.ConfigDict, params, workdir: Workdir, outdir: 
   """Writes the inference artifact of `params` (see the module doc) to `outdir`; returns it.
   Quantized params (config.quantization.mode='ptq') are written as stored: `<path>/qvalue` (int8, or
   int4 packed two to a byte, low nibble first) and `<path>/scale` (model_zoo.compression.quantization)."""
-  from safetensors.numpy import save_file  # pylint: disable=g-import-not-at-top
   check_output(outdir)
   quantized = config.quantization.mode == 'ptq'
   if quantized:
     from model_zoo.compression import quantization  # pylint: disable=g-import-not-at-top
-    merged = jax.tree.map(np.asarray, quantization.to_storage(jax.device_get(params)))
+    merged = jax.tree.map(np.asarray, quantization.to_storage(to_host(params)))
   elif config.model.get('lora_rank', 0):
     merged = merge_lora(params, config.model.lora_alpha)
   else:
-    merged = jax.tree.map(np.asarray, jax.device_get(params))
+    merged = to_host(params)
+  if jax.process_index() == 0:   # every process gathered the parameters; one writes them
+    _write(config, merged, quantized, workdir, outdir)
+  if jax.process_count() > 1:
+    multihost_utils.sync_global_devices('model_zoo: export written')
+  return outdir
+
+
+def _write(config: ml_collections.ConfigDict, merged: dict, quantized: bool, workdir: Workdir, outdir: str):
+  from safetensors.numpy import save_file  # pylint: disable=g-import-not-at-top
   os.makedirs(outdir, exist_ok=True)
   flat = {'/'.join(k): np.ascontiguousarray(v) for k, v in traverse_util.flatten_dict(merged).items()}
   save_file(flat, os.path.join(outdir, 'model.safetensors'))
@@ -92,7 +111,6 @@ def export(config: ml_collections.ConfigDict, params, workdir: Workdir, outdir: 
       hf.save(os.path.join(outdir, 'hf'), merged, dict(config.model))
     except UserError as e:
       print(f'not written in Hugging Face format: {e}', flush=True)
-  return outdir
 
 
 def load(outdir: str) -> tuple[dict, dict]:

@@ -81,3 +81,18 @@ def test_resume_on_another_mesh_and_evaluate_on_one_device(tmp_path, trained):
     on_1 = json.load(f)
   for k in (k for k, v in on_222.items() if isinstance(v, float)):
     assert on_8[k] == pytest.approx(on_222[k], rel=1e-5) and on_1[k] == pytest.approx(on_222[k], rel=1e-5), k
+
+
+@pytest.mark.parametrize('data, fsdp, tensor', [(8, 1, 1), (2, 2, 2), (1, 8, 1)])
+def test_inference_batches_are_split_over_the_batch_axes_and_come_back_whole(data, fsdp, tensor):
+  from model_zoo.config import base_config  # pylint: disable=g-import-not-at-top
+  from model_zoo.training import sharding  # pylint: disable=g-import-not-at-top
+  mesh_config = base_config().mesh
+  mesh_config.data, mesh_config.fsdp, mesh_config.tensor = data, fsdp, tensor
+  rows = sharding.BatchRows(sharding.make_mesh(mesh_config))
+  assert rows.multiple == data * fsdp
+  x = np.arange(rows.multiple * 2 * 3, dtype=np.int32).reshape(-1, 3)
+  y = rows.put(x)
+  assert y.sharding.spec[0] == ('data', 'fsdp')
+  assert {s.data.shape for s in y.addressable_shards} == {(x.shape[0] // rows.multiple, 3)}
+  np.testing.assert_array_equal(rows.get(y * 2), x * 2)

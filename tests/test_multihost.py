@@ -4,6 +4,7 @@ it; SIGTERM to one process stops both at the same step with one checkpoint, and 
 with parameters sharded over both processes' devices (mesh.fsdp=8) reads each process's shards of the
 pretrained parameters alone and trains like one process."""
 import os
+import re
 import subprocess
 import sys
 
@@ -106,3 +107,33 @@ def test_two_processes_export_a_bert_whose_parameters_span_both_like_one(tmp_pat
     for k in one:
       np.testing.assert_array_equal(one[k], two[k], err_msg=k)
   assert sorted(os.listdir(tmp_path / 'one')) == sorted(os.listdir(tmp_path / 'two'))
+
+
+def _without_gloo(out: str) -> str:
+  """The output without the lines gloo prints as it connects the processes."""
+  return re.sub(r'\[Gloo\] Rank \d+ is connected to \d+ peer ranks\. Expected number of connected peer ranks is : '
+                r'\d+\n?', '', out)
+
+
+def test_two_processes_sample_and_translate_like_one(tmp_path):
+  """Prompts and sources given to both processes are split over the mesh (fsdp=8: the parameters span both);
+  each process decodes its share, and the outputs are one process's."""
+  gpt, mt = str(tmp_path / 'gpt'), str(tmp_path / 'mt')
+  transformer = ['--config=configs/transformer.py', '--config.model.num_encoder_layers=1',
+                 '--config.model.num_decoder_layers=1', '--config.model.d_model=32', '--config.model.num_heads=2',
+                 '--config.model.d_ff=64', '--config.dataset.train_examples=400', '--config.dataset.vocab_size=296',
+                 '--config.batch_size=16', '--config.num_train_steps=4', '--config.eval_every_steps=4',
+                 '--config.optimizer.warmup_steps=1', '--config.decode.splits=', *FSDP]
+  small = [*GPT, *FSDP, '--config.num_train_steps=4', '--config.eval_every_steps=4']
+  run_cli('train.py', *small, f'--workdir={gpt}', devices=8, check=True)
+  run_cli('train.py', *transformer, f'--workdir={mt}', devices=8, check=True)
+  sample = [*small, '--mode=sample', '--prompt=The ', '--prompt=import os', '--prompt=', '--num_samples=3',
+            '--max_new_tokens=12', '--temperature=1.0', '--seed=3']
+  one = run_cli('eval.py', *sample, f'--workdir={gpt}', devices=8, check=True).stdout
+  outs = [_without_gloo(out) for out in _two_processes(gpt, args=sample, script='eval.py')]
+  assert one.count('--- prompt:') == 9 and outs[0] == one and '--- prompt' not in outs[1]
+  translate = [*transformer, '--mode=translate', '--input=three hundred and five', '--input=twelve',
+               '--input=nine thousand']
+  one = run_cli('eval.py', *translate, f'--workdir={mt}', devices=8, check=True).stdout
+  outs = [_without_gloo(out) for out in _two_processes(mt, args=translate, script='eval.py')]
+  assert one.count('\t') == 3 and outs[0] == one, (one, outs)

@@ -19,7 +19,7 @@ from model_zoo.errors import UserError
 from model_zoo.evaluation import plots
 from model_zoo.experiment import prepare
 from model_zoo.tasks import registry as task_registry
-from model_zoo.training import loop
+from model_zoo.training import loop, sharding
 from model_zoo.training.writer import read_metrics
 from model_zoo.workdir import Workdir
 
@@ -108,11 +108,12 @@ def sample(config, workdir: str, prompts: list[str], *, step: int | None = None,
     raise UserError(f'--top_k={top_k} is more than the {vocab} tokens of the vocabulary; use at most {vocab} '
                     f'(or 0 for all)')
   prompts = [p for p in prompts for _ in range(num_samples)]
-  texts = exp.task.generate_text(state.params, prompts, jax.random.key(seed),
-                                            max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
-                                            top_p=top_p)
-  for prompt, text in zip(prompts, texts):
-    print(f'--- prompt: {prompt!r} (step {step})\n{prompt}{text}\n', flush=True)
+  texts = exp.task.generate_text(state.params, prompts, jax.random.key(seed), max_new_tokens=max_new_tokens,
+                                 temperature=temperature, top_k=top_k, top_p=top_p,
+                                 rows=sharding.BatchRows(exp.mesh))
+  if jax.process_index() == 0:
+    for prompt, text in zip(prompts, texts):
+      print(f'--- prompt: {prompt!r} (step {step})\n{prompt}{text}\n', flush=True)
   return texts
 
 
@@ -126,9 +127,10 @@ def translate(config, workdir: str, texts: list[str], *, step: int | None = None
     raise UserError(f'--mode=translate needs a non-empty --input="..." (input {empty[0] + 1 if empty else 1} '
                     f'is empty)')
   _, exp, step, state, _ = _restore(config, workdir, step, quantize)
-  outputs = exp.task.translate(state.params, texts)
-  for source, output in zip(texts, outputs):
-    print(f'{source}\t{output}', flush=True)
+  outputs = exp.task.translate(state.params, texts, rows=sharding.BatchRows(exp.mesh))
+  if jax.process_index() == 0:
+    for source, output in zip(texts, outputs):
+      print(f'{source}\t{output}', flush=True)
   return outputs
 
 

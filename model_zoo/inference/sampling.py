@@ -86,7 +86,11 @@ def generate(model: nn.Module, params, prompt_BxT, rng, *, max_new_tokens: int, 
 
   def body(carry):
     i, cache, logits_BxV, out_BxU, done_B, next_pos_B = carry
-    token_B = jnp.where(done_B, pad_id, sample(logits_BxV, jax.random.fold_in(rng, i)))
+    # A key per row and step: a row's draws are the same whatever the batch holds besides it (padding rows,
+    # another process count), so a multi-host run samples what one host does.
+    keys_B = jax.vmap(lambda r: jax.random.fold_in(jax.random.fold_in(rng, i), r))(jnp.arange(b))
+    drawn_B = jax.vmap(lambda logits_V, key: sample(logits_V[None], key)[0])(logits_BxV, keys_B)
+    token_B = jnp.where(done_B, pad_id, drawn_B)
     out_BxU = out_BxU.at[:, i].set(token_B)
     if eos_id is not None:
       done_B = done_B | (token_B == eos_id)

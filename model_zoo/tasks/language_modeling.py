@@ -167,8 +167,9 @@ class LanguageModelingTask(SupervisedTask):
     return {'inputs': inputs, 'positions': positions, 'segment_ids': segments}
 
   def generate_text(self, params, prompts: list[str], rng, *, max_new_tokens: int, temperature: float,
-                    top_k: int, top_p: float) -> list[str]:
-    """Continuations of `prompts` (each starts a new document), stopping at end-of-document."""
+                    top_k: int, top_p: float, rows=None) -> list[str]:
+    """Continuations of `prompts` (each starts a new document), stopping at end-of-document. `rows`
+    (model_zoo.training.sharding.BatchRows) splits the prompts over the mesh, each process decoding its share."""
     if not isinstance(self.model, protocol.Decoder):
       raise UserError(f'--mode=sample decodes a token at a time, which model {self.config.model.name!r} cannot '
                       f'(it has no decode mode; see model_zoo/models/protocol.py)')
@@ -179,10 +180,14 @@ class LanguageModelingTask(SupervisedTask):
     if self.config.model.get('positional') == 'learned' and width + max_new_tokens > max_len:
       raise UserError(f'prompt ({width} tokens) + max_new_tokens ({max_new_tokens}) exceeds the model\'s '
                       f'max_len {max_len}; ask for fewer tokens')
-    prompt_BxT = np.full((len(prompts), width), tok.pad_id, np.int32)
+    multiple = rows.multiple if rows else 1
+    b = -(-len(prompts) // multiple) * multiple   # padded with copies of the last prompt, dropped after
+    encoded += [encoded[-1]] * (b - len(encoded))
+    prompt_BxT = np.full((b, width), tok.pad_id, np.int32)
     for row, ids in enumerate(encoded):
       prompt_BxT[row, width - len(ids):] = ids  # left-padded: every row ends where decoding starts
-    new_BxU = sampling.generate(self.model, params, jnp.asarray(prompt_BxT), rng, max_new_tokens=max_new_tokens,
+    put, get = (rows.put, rows.get) if rows else (jnp.asarray, np.asarray)
+    new_BxU = sampling.generate(self.model, params, put(prompt_BxT), rng, max_new_tokens=max_new_tokens,
                                 temperature=temperature, top_k=top_k, top_p=top_p, eos_id=tok.eos_id,
-                                pad_id=tok.pad_id, lengths_B=np.array([len(ids) for ids in encoded], np.int32))
-    return [tok.decode(_until(row, tok.eos_id)) for row in np.asarray(new_BxU).tolist()]
+                                pad_id=tok.pad_id, lengths_B=put(np.array([len(ids) for ids in encoded], np.int32)))
+    return [tok.decode(_until(row, tok.eos_id)) for row in get(new_BxU)[:len(prompts)].tolist()]

@@ -188,24 +188,26 @@ class TranslationTask(SupervisedTask):
     return jax.eval_shape(lambda: self.model.init(jax.random.key(0), *self.model_inputs(example), train=False,
                                                   **self.model_kwargs(example)))['params']
 
-  def translate(self, params, texts: list[str]) -> list[str]:
-    """Translations of `texts`, decoded as config.decode says, in batches of config.batch_size."""
-    tok, d, rows = self.info.tokenizer, self.config.decode, self.config.batch_size
+  def translate(self, params, texts: list[str], rows=None) -> list[str]:
+    """Translations of `texts`, decoded as config.decode says, in batches of config.batch_size. `rows`
+    (model_zoo.training.sharding.BatchRows) splits each batch over the mesh, each process decoding its share."""
+    tok, d, size = self.info.tokenizer, self.config.decode, self.config.batch_size
     out = []
-    for lo in range(0, len(texts), rows):
-      ids = tok.encode_batch(texts[lo:lo + rows])
+    for lo in range(0, len(texts), size):
+      ids = tok.encode_batch(texts[lo:lo + size])
       longest, max_len = max(1, max(map(len, ids))), self.config.model.max_len
       if self.config.model.positional == 'learned' and max(longest, d.max_len) > max_len:
         raise UserError(f'a source of {longest} tokens or config.decode.max_len={d.max_len} exceeds the '
                         f'model\'s max_len {max_len} (learned positions)')
       width = min(-(-longest // 16) * 16, max_len if self.config.model.positional == 'learned' else 1 << 30)
-      src_BxS = np.full((rows, width), tok.pad_id, np.int32)  # the last batch padded with empty rows
+      src_BxS = np.full((size, width), tok.pad_id, np.int32)  # the last batch padded with empty rows
       for row, x in enumerate(ids):
         src_BxS[row, :len(x)] = x
-      tokens_BxU = translate_tokens(self.model, params, jnp.asarray(src_BxS), beam_size=d.beam_size,
+      put, get = (rows.put, rows.get) if rows else (jnp.asarray, np.asarray)
+      tokens_BxU = translate_tokens(self.model, params, put(src_BxS), beam_size=d.beam_size,
                                     max_len=d.max_len, alpha=d.alpha, bos_id=tok.bos_id, eos_id=tok.eos_id,
                                     pad_id=tok.pad_id)
-      for row in np.asarray(tokens_BxU)[:len(ids)].tolist():
+      for row in get(tokens_BxU)[:len(ids)].tolist():
         end = row.index(tok.eos_id) if tok.eos_id in row else len(row)
         out.append(tok.decode(row[:end]))
     return out

@@ -64,6 +64,27 @@ def to_global(local_batch, mesh: Mesh):
   return jax.tree.map(lambda x: jax.make_array_from_process_local_data(sharding, x), local_batch)
 
 
+class BatchRows:
+  """Inference batches that every process holds whole (prompts, sources: the same command line on every host)
+  moved onto the mesh split over the batch axes, each process giving only its own rows, so that each decodes
+  its share; outputs come back whole to every process. Batches must hold a multiple of `multiple` rows."""
+
+  def __init__(self, mesh: Mesh):
+    self.mesh = mesh
+    self.multiple = int(np.prod([mesh.shape[a] for a in BATCH]))
+
+  def put(self, x_Bx: np.ndarray) -> jax.Array:
+    n, p = jax.process_count(), jax.process_index()
+    local = x_Bx.reshape(n, x_Bx.shape[0] // n, *x_Bx.shape[1:])[p]
+    return jax.make_array_from_process_local_data(batch_sharding(self.mesh), local)
+
+  def get(self, y_Bx: jax.Array) -> np.ndarray:
+    if jax.process_count() > 1:
+      from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+      return np.asarray(multihost_utils.process_allgather(y_Bx, tiled=True))
+    return np.asarray(y_Bx)
+
+
 def _dict_path(path) -> tuple:
   """The trailing dict keys of a key path: a parameter's name inside any tree shaped like params."""
   keys = []

@@ -63,10 +63,12 @@ def test_sentencepiece_corpus_keeps_its_tokenizer_and_checks_the_config(tmp_path
   d = _dataset(tokenizer='sentencepiece', vocab_size=512)
   _prepare(tmp_path / 'sp', d)
   d.prepared = str(tmp_path / 'sp')
-  files = Files(tokenizer=str(tmp_path / 'run' / 'tokenizer.model'), new_tokenizer=str(tmp_path / 'new.model'))
+  files = Files(tokenizer=str(tmp_path / 'run' / 'tokenizer.model'),
+                new_tokenizer=str(tmp_path / 'staging' / 'tokenizer.model'))   # a directory not made yet
   data = registry.load(d, 'validation', files)
   assert data.tokenizer.vocab_size == 512
-  assert (tmp_path / 'new.model').read_bytes() == (tmp_path / 'sp' / 'tokenizer.model').read_bytes()
+  assert (tmp_path / 'staging' / 'tokenizer.model').read_bytes() == (tmp_path / 'sp' / 'tokenizer.model').read_bytes()
+  assert os.listdir(tmp_path / 'staging') == ['tokenizer.model']
   (tmp_path / 'run').mkdir()
   (tmp_path / 'run' / 'tokenizer.model').write_bytes(b'another')
   with pytest.raises(UserError, match='differs from the tokenizer of config.dataset.prepared'):

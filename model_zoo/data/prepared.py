@@ -23,7 +23,7 @@ import tempfile
 import numpy as np
 
 from model_zoo.data import packing, tokenizers
-from model_zoo.data.base import Files, hash_bucket
+from model_zoo.data.base import Files, hash_bucket, temp_path
 from model_zoo.errors import UserError
 
 CHUNK = 8192               # tokens a record: a row of 1024 reads one record, or two
@@ -194,4 +194,6 @@ def keep_tokenizer(dataset_config, files: Files):
         raise UserError(f'{files.tokenizer} differs from the tokenizer of config.dataset.prepared='
                         f'{dataset_config.prepared}: this run was not trained on that corpus; use a new --workdir')
   elif files.new_tokenizer and not os.path.exists(files.new_tokenizer):
-    shutil.copyfile(path, files.new_tokenizer)
+    tmp = temp_path(files.new_tokenizer)   # (its directory made: a run's staging directory may not exist yet)
+    shutil.copyfile(path, tmp)
+    os.replace(tmp, files.new_tokenizer)

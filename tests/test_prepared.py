@@ -85,6 +85,19 @@ def test_sentencepiece_corpus_keeps_its_tokenizer_and_checks_the_config(tmp_path
     registry.load(_dataset(tokenizer='sentencepiece', vocab_size=512, directory=str(tmp_path / 'sp')), 'test')
 
 
+def test_lm1b_through_tfds_is_prepared_like_it_is_read(tmp_path):
+  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+  d = _dataset(name='lm1b', seq_len=16)
+  with tfds.testing.mock_data(num_examples=12):
+    index = prepared.write(str(tmp_path / 'lm1b'), d, lambda split: text.lm1b(d, split), ['train', 'validation'],
+                           'lm1b')
+    direct = registry.load(d, 'validation').source
+  assert index['dataset'] == 'lm1b' and index['splits']['validation']['documents'] == 12
+  read = registry.load(_dataset(name='lm1b', seq_len=16, directory=str(tmp_path / 'lm1b')), 'validation').source
+  assert len(read) == len(direct) and all(np.array_equal(read[i][k], direct[i][k]) for i in range(len(read))
+                                          for k in direct[0])
+
+
 def test_bad_output_input_or_index_is_one_error_and_leaves_nothing(tmp_path):
   _prepare(tmp_path / 'p')
   with pytest.raises(UserError, match='exists; give a new directory'):

@@ -1,6 +1,7 @@
 """Shared by the tests: tiny configs and running the real command-line entry points."""
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -129,3 +130,34 @@ def saved_state(workdir, step):
 def read_metrics(workdir, drop=TIMINGS):
   with open(os.path.join(workdir, 'metrics.jsonl')) as f:
     return [{k: v for k, v in json.loads(line).items() if k not in drop} for line in f]
+
+
+def two_processes(workdir, args, *, script='train.py', stop_at=None):
+  """Runs `script` (train.py, eval.py) as processes 0 and 1 of a jax.distributed run on 127.0.0.1, 4 CPU devices
+  each; process 1 sends itself SIGTERM after step `stop_at`. -> their stdout, once both exited 0."""
+  import portpicker  # pylint: disable=g-import-not-at-top
+  port = portpicker.pick_unused_port()
+  procs = []
+  for i in range(2):
+    env = dict(os.environ, XLA_FLAGS=xla_flags(4))
+    env.pop('MODEL_ZOO_KILL_AT', None)
+    if stop_at and i == 1:
+      env['MODEL_ZOO_KILL_AT'] = f'step:{stop_at}:SIGTERM'
+    procs.append(subprocess.Popen(
+        [sys.executable, script, *args, f'--workdir={workdir}', f'--coordinator_address=127.0.0.1:{port}',
+         '--num_processes=2', f'--process_id={i}'],
+        cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+  try:
+    outputs = [p.communicate(timeout=240) for p in procs]
+  finally:
+    for p in procs:
+      p.kill()
+  for p, (out, err) in zip(procs, outputs):
+    assert p.returncode == 0, out + err
+  return [out for out, _ in outputs]
+
+
+def without_gloo(out: str) -> str:
+  """The output without the lines gloo prints as it connects the processes."""
+  return re.sub(r'\[Gloo\] Rank \d+ is connected to \d+ peer ranks\. Expected number of connected peer ranks '
+                r'is : \d+\n?', '', out)

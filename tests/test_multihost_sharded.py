@@ -1,0 +1,78 @@
+"""Two processes on 127.0.0.1 (jax.distributed, gloo collectives), 4 CPU devices each, with parameters sharded
+over both processes' devices (mesh.fsdp=8, so no process holds a whole kernel): fine-tuning reads each process's
+shards of the pretrained parameters alone, export gathers them for process 0 to write, and sampling and
+translation split their inputs over the processes; each gives what one process of 8 devices gives."""
+import os
+
+import numpy as np
+import pytest
+
+from helpers import read_metrics, run_cli, two_processes, without_gloo
+from test_multihost import GPT
+
+FSDP = ['--config.mesh.fsdp=8', '--config.mesh.data=1']   # each kernel split over both processes' devices
+SMALL = [*GPT, *FSDP, '--config.num_train_steps=4', '--config.eval_every_steps=4']
+
+
+@pytest.fixture(scope='module')
+def gpt(tmp_path_factory):
+  """A GPT trained 4 steps by one process of 8 devices, its kernels split 8 ways."""
+  workdir = str(tmp_path_factory.mktemp('gpt') / 'run')
+  run_cli('train.py', *SMALL, f'--workdir={workdir}', devices=8, check=True)
+  return workdir
+
+
+def test_two_processes_fine_tune_with_parameters_spanning_both_like_one(tmp_path, gpt):
+  single, multi = str(tmp_path / 'single'), str(tmp_path / 'multi')
+  tune = [*SMALL, f'--config.init_from={gpt}']
+  proc = run_cli('train.py', *tune, f'--workdir={single}', devices=8, check=True)
+  assert 'arrays restored; new: no head' in proc.stdout
+  outs = two_processes(multi, tune)
+  assert all('arrays restored; new: no head' in out for out in outs), outs
+  a, b = read_metrics(single), read_metrics(multi)
+  assert [(r['step'], r['split']) for r in a] == [(r['step'], r['split']) for r in b]
+  for x, y in zip(a, b):
+    for k in set(x) - {'step', 'split'}:
+      np.testing.assert_allclose(x[k], y[k], rtol=2e-5, atol=1e-6, err_msg=f'{k} at step {x["step"]}')
+
+
+def test_two_processes_export_a_bert_whose_parameters_span_both_like_one(tmp_path):
+  from safetensors.numpy import load_file  # pylint: disable=g-import-not-at-top
+  workdir = str(tmp_path / 'run')
+  bert = ['--config=configs/bert_pretrain.py', '--config.model.num_layers=1', '--config.model.d_model=32',
+          '--config.model.num_heads=2', '--config.model.d_ff=64', '--config.dataset.vocab_size=400',
+          '--config.dataset.seq_len=32', '--config.batch_size=16', '--config.num_train_steps=2',
+          '--config.eval_every_steps=2', '--config.optimizer.warmup_steps=1', *FSDP]   # a masked LM: hf/ too
+  run_cli('train.py', *bert, f'--workdir={workdir}', devices=8, check=True)
+  run_cli('eval.py', *bert, f'--workdir={workdir}', '--mode=export', f'--output={tmp_path}/one', devices=8,
+          check=True)
+  outs = two_processes(workdir, [*bert, '--mode=export', f'--output={tmp_path}/two'], script='eval.py')
+  assert all('exported step 2' in out for out in outs), outs
+  for name in ('model.safetensors', 'hf/model.safetensors'):
+    one, two = load_file(str(tmp_path / 'one' / name)), load_file(str(tmp_path / 'two' / name))
+    assert sorted(one) == sorted(two) and len(one) > 5
+    for k in one:
+      np.testing.assert_array_equal(one[k], two[k], err_msg=k)
+  assert sorted(os.listdir(tmp_path / 'one')) == sorted(os.listdir(tmp_path / 'two'))
+
+
+def test_two_processes_sample_and_translate_like_one(tmp_path, gpt):
+  """Prompts and sources given to both processes are split over the mesh (fsdp=8: the parameters span both);
+  each process decodes its share, and the outputs are one process's."""
+  mt = str(tmp_path / 'mt')
+  transformer = ['--config=configs/transformer.py', '--config.model.num_encoder_layers=1',
+                 '--config.model.num_decoder_layers=1', '--config.model.d_model=32', '--config.model.num_heads=2',
+                 '--config.model.d_ff=64', '--config.dataset.train_examples=400', '--config.dataset.vocab_size=296',
+                 '--config.batch_size=16', '--config.num_train_steps=4', '--config.eval_every_steps=4',
+                 '--config.optimizer.warmup_steps=1', '--config.decode.splits=', *FSDP]
+  run_cli('train.py', *transformer, f'--workdir={mt}', devices=8, check=True)
+  sample = [*SMALL, '--mode=sample', '--prompt=The ', '--prompt=import os', '--prompt=', '--num_samples=3',
+            '--max_new_tokens=12', '--temperature=1.0', '--seed=3']
+  one = run_cli('eval.py', *sample, f'--workdir={gpt}', devices=8, check=True).stdout
+  outs = [without_gloo(out) for out in two_processes(gpt, sample, script='eval.py')]
+  assert one.count('--- prompt:') == 9 and outs[0] == one and '--- prompt' not in outs[1]
+  translate = [*transformer, '--mode=translate', '--input=three hundred and five', '--input=twelve',
+               '--input=nine thousand']
+  one = run_cli('eval.py', *translate, f'--workdir={mt}', devices=8, check=True).stdout
+  outs = [without_gloo(out) for out in two_processes(mt, translate, script='eval.py')]
+  assert one.count('\t') == 3 and outs[0] == one, (one, outs)

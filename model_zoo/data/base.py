@@ -109,13 +109,13 @@ def temp_path(path: str) -> str:
   os.makedirs(os.path.dirname(path) or '.', exist_ok=True)
   fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path) or '.', prefix=os.path.basename(path) + '.tmp')
   os.close(fd)
-  os.chmod(tmp, 0o666 & ~_UMASK)   # mkstemp's is 0600; the file it becomes gets a plain file's mode
+  os.chmod(tmp, 0o666 & ~UMASK)   # mkstemp's is 0600; the file it becomes gets a plain file's mode
   return tmp
 
 
 # The process's umask, read once at import (reading it means setting it, which is not safe once threads run).
-_UMASK = os.umask(0)
-os.umask(_UMASK)
+UMASK = os.umask(0)
+os.umask(UMASK)
 
 
 # TFDS.

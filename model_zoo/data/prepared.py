@@ -23,7 +23,7 @@ import tempfile
 import numpy as np
 
 from model_zoo.data import packing, tokenizers
-from model_zoo.data.base import Files, hash_bucket, temp_path
+from model_zoo.data.base import UMASK, Files, hash_bucket, temp_path
 from model_zoo.errors import UserError
 
 CHUNK = 8192               # tokens a record: a row of 1024 reads one record, or two
@@ -77,18 +77,12 @@ def write(output: str, dataset_config, documents, splits: list[str], source: str
       print(f'{split}: {len(docs):,} documents, {index["splits"][split]["tokens"]:,} tokens', flush=True)
     with open(os.path.join(tmp, 'index.json'), 'w') as f:
       json.dump(index, f, indent=2)
-    os.chmod(tmp, 0o777 & ~_umask())
+    os.chmod(tmp, 0o777 & ~UMASK)   # a plain directory's mode, not mkdtemp's 0700
     os.rename(tmp, output)
   finally:
     if os.path.exists(tmp):
       shutil.rmtree(tmp)
   return index
-
-
-def _umask() -> int:
-  mask = os.umask(0)
-  os.umask(mask)
-  return mask
 
 
 def _write_split(directory: str, split: str, stream: np.ndarray, tokenizer) -> dict:

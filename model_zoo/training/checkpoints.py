@@ -137,8 +137,7 @@ class Checkpoints:
   def restore_tree(self, step: int) -> dict:
     """The state at `step` as nested dicts of host numpy arrays, whatever model wrote it (fine-tuning
     reads another run's checkpoint: see model_zoo.transfer.finetune)."""
-    metadata = self.manager.item_metadata(step)['state']
-    return restore_on_host(self.manager, step, 'state', getattr(metadata, 'tree', metadata))
+    return restore_on_host(self.manager, step, 'state', self.saved_tree(step))
 
   def saved_tree(self, step: int) -> dict:
     """The saved state's structure at `step`, as nested dicts with Orbax's metadata (shape, dtype) at the leaves."""

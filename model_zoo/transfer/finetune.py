@@ -112,9 +112,9 @@ class CheckpointVariables:
     finally:
       self.ckpt.close()
     # Each variable's path in the saved state: the state's tree with its own paths as leaves, rearranged.
-    at = traverse_util.unflatten_dict({k: k for k in traverse_util.flatten_dict(saved)})
-    self.state_path = {path_names(k): v for k, v in traverse_util.flatten_dict(_variables_of_state(at)).items()}
     flat = traverse_util.flatten_dict(saved)
+    at = traverse_util.unflatten_dict({k: k for k in flat})
+    self.state_path = {path_names(k): v for k, v in traverse_util.flatten_dict(_variables_of_state(at)).items()}
     self._shapes = {k: tuple(flat[v].shape) for k, v in self.state_path.items()}
 
   def shapes(self) -> dict[tuple[str, ...], tuple[int, ...]]:

@@ -14,6 +14,7 @@ import os
 import sys
 
 import ml_collections
+from etils import epath
 
 from model_zoo.errors import UserError
 
@@ -154,8 +155,7 @@ def from_json(path: str) -> ml_collections.ConfigDict:
       elif isinstance(value, ml_collections.ConfigDict) and isinstance(node[key], ml_collections.ConfigDict):
         fill(node[key], value)
   try:
-    with open(path) as f:
-      config = ml_collections.ConfigDict(tuples(json.load(f)))
+    config = ml_collections.ConfigDict(tuples(json.loads(epath.Path(path).read_text())))
   except (OSError, ValueError) as e:
     raise UserError(f'{path} cannot be read ({type(e).__name__}: {str(e).splitlines()[0]}): the config the run '
                     f'was started with is damaged') from e

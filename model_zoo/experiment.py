@@ -107,11 +107,10 @@ EVAL_CHANGES = RESUMABLE_CHANGES + ('batch_size', 'grad_accum_steps', 'optimizer
 def check_same_run(config: ml_collections.ConfigDict, workdir: Workdir, may_change=RESUMABLE_CHANGES,
                    doing: str = 'resume it'):
   """A workdir is resumed (or evaluated) only with the config it was started with, up to `may_change`."""
-  if not os.path.exists(workdir.config):
+  if not workdir.config.exists():
     return
   try:
-    with open(workdir.config) as f:
-      saved = _flat(json.load(f))
+    saved = _flat(json.loads(workdir.config.read_text()))
   except (OSError, ValueError) as e:
     raise UserError(f'{workdir.config} cannot be read ({type(e).__name__}: {str(e).splitlines()[0]}): the config '
                     f'the run was started with is damaged. Restore it (train.py writes it from the config file and '
@@ -181,7 +180,7 @@ class Run:
       return data
     if proto:   # staged here too (this process commits nothing), so that the later splits use it
       print(f'process {jax.process_index()}: using the tokenizer that process 0 trained', flush=True)
-      path = self.staging.path(os.path.basename(self.workdir.tokenizer))
+      path = self.staging.path(self.workdir.tokenizer.name)
       os.makedirs(os.path.dirname(path), exist_ok=True)
       with open(path, 'wb') as f:
         f.write(proto)
@@ -194,8 +193,8 @@ class Run:
     if jax.process_index() != 0:
       return
     copies = {}
-    if self.tokenizer_from is not None and os.path.exists(self.tokenizer_from.tokenizer):
-      copies[self.tokenizer_from.tokenizer] = os.path.basename(self.workdir.tokenizer)
+    if self.tokenizer_from is not None and self.tokenizer_from.tokenizer.exists():
+      copies[self.tokenizer_from.tokenizer] = self.workdir.tokenizer.name
     if self.staging is not None:
       self.staging.commit(copies)
 

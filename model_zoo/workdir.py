@@ -17,17 +17,21 @@
   classifier/              the work directory of the classifier that scores a GAN's samples
   export/                  eval.py --mode=export
 
-Nothing else in model_zoo builds these names: loaders, tasks and tools are given paths. Files a
-data set derives (a tokenizer, an encoded split) are first written to a staging directory
-(`Staging`) and moved in only once config, data, model, mesh and batch have all been checked, so
-a run that fails its checks leaves no work directory behind.
+Nothing else in model_zoo builds these names: loaders, tasks and tools are given paths. Every path is
+an `epath.Path` (model_zoo.paths), so the work directory may be local or in an object store
+(`--workdir=gs://bucket/run`). Files a data set derives (a tokenizer, an encoded split) are first
+written to a local staging directory (`Staging`) and moved in only once config, data, model, mesh
+and batch have all been checked, so a run that fails its checks leaves no work directory behind.
 """
 import os
 import shutil
 import tempfile
 import uuid
 
-from model_zoo.data.base import Files, temp_path
+from etils import epath
+
+from model_zoo import paths
+from model_zoo.data.base import Files
 from model_zoo.errors import UserError
 
 
@@ -35,94 +39,106 @@ class Workdir:
   """The paths of one work directory (which need not exist yet). With `variant` (a quantization
   scheme), eval.py's metrics, plots and files are those of that variant of the model."""
 
-  def __init__(self, path: str, variant: str = ''):
-    self.path = path
+  def __init__(self, path, variant: str = ''):
+    self.path = paths.path(path)
     self.variant = variant
 
-  def _join(self, *names: str) -> str:
-    return os.path.join(self.path, *names)
+  def _join(self, *names: str) -> epath.Path:
+    return self.path.joinpath(*names)
 
-  def _output(self, name: str) -> str:
+  def _output(self, name: str) -> epath.Path:
     """An eval.py output file, named for the variant: eval.json -> eval-int8.json."""
     stem, ext = os.path.splitext(name)
     return self._join(f'{stem}-{self.variant}{ext}' if self.variant else name)
 
   @property
-  def config(self) -> str:
+  def config(self) -> epath.Path:
     return self._join('config.json')
 
   @property
-  def metrics(self) -> str:
+  def metrics(self) -> epath.Path:
     return self._join('metrics.jsonl')
 
   @property
-  def tensorboard(self) -> str:
+  def tensorboard(self) -> epath.Path:
     return self._join('tensorboard')
 
   @property
-  def checkpoints(self) -> str:
+  def checkpoints(self) -> epath.Path:
     return self._join('checkpoints')
 
   @property
-  def tokenizer(self) -> str:
+  def tokenizer(self) -> epath.Path:
     return self._join('tokenizer.model')
 
-  def encoded(self, split: str) -> str:
+  def encoded(self, split: str) -> epath.Path:
     return self._join(f'tokens-{split}.npy')
 
   @property
-  def eval(self) -> str:
+  def eval(self) -> epath.Path:
     return self._output('eval.json')
 
   @property
-  def training_curves(self) -> str:
+  def training_curves(self) -> epath.Path:
     return self._join('training_curves.png')
 
   @property
-  def confusion_matrix(self) -> str:
+  def confusion_matrix(self) -> epath.Path:
     return self._output('confusion_matrix.png')
 
-  def translations(self, split: str) -> str:
+  def translations(self, split: str) -> epath.Path:
     return self._output(f'translations-{split}.tsv')
 
   @property
-  def reconstructions(self) -> str:
+  def reconstructions(self) -> epath.Path:
     return self._output('reconstructions.png')
 
   @property
-  def interpolation(self) -> str:
+  def interpolation(self) -> epath.Path:
     return self._output('interpolation.png')
 
   @property
-  def samples(self) -> str:
+  def samples(self) -> epath.Path:
     return self._output('samples.png')
 
   @property
-  def interpret(self) -> str:
+  def interpret(self) -> epath.Path:
     return self._output('interpret.json')
 
   @property
-  def interpretations(self) -> str:
+  def interpretations(self) -> epath.Path:
     """eval.py --mode=interpret's pictures (interpret-<SCHEME>/ for a quantized model)."""
     return self._output('interpret')
 
-  def scorer(self, name: str) -> str:
+  def scorer(self, name: str) -> epath.Path:
     """The work directory of a model that scores this run's output (the GAN's 'classifier')."""
     return self._join(name)
 
   @property
-  def export(self) -> str:
+  def export(self) -> epath.Path:
     return self._join('export')
 
-  def quantized(self, scheme: str) -> str:
+  def quantized(self, scheme: str) -> epath.Path:
     return self._join('quantized', scheme)
 
   def check(self, write: bool):
     """A UserError, touching nothing, if this cannot be a work directory: a file, a path under a file,
     or (with `write`) a place where no file can be made."""
-    if os.path.exists(self.path) and not os.path.isdir(self.path):
+    paths.check_reachable(self.path, '--workdir')
+    if self.path.exists() and not self.path.is_dir():
       raise UserError(f'--workdir={self.path} is a file, not a directory; choose another --workdir')
-    existing = os.path.abspath(self.path)
+    if not paths.is_local(self.path):
+      if write:   # an object store has no directories: a probe object says whether one can be made here
+        probe = self.path.parent / f'.model_zoo-write-test-{uuid.uuid4().hex}'
+        try:
+          probe.write_bytes(b'')
+          probe.unlink()
+        except Exception as e:  # pylint: disable=broad-except
+          raise UserError(f'--workdir={self.path} cannot be written: no object can be made in {probe.parent} '
+                          f'({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ""}); check the bucket '
+                          f'and its credentials, or choose another --workdir') from e
+      return
+    existing = os.fspath(self.path)
     while not os.path.exists(existing):
       existing = os.path.dirname(existing)
     if not os.path.isdir(existing):
@@ -137,60 +153,64 @@ class Workdir:
                         f'({e.strerror}); choose a writable --workdir') from e
 
   def has_checkpoints(self) -> bool:
-    return os.path.isdir(self.checkpoints) and bool(os.listdir(self.checkpoints))
+    return self.checkpoints.is_dir() and any(self.checkpoints.iterdir())
 
   def tokenizer_differs(self, other: 'Workdir') -> bool:
     """Both work directories hold a tokenizer file, and the two are not byte-identical."""
-    if not (os.path.exists(self.tokenizer) and os.path.exists(other.tokenizer)):
+    if not (self.tokenizer.exists() and other.tokenizer.exists()):
       return False
-    with open(self.tokenizer, 'rb') as f, open(other.tokenizer, 'rb') as g:
-      return f.read() != g.read()
+    return self.tokenizer.read_bytes() != other.tokenizer.read_bytes()
 
   def data_files(self, staging: 'Staging | None' = None, tokenizer_from: 'Workdir | None' = None) -> Files:
     """What a data set may reuse from this work directory (or, for the tokenizer, from `tokenizer_from`,
     the run that fine-tuning starts from), and where it writes anything new: into `staging`, or, without
     one, nowhere (it is kept in memory)."""
     tokenizer = self.tokenizer
-    staged = staging.path(os.path.basename(self.tokenizer)) if staging is not None else None
-    if not os.path.exists(tokenizer) and staged and os.path.exists(staged):
+    staged = staging.path(self.tokenizer.name) if staging is not None else None
+    if not tokenizer.exists() and staged and os.path.exists(staged):
       tokenizer = staged   # trained for this run by the split loaded first: the later splits use it
-    elif not os.path.exists(tokenizer) and tokenizer_from is not None and os.path.exists(tokenizer_from.tokenizer):
+    elif not tokenizer.exists() and tokenizer_from is not None and tokenizer_from.tokenizer.exists():
       tokenizer = tokenizer_from.tokenizer
     if staging is None:
       return Files(tokenizer=tokenizer, encoded=self.encoded)
-    return Files(tokenizer=tokenizer, new_tokenizer=staging.path(os.path.basename(self.tokenizer)),
-                 encoded=self.encoded, new_encoded=lambda name: staging.path(os.path.basename(self.encoded(name))))
+    return Files(tokenizer=tokenizer, new_tokenizer=staging.path(self.tokenizer.name),
+                 encoded=self.encoded, new_encoded=lambda name: staging.path(self.encoded(name).name))
 
 
 class Staging:
-  """A temporary directory for files on their way into a work directory; removed when closed.
+  """A local temporary directory for files on their way into a work directory; removed when closed.
 
-  Placed beside the work directory where its parent exists, so that `commit` is a rename. It is
-  only created by the first file written into it (`path(name)` names one; the writer makes the
-  directory), so a run that derives no file leaves no trace at all.
+  Placed beside a local work directory where its parent exists, so that `commit` is a rename (for one
+  in an object store, in the system's temporary directory: `commit` uploads). It is only created by the
+  first file written into it (`path(name)` names one; the writer makes the directory), so a run that
+  derives no file leaves no trace at all.
   """
 
   def __init__(self, workdir: Workdir):
-    parent = os.path.dirname(os.path.abspath(workdir.path))
-    self.directory = os.path.join(parent if os.path.isdir(parent) else tempfile.gettempdir(),
+    parent = os.fspath(workdir.path.parent)
+    local = paths.is_local(workdir.path) and os.path.isdir(parent)
+    self.directory = os.path.join(parent if local else tempfile.gettempdir(),
                                   f'.model_zoo-staging-{uuid.uuid4().hex}')
     self.workdir = workdir
 
   def path(self, name: str) -> str:
     return os.path.join(self.directory, name)
 
-  def commit(self, copies: dict[str, str] | None = None):
+  def commit(self, copies: dict | None = None):
     """Moves every staged file into the work directory (creating it) and copies `copies`
     ({source path: name in the work directory}); a file already there is left as it is."""
-    os.makedirs(self.workdir.path, exist_ok=True)
+    self.workdir.path.mkdir(parents=True, exist_ok=True)
     moves = {self.path(n): n for n in os.listdir(self.directory)} if os.path.isdir(self.directory) else {}
     for source, name in {**moves, **(copies or {})}.items():
-      target = os.path.join(self.workdir.path, name)
-      if os.path.exists(target) or not os.path.exists(source):
+      target = self.workdir.path / name
+      if target.exists() or not paths.path(source).exists():
         continue
-      tmp = temp_path(target)
-      (shutil.move if source in moves else shutil.copyfile)(source, tmp)
-      os.replace(tmp, target)   # each rename is whole
+      if source in moves and paths.is_local(target):
+        tmp = paths.temp_path(target)
+        shutil.move(source, tmp)   # a rename where the staging directory is on the same disk
+        os.replace(tmp, target)    # each rename is whole
+      else:
+        paths.copy_file(source, target)
 
   def close(self):
     shutil.rmtree(self.directory, ignore_errors=True)

@@ -101,9 +101,10 @@ def bytes_by_hand(float_params, weight_dtype) -> tuple[int, int]:
   return stored, sum(4 * w.size for w in jax.tree.leaves(float_params))
 
 
-def run_cli(script, *args, devices=1, timeout=300, check=False):
-  """Runs train.py or eval.py (or `-m module`) in a fresh process, as a user would."""
-  env = dict(os.environ)
+def run_cli(script, *args, devices=1, timeout=300, check=False, env=None):
+  """Runs train.py or eval.py (or `-m module`) in a fresh process, as a user would (with `env` added to
+  the environment)."""
+  env = dict(os.environ, **(env or {}))
   env['XLA_FLAGS'] = xla_flags(devices)
   command = ['-m', *args] if script == '-m' else [os.path.join(ROOT, script), *args]
   proc = subprocess.run([sys.executable, *command], cwd=ROOT, env=env,

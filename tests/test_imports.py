@@ -13,14 +13,16 @@ PACKAGE = os.path.join(ROOT, 'model_zoo')
 # What each part of model_zoo may import from model_zoo (besides itself). The drivers
 # (experiment, training.loop, evaluation.evaluate, cli) sit on top and may import anything.
 ALLOWED = {
+    # Local paths and gs:// alike (etils.epath), under everything that reads or writes a file.
+    'model_zoo.paths': {'model_zoo.errors'},
     'model_zoo.models': {'model_zoo.errors', 'model_zoo.config'},
-    'model_zoo.data': {'model_zoo.errors', 'model_zoo.config'},
-    'model_zoo.workdir': {'model_zoo.data.base', 'model_zoo.errors'},
+    'model_zoo.data': {'model_zoo.errors', 'model_zoo.config', 'model_zoo.paths'},
+    'model_zoo.workdir': {'model_zoo.data.base', 'model_zoo.errors', 'model_zoo.paths'},
     'model_zoo.inference': {'model_zoo.models'},
-    'model_zoo.evaluation.plots': set(),
+    'model_zoo.evaluation.plots': {'model_zoo.paths'},
     # Interpretation reaches models only through the task interface it is handed (and the protocol's names).
     'model_zoo.interpret': {'model_zoo.errors', 'model_zoo.data.base', 'model_zoo.models.protocol',
-                            'model_zoo.evaluation.plots', 'model_zoo.workdir'},
+                            'model_zoo.evaluation.plots', 'model_zoo.workdir', 'model_zoo.paths'},
     'model_zoo.compression.settings': {'model_zoo.errors'},
     'model_zoo.compression.quantization': {'model_zoo.errors', 'model_zoo.compression.settings'},
     'model_zoo.compression.pruning': {'model_zoo.errors', 'model_zoo.config', 'model_zoo.models.protocol'},

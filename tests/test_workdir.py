@@ -43,4 +43,6 @@ def test_workdir_names_every_file():
   names = {wd.config, wd.metrics, wd.tensorboard, wd.checkpoints, wd.tokenizer, wd.encoded('train'), wd.eval,
            wd.training_curves, wd.confusion_matrix, wd.translations('test'), wd.reconstructions, wd.interpolation,
            wd.samples, wd.scorer('classifier'), wd.export}
-  assert len(names) == 15 and all(n.startswith('runs/x/') for n in names)
+  assert len(names) == 15 and all(str(n).startswith(os.path.abspath('runs/x') + '/') for n in names)
+  remote = Workdir('gs://bucket/x')   # an object store's paths keep their URL (model_zoo.paths)
+  assert str(remote.checkpoints) == 'gs://bucket/x/checkpoints' and str(remote.eval) == 'gs://bucket/x/eval.json'

@@ -11,7 +11,6 @@ in evaluation mode on exactly the student's (augmented) batch, under stop_gradie
 step as an argument: never in the student's train state, optimizer or checkpoint. The loss is
 model_zoo.tasks.base.SupervisedTask.loss_fn's; eval.json gains `teacher_agreement`.
 """
-import os
 
 import jax
 
@@ -33,7 +32,7 @@ def teacher(run: Run) -> Teacher | None:
     raise UserError(f'config.distill.teacher: the {config.task} task has no class or token outputs to distill; '
                     f'distillation works for classification, language modelling, masked LM and translation')
   source = Workdir(path)
-  if not source.has_checkpoints() or not os.path.exists(source.config):
+  if not source.has_checkpoints() or not source.config.exists():
     raise UserError(f'config.distill.teacher={path!r} is not a trained workdir (no checkpoint or config.json): '
                     f'train the teacher first, `python train.py --config=... --workdir={path}`')
   tconfig = config_lib.from_json(source.config)

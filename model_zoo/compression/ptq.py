@@ -10,12 +10,12 @@ config.quantization, the float step and, for GPTQ, the calibration batches and s
 translate and export load it when it is there, instead of quantizing again.
 """
 import json
-import os
 
 import jax
 import ml_collections
 import orbax.checkpoint as ocp
 
+from model_zoo import paths
 from model_zoo.compression import quantization
 from model_zoo.compression.settings import scheme
 from model_zoo.data import pipeline
@@ -60,8 +60,8 @@ def quantized_experiment(config: ml_collections.ConfigDict, info, mesh) -> Exper
 class QuantizedCheckpoints:
   """<workdir>/quantized/<scheme>/<step>/{variables, metadata}, written atomically by Orbax."""
 
-  def __init__(self, directory: str):
-    self.directory = os.path.abspath(directory)
+  def __init__(self, directory):
+    self.directory = paths.path(directory)
     self.manager = ocp.CheckpointManager(
         self.directory, options=ocp.CheckpointManagerOptions(create=False, max_to_keep=None),
         item_handlers={'variables': ocp.StandardCheckpointHandler(), 'metadata': ocp.JsonCheckpointHandler()})
@@ -69,16 +69,15 @@ class QuantizedCheckpoints:
   def metadata(self, step: int) -> dict | None:
     if step not in self.manager.all_steps():
       return None
-    path = os.path.join(self.directory, str(step), 'metadata', 'metadata')
+    path = self.directory / str(step) / 'metadata' / 'metadata'
     try:
-      with open(path) as f:
-        return json.load(f)
+      return json.loads(path.read_text())
     except (OSError, ValueError) as e:
       raise UserError(f'{path} cannot be read ({type(e).__name__}); the quantized checkpoint of step {step} is '
-                      f'damaged: move {os.path.dirname(os.path.dirname(path))} aside to quantize again') from e
+                      f'damaged: move {self.directory / str(step)} aside to quantize again') from e
 
   def save(self, step: int, stored, metadata: dict):
-    os.makedirs(self.directory, exist_ok=True)
+    self.directory.mkdir(parents=True, exist_ok=True)
     self.manager.save(step, args=ocp.args.Composite(variables=ocp.args.StandardSave(stored),
                                                     metadata=ocp.args.JsonSave(metadata)))
     self.manager.wait_until_finished()

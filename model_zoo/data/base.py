@@ -12,8 +12,6 @@ import collections.abc
 import dataclasses
 import functools
 import hashlib
-import os
-import tempfile
 from typing import Any, Callable, Mapping, Sequence
 
 import ml_collections
@@ -94,28 +92,6 @@ def to_str(value) -> str:
   """A TFDS text feature (bytes, a 0-d array of bytes, or str) as str."""
   value = value.item() if isinstance(value, np.ndarray) else value
   return value.decode('utf-8') if isinstance(value, bytes) else str(value)
-
-
-def write_atomically(path: str, data: bytes):
-  """Writes `data` to `path` so that a reader sees the whole file or none (several processes may)."""
-  tmp = temp_path(path)
-  with open(tmp, 'wb') as f:
-    f.write(data)
-  os.replace(tmp, path)
-
-
-def temp_path(path: str) -> str:
-  """A new empty file next to `path` (its directory made if need be), to be renamed onto it when complete."""
-  os.makedirs(os.path.dirname(path) or '.', exist_ok=True)
-  fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path) or '.', prefix=os.path.basename(path) + '.tmp')
-  os.close(fd)
-  os.chmod(tmp, 0o666 & ~UMASK)   # mkstemp's is 0600; the file it becomes gets a plain file's mode
-  return tmp
-
-
-# The process's umask, read once at import (reading it means setting it, which is not safe once threads run).
-UMASK = os.umask(0)
-os.umask(UMASK)
 
 
 # TFDS.

@@ -22,7 +22,7 @@ from typing import Sequence
 
 import numpy as np
 
-from model_zoo.data.base import temp_path
+from model_zoo.paths import temp_path
 from model_zoo.data.tokenizers import BOS_ID, EOS_ID, PAD_ID
 from model_zoo.errors import UserError
 

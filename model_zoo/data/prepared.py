@@ -23,7 +23,8 @@ import tempfile
 import numpy as np
 
 from model_zoo.data import packing, tokenizers
-from model_zoo.data.base import UMASK, Files, hash_bucket, temp_path
+from model_zoo.data.base import Files, hash_bucket
+from model_zoo.paths import UMASK, temp_path
 from model_zoo.errors import UserError
 
 CHUNK = 8192               # tokens a record: a row of 1024 reads one record, or two

@@ -15,6 +15,7 @@ from typing import Callable, Sequence
 import ml_collections
 import numpy as np
 
+from model_zoo import paths
 from model_zoo.data import packing, prepared, tokenizers
 from model_zoo.data.base import Dataset, Files, LazyColumn, hash_bucket, tfds_source, to_str
 from model_zoo.errors import UserError
@@ -115,9 +116,9 @@ def language_modeling(documents: Callable[[ml_collections.ConfigDict, str], Sequ
     train_texts = lambda: documents(config, config.train_split)
     name = cache_name(split) if cache_name else None
     cached = files.encoded(name) if name and files.encoded else None
-    if cached is not None and os.path.exists(cached):
+    if cached is not None and paths.path(cached).exists():
       tokenizer = tokenizers.build(config, files, train_texts)
-      stream = np.load(cached, mmap_mode='r')
+      stream = paths.load_array(cached)
     else:
       docs = documents(config, split)  # first: a bad split or absent data fails before training a tokenizer
       tokenizer = tokenizers.build(config, files, train_texts)

@@ -15,8 +15,10 @@ from typing import Callable, Iterable, Sequence
 import ml_collections
 import numpy as np
 
-from model_zoo.data.base import Files, write_atomically
+from model_zoo import paths
+from model_zoo.data.base import Files
 from model_zoo.errors import UserError
+from model_zoo.paths import write_atomically
 
 PAD_ID, BOS_ID, EOS_ID, UNK_ID = 0, 1, 2, 3
 KINDS = ('bytes', 'sentencepiece', 'hf:<directory>')
@@ -58,8 +60,7 @@ class SentencePieceTokenizer:
 
   def __init__(self, path: str):
     self.path = path
-    with open(path, 'rb') as f:
-      self._load(f.read())
+    self._load(paths.path(path).read_bytes())
 
   def _load(self, proto: bytes):
     import sentencepiece as spm  # pylint: disable=g-import-not-at-top
@@ -183,7 +184,7 @@ def build(dataset_config: ml_collections.ConfigDict, files: Files | None, train_
     raise UserError(f'unknown tokenizer {kind!r} in config.dataset.tokenizer; known: {", ".join(KINDS)}')
   vocab_size = dataset_config.vocab_size
   files = files or Files()
-  if files.tokenizer and os.path.exists(files.tokenizer):
+  if files.tokenizer and paths.path(files.tokenizer).exists():
     tokenizer = SentencePieceTokenizer(files.tokenizer)
     if tokenizer.vocab_size != vocab_size:
       raise UserError(f'{files.tokenizer} has {tokenizer.vocab_size} tokens but config.dataset.vocab_size='

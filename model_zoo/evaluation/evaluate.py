@@ -18,6 +18,7 @@ from model_zoo.compression import settings as quantization_settings
 from model_zoo.errors import UserError
 from model_zoo.evaluation import plots
 from model_zoo.experiment import prepare
+from model_zoo.paths import write_atomically
 from model_zoo.tasks import registry as task_registry
 from model_zoo.training import loop, sharding
 from model_zoo.training.writer import read_metrics
@@ -80,9 +81,8 @@ def evaluate(config, workdir: str, step: int | None = None, quantize: str | None
     metrics['sparsity'], metrics['sparsity_by_layer'] = pruning.measured_sparsity(
         task.variables(state)['params'], run.config.pruning.params)
   if jax.process_index() == 0:
-    with open(wd.eval, 'w') as f:
-      json.dump({'step': step, **metrics}, f, indent=2)
-    if os.path.exists(wd.metrics) and not variant:
+    write_atomically(wd.eval, json.dumps({'step': step, **metrics}, indent=2).encode())
+    if wd.metrics.exists() and not variant:
       plots.training_curves(read_metrics(wd.metrics)[0], wd.training_curves)
     task.eval_artifacts(stats, wd)
   print(f'eval of step {step}{f" quantized as {variant}" if variant else ""} on {config.dataset.name}:'
@@ -166,7 +166,7 @@ def export(config, workdir: str, output: str | None, *, step: int | None = None,
   from model_zoo.transfer import export as export_lib  # pylint: disable=g-import-not-at-top
   if format not in FORMATS:
     raise UserError(f'--format must be one of {", ".join(FORMATS)}, got {format!r}')
-  output = output or Workdir(workdir).export
+  output = output or str(Workdir(workdir).export)
   export_lib.check_output(output)
   if format == 'savedmodel':
     from model_zoo.transfer import savedmodel  # pylint: disable=g-import-not-at-top

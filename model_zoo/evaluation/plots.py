@@ -8,6 +8,8 @@ import functools
 
 import numpy as np
 
+from model_zoo import paths
+
 
 @functools.cache
 def _pyplot():
@@ -44,7 +46,7 @@ def training_curves(records: list[dict], path: str):
   for ax in list(axes.flat)[len(names):]:
     ax.axis('off')
   fig.tight_layout()
-  fig.savefig(path, dpi=100)
+  paths.save_figure(fig, path)
   plt.close(fig)
 
 
@@ -64,7 +66,7 @@ def confusion_matrix(confusion, class_names, path: str):
   ax.set_ylabel('true')
   ax.set_title(f'confusion matrix ({c.sum()} examples, accuracy {np.trace(c) / c.sum():.4f})')
   fig.tight_layout()
-  fig.savefig(path, dpi=100)
+  paths.save_figure(fig, path)
   plt.close(fig)
 
 
@@ -90,5 +92,5 @@ def image_grid(images_BxHxWxC, path: str, *, columns: int = 10, title: str = '',
   if title:
     ax.set_title(title)
   fig.tight_layout()
-  fig.savefig(path, dpi=100)
+  paths.save_figure(fig, path)
   plt.close(fig)

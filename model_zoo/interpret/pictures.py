@@ -7,6 +7,7 @@ import html
 
 import numpy as np
 
+from model_zoo import paths
 from model_zoo.evaluation.plots import _pyplot  # pylint: disable=protected-access
 
 
@@ -42,7 +43,7 @@ def image_attributions(rows: list[dict], class_names, path: str, title: str):
     ax.set_title(name, fontsize=10)
   fig.suptitle(title, fontsize=10)
   fig.tight_layout(rect=(0, 0, 1, 0.98))
-  fig.savefig(path, dpi=100)
+  paths.save_figure(fig, path)
   plt.close(fig)
 
 
@@ -84,7 +85,7 @@ def deletion_curves(curves: dict[str, np.ndarray], areas: dict[str, float], path
   ax.grid(alpha=0.3)
   ax.legend(fontsize=8)
   fig.tight_layout()
-  fig.savefig(path, dpi=100)
+  paths.save_figure(fig, path)
   plt.close(fig)
 
 
@@ -115,7 +116,7 @@ def matrices(panels: list[tuple[str, np.ndarray]], path: str, *, rows_labels=Non
   if title:
     fig.suptitle(title, fontsize=10)
   fig.tight_layout(rect=(0, 0, 1, 1 - 0.35 / fig.get_figheight()) if title else None)
-  fig.savefig(path, dpi=100)
+  paths.save_figure(fig, path)
   plt.close(fig)
 
 
@@ -134,7 +135,7 @@ def rollout(images, maps, path: str, title: str):
       ax.set_yticks([])
   fig.suptitle(title, fontsize=10)
   fig.tight_layout()
-  fig.savefig(path, dpi=100)
+  paths.save_figure(fig, path)
   plt.close(fig)
 
 
@@ -152,5 +153,5 @@ def scatter(points_Nx2, labels_N, class_names, path: str, title: str):
   ax.set_title(title, fontsize=10)
   ax.legend(fontsize=7, markerscale=2, ncol=2)
   fig.tight_layout()
-  fig.savefig(path, dpi=100)
+  paths.save_figure(fig, path)
   plt.close(fig)

@@ -25,8 +25,6 @@ everything has been computed.
 import functools
 import json
 import os
-import shutil
-import uuid
 
 import flax.linen as nn
 import jax
@@ -34,7 +32,8 @@ import jax.numpy as jnp
 import numpy as np
 import scipy.stats
 
-from model_zoo.data.base import Dataset, temp_path
+from model_zoo import paths
+from model_zoo.data.base import Dataset
 from model_zoo.errors import UserError
 from model_zoo.interpret import attributions as attr_lib
 from model_zoo.interpret import pictures
@@ -107,25 +106,13 @@ def run(exp, state, data: Dataset, workdir: Workdir, method: str | None, texts: 
 
 
 def _write(workdir: Workdir, figures: dict, files: dict):
-  """Every picture into a staging directory, then renamed to <workdir>/interpret/; interpret.json, then the
+  """Every picture into a staging directory that then replaces <workdir>/interpret/; interpret.json, then the
   faithfulness figures into eval.json (beside eval.py's metrics)."""
   faithfulness = {k: v for k, v in figures.items() if k.startswith(FAITHFULNESS)}
   previous = _read_eval(workdir)
-  os.makedirs(workdir.path, exist_ok=True)
-  staging = os.path.join(workdir.path, f'.interpret-{uuid.uuid4().hex}')
-  os.makedirs(staging)
-  try:
+  with paths.staged_directory(workdir.interpretations, replace=True) as staging:
     for name, write in files.items():
       write(os.path.join(staging, name))
-    old = None
-    if os.path.exists(workdir.interpretations):
-      old = f'{staging}-old'
-      os.replace(workdir.interpretations, old)
-    os.replace(staging, workdir.interpretations)
-    if old:
-      shutil.rmtree(old, ignore_errors=True)
-  finally:
-    shutil.rmtree(staging, ignore_errors=True)
   _write_json(workdir.interpret, {**figures, 'files': sorted(files)})
   if faithfulness:
     _write_json(workdir.eval, {**previous, **faithfulness, 'interpret_step': figures['step']})
@@ -133,11 +120,10 @@ def _write(workdir: Workdir, figures: dict, files: dict):
 
 def _read_eval(workdir: Workdir) -> dict:
   """eval.json's metrics ({} if there is none); a damaged one is a UserError (it is not overwritten)."""
-  if not os.path.exists(workdir.eval):
+  if not workdir.eval.exists():
     return {}
   try:
-    with open(workdir.eval) as f:
-      previous = json.load(f)
+    previous = json.loads(workdir.eval.read_text())
     if not isinstance(previous, dict):
       raise ValueError('not a JSON object')
     return previous
@@ -146,11 +132,8 @@ def _read_eval(workdir: Workdir) -> dict:
                     f'which writes it anew), then interpret again') from e
 
 
-def _write_json(path: str, content: dict):
-  tmp = temp_path(path)
-  with open(tmp, 'w') as f:
-    json.dump(content, f, indent=2)
-  os.replace(tmp, path)
+def _write_json(path, content: dict):
+  paths.write_atomically(path, json.dumps(content, indent=2).encode())
 
 
 def _examples(data: Dataset, n: int) -> dict:

@@ -19,6 +19,7 @@ import numpy as np
 from model_zoo.errors import UserError
 from model_zoo.inference import beam_search
 from model_zoo.models import protocol, registry
+from model_zoo.paths import write_atomically
 from model_zoo.tasks import losses
 from model_zoo.tasks.base import Input, Serving, SupervisedTask
 
@@ -247,9 +248,8 @@ class TranslationTask(SupervisedTask):
       metrics.update({prefix + k: v for k, v in scores.items() if k != 'bleu_signature'})
       metrics['bleu_signature'] = scores['bleu_signature']
       if jax.process_index() == 0:
-        with open(workdir.translations(split), 'w') as f:
-          f.write('source\treference\thypothesis\n')
-          f.writelines(f'{s}\t{r}\t{h}\n' for s, r, h in zip(sources, references, hypotheses))
+        rows = ['source\treference\thypothesis\n'] + [f'{s}\t{r}\t{h}\n' for s, r, h in zip(sources, references, hypotheses)]
+        write_atomically(workdir.translations(split), ''.join(rows).encode())
       print(f'{split}: {len(pairs)} pairs, BLEU {scores["bleu"]:.2f}, chrF {scores["chrf"]:.2f}, exact match '
             f'{scores["exact_match"]:.4f} ({scores["bleu_signature"]})', flush=True)
       for s, r, h in list(zip(sources, references, hypotheses))[:3]:

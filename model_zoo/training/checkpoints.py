@@ -9,14 +9,13 @@ restored: `latest_step` passes over it and says so. Training moves it aside (`se
 the step can be saved again, and deletes nothing.
 """
 import json
-import os
-import shutil
 
 import grain
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
+from model_zoo import paths
 from model_zoo.errors import UserError
 
 
@@ -39,8 +38,8 @@ def restore_on_host(manager: ocp.CheckpointManager, step: int, item: str, shapes
 
 class Checkpoints:
 
-  def __init__(self, directory: str, *, max_to_keep: int = 3):
-    self.directory = os.path.abspath(directory)
+  def __init__(self, directory, *, max_to_keep: int = 3):
+    self.directory = paths.path(directory)   # local, or in an object store (gs://...)
     self.manager = ocp.CheckpointManager(
         self.directory,
         options=ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, enable_async_checkpointing=True,
@@ -62,43 +61,41 @@ class Checkpoints:
   def problem(self, step: int, training: bool = False) -> str | None:
     """What makes the checkpoint at `step` unusable (for evaluation, or with `training` for
     resuming too), or None. Reads only metadata."""
-    path = os.path.join(self.directory, str(step))
+    path = self.directory / str(step)
     parts = ['state'] + (['data', 'log'] if training else [])
-    missing = [p for p in parts if not os.path.isdir(os.path.join(path, p))]
+    missing = [p for p in parts if not (path / p).is_dir()]
     if missing:
       return f'it has no {" or ".join(p + "/" for p in missing)} (a save that did not finish, or removed files)'
-    files = [os.path.join(path, 'state', '_METADATA')]
+    files = ['state/_METADATA']
     if training:
-      data = os.path.join(path, 'data')
-      files += [os.path.join(data, n) for n in sorted(os.listdir(data)) if n.endswith('.json')]
+      files += [f'data/{n}' for n in sorted(p.name for p in (path / 'data').iterdir()) if n.endswith('.json')]
       if len(files) == 1:
         return 'its data/ holds no input-pipeline position'
-      files.append(os.path.join(path, 'log', 'metadata'))
+      files.append('log/metadata')
     for name in files:
       try:
-        with open(name) as f:
-          json.load(f)
+        json.loads((path / name).read_text())
       except (OSError, ValueError) as e:
-        return f'{os.path.relpath(name, path)} cannot be read ({type(e).__name__}: {str(e).splitlines()[0]})'
+        return f'{name} cannot be read ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ""})'
     return None
 
   def set_aside(self, step: int) -> str:
     """Moves the step directory out of the way (into checkpoints-skipped/ beside it) and returns where;
     `manager.reload()` then makes the manager forget it."""
-    target = os.path.join(os.path.dirname(self.directory), 'checkpoints-skipped', str(step))
+    skipped = self.directory.parent / 'checkpoints-skipped'
     n = 0
-    while os.path.exists(target + (f'.{n}' if n else '')):
+    while (skipped / (f'{step}.{n}' if n else str(step))).exists():
       n += 1
-    target += f'.{n}' if n else ''
-    os.makedirs(os.path.dirname(target), exist_ok=True)
-    shutil.move(os.path.join(self.directory, str(step)), target)
+    target = skipped / (f'{step}.{n}' if n else str(step))
+    skipped.mkdir(parents=True, exist_ok=True)
+    (self.directory / str(step)).rename(target)
     return target
 
   def all_steps(self) -> list[int]:
     return list(self.manager.all_steps())
 
   def save(self, step: int, state, data_iterator, log: list[dict]):
-    os.makedirs(self.directory, exist_ok=True)
+    self.directory.mkdir(parents=True, exist_ok=True)
     log = [{k: float(v) for k, v in m.items()} for m in jax.device_get(log)]
     self.manager.save(step, args=ocp.args.Composite(
         state=ocp.args.StandardSave(state), data=grain.checkpoint.CheckpointSave(data_iterator),
@@ -132,7 +129,7 @@ class Checkpoints:
       # The shapes fit (checked above), so a failure here is in the files themselves.
       raise UserError(f'the checkpoint at step {step} in {self.directory} could not be read '
                       f'({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ""}); it may be damaged: '
-                      f'move {os.path.join(self.directory, str(step))} aside to use the one before it') from e
+                      f'move {self.directory / str(step)} aside to use the one before it') from e
 
   def restore_tree(self, step: int) -> dict:
     """The state at `step` as nested dicts of host numpy arrays, whatever model wrote it (fine-tuning
@@ -152,7 +149,7 @@ class Checkpoints:
                                                                dtype=s.dtype), abstract)
     checkpointer = ocp.PyTreeCheckpointer()
     try:
-      return checkpointer.restore(os.path.join(self.directory, str(step), 'state'), args=ocp.args.PyTreeRestore(
+      return checkpointer.restore(self.directory / str(step) / 'state', args=ocp.args.PyTreeRestore(
           item=abstract, restore_args=restore_args, partial_restore=True))
     finally:
       checkpointer.close()
@@ -175,7 +172,7 @@ class Checkpoints:
 
   def _check_process_count(self, step):
     """The input pipeline's position is saved per process, so a run resumes with as many processes."""
-    names = os.listdir(os.path.join(self.directory, str(step), 'data'))
+    names = [p.name for p in (self.directory / str(step) / 'data').iterdir()]
     counts = {int(n.split('-of-')[1].split('.')[0]) for n in names if '-of-' in n}
     if counts and counts != {jax.process_count()}:
       raise UserError(f'the checkpoint at step {step} in {self.directory} was written by {counts.pop()} '

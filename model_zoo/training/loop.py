@@ -14,7 +14,8 @@ from jax.experimental import multihost_utils
 
 from model_zoo.compression import distill
 from model_zoo.data import pipeline
-from model_zoo.data.base import Dataset, write_atomically
+from model_zoo.data.base import Dataset
+from model_zoo.paths import write_atomically
 from model_zoo.errors import UserError
 from model_zoo.experiment import Experiment, prepare
 from model_zoo.training import sharding

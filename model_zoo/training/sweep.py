@@ -28,12 +28,14 @@ import re
 import shlex
 import subprocess
 import sys
+import tempfile
 
 import ml_collections
 
 from model_zoo import config as config_lib
-from model_zoo.data.base import write_atomically
+from model_zoo import paths
 from model_zoo.errors import UserError
+from model_zoo.paths import write_atomically
 from model_zoo.training.writer import read_metrics
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -135,7 +137,7 @@ class Sweep:
   def __init__(self, spec: str, directory: str, config: ml_collections.ConfigDict, base: list[str],
                points: list[dict], metric: str = '', goal: str = ''):
     path, colon, arg = spec.partition(':')   # the commands run from the repository's root
-    self.spec, self.directory, self.base = os.path.abspath(path) + colon + arg, os.path.abspath(directory), list(base)
+    self.spec, self.directory, self.base = os.path.abspath(path) + colon + arg, paths.path(directory), list(base)
     if goal not in ('', 'min', 'max'):
       raise UserError(f"--goal must be 'min' or 'max' (or empty: max for {', '.join(HIGHER_IS_BETTER)}, min for "
                       f"the rest), got {goal!r}")
@@ -176,14 +178,14 @@ class Sweep:
   def check_directory(self):
     """A UserError when `directory` holds another sweep (another config, or other shared overrides): its
     points' work directories would be taken as this sweep's. A sweep may gain points."""
-    path = os.path.join(self.directory, 'sweep.json')
-    if os.path.isfile(self.directory):
+    path = self.directory / 'sweep.json'
+    paths.check_reachable(self.directory, '--workdir')
+    if self.directory.exists() and not self.directory.is_dir():
       raise UserError(f'--workdir={self.directory} is a file; a sweep needs a directory')
-    if not os.path.exists(path):
+    if not path.exists():
       return
     try:
-      with open(path) as f:
-        old = json.load(f)
+      old = json.loads(path.read_text())
       theirs = (old['config'], old['base_overrides'])
     except (OSError, ValueError, KeyError, TypeError) as e:
       raise UserError(f'{path} is damaged ({type(e).__name__}); move it away to start this sweep again (the '
@@ -193,7 +195,7 @@ class Sweep:
                       f'{self.spec} with {self.base}: give another --workdir')
 
   def workdir(self, name: str) -> str:
-    return os.path.join(self.directory, name)
+    return str(self.directory / name)
 
   def command(self, name: str, overrides: dict) -> list[str]:
     return [sys.executable, TRAIN, f'--config={self.spec}', f'--workdir={self.workdir(name)}', *self.base,
@@ -201,8 +203,8 @@ class Sweep:
 
   def final_eval(self, index: int) -> dict | None:
     """The point's eval metrics at num_train_steps, if it got there."""
-    path = os.path.join(self.workdir(self.points[index][0]), 'metrics.jsonl')
-    if not os.path.exists(path):
+    path = self.directory / self.points[index][0] / 'metrics.jsonl'
+    if not path.exists():
       return None
     records, _ = read_metrics(path)
     finals = [r for r in records if r.get('split') == 'eval' and r['step'] == self.totals[index]]
@@ -218,7 +220,8 @@ class Sweep:
     todo = [i for i in range(len(self.points)) if self.final_eval(i) is None]
     for i in sorted(set(range(len(self.points))) - set(todo)):
       log(f'{self.points[i][0]}: done, skipped')
-    os.makedirs(os.path.join(self.directory, 'logs'), exist_ok=True)
+    logs = self.directory / 'logs'
+    logs.mkdir(parents=True, exist_ok=True)
     failed = {}
     free = list(range(parallel))
 
@@ -227,14 +230,22 @@ class Sweep:
       name, overrides = self.points[i]
       env = dict(os.environ, **({'CUDA_VISIBLE_DEVICES': str(slot)} if gpus else {}))
       log(f'{name}: training' + (f' on GPU {slot}' if gpus else ''))
+      target = logs / f'{name}.log'   # appended to by each attempt; in an object store, written after it
+      local = target if paths.is_local(target) else _local_file('.log')
       try:
-        with open(os.path.join(self.directory, 'logs', f'{name}.log'), 'ab') as out:
+        if local != target and target.exists():
+          paths.copy_file(target, local)
+        with open(local, 'ab') as out:
           rc = subprocess.run(self.command(name, overrides), stdout=out, stderr=subprocess.STDOUT, env=env,
                               cwd=ROOT, check=False).returncode
+        if local != target:
+          paths.copy_file(local, target)
       finally:
         free.append(slot)
+        if local != target and os.path.exists(local):
+          os.remove(local)
       if rc:
-        failed[i] = _last_error(os.path.join(self.directory, 'logs', f'{name}.log')) or f'exit status {rc}'
+        failed[i] = _last_error(target) or f'exit status {rc}'
       log(f'{name}: ' + (f'failed ({failed[i]})' if rc else 'done'))
       self.write()
 
@@ -269,10 +280,9 @@ class Sweep:
     best = self.best(rows)
     out = {'config': self.spec, 'base_overrides': self.base, 'metric': self.metric, 'goal': self.goal,
            'best': best and best['name'], 'points': rows}
-    write_atomically(os.path.join(self.directory, 'sweep.json'), json.dumps(out, indent=2).encode())
+    write_atomically(self.directory / 'sweep.json', json.dumps(out, indent=2).encode())
     if best and all(r['status'] == 'done' for r in rows):
-      with open(os.path.join(best['workdir'], 'config.json'), 'rb') as f:
-        write_atomically(os.path.join(self.directory, 'best_config.json'), f.read())
+      write_atomically(self.directory / 'best_config.json', (self.directory / best['name'] / 'config.json').read_bytes())
       self.plot(rows, best)
     return rows
 
@@ -292,11 +302,8 @@ class Sweep:
     lo, hi = min(values), max(values)
     ax.set_ylim(lo - 0.1 * (hi - lo + 1e-12) if lo > 0 else None, hi + 0.1 * (hi - lo + 1e-12))
     fig.tight_layout()
-    path = os.path.join(self.directory, 'sweep.png')
-    tmp = path + '.tmp.png'
-    fig.savefig(tmp, dpi=110)
+    paths.save_figure(fig, self.directory / 'sweep.png')
     plt.close(fig)
-    os.replace(tmp, path)
 
   def table(self, rows: list[dict]) -> str:
     keys = list(dict.fromkeys(k for r in rows for k in r['overrides']))
@@ -315,24 +322,32 @@ class Sweep:
     commands = [shlex.join(self.command(n, o)) for n, o in self.points]
     sh = '#!/usr/bin/env bash\n# One line per point of the sweep; run them anywhere, then `python sweep.py` ' \
          'with the same flags gathers sweep.json.\nset -e\ncd ' + shlex.quote(ROOT) + '\n' + '\n'.join(commands) + '\n'
-    logs = os.path.join(self.directory, 'logs')
+    # SLURM writes its logs itself, which it cannot do into an object store: there, into the submit directory.
+    logs = self.directory / 'logs' if paths.is_local(self.directory) else 'model_zoo_sweep_logs'
     sbatch = '\n'.join([
         '#!/usr/bin/env bash', '#SBATCH --job-name=model_zoo_sweep', f'#SBATCH --array=0-{len(commands) - 1}',
         '#SBATCH --gres=gpu:1', f'#SBATCH --output={logs}/%a.log',
         '# sbatch sweep.sbatch; then `python sweep.py` with the same flags gathers sweep.json.',
         f'cd {shlex.quote(ROOT)}', 'COMMANDS=(', *(f'  {shlex.quote(c)}' for c in commands), ')',
         'eval "${COMMANDS[$SLURM_ARRAY_TASK_ID]}"', ''])
-    os.makedirs(logs, exist_ok=True)
-    write_atomically(os.path.join(self.directory, 'commands.sh'), sh.encode())
-    write_atomically(os.path.join(self.directory, 'sweep.sbatch'), sbatch.encode())
+    if paths.is_local(self.directory):
+      os.makedirs(logs, exist_ok=True)
+    write_atomically(self.directory / 'commands.sh', sh.encode())
+    write_atomically(self.directory / 'sweep.sbatch', sbatch.encode())
     return sh, sbatch
 
 
-def _last_error(log: str) -> str:
+def _local_file(suffix: str) -> str:
+  fd, name = tempfile.mkstemp(suffix=suffix)
+  os.close(fd)
+  return name
+
+
+def _last_error(log) -> str:
   """The `error: ...` line train.py printed last, if any."""
   try:
-    with open(log, errors='replace') as f:
-      errors = [line.strip() for line in f if line.startswith('error: ')]
+    text = paths.path(log).read_bytes().decode(errors='replace')
+    errors = [line.strip() for line in text.splitlines() if line.startswith('error: ')]
   except OSError:
     return ''
   return errors[-1].removeprefix('error: ') if errors else ''

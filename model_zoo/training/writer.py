@@ -1,21 +1,21 @@
 """Where metrics go: metrics.jsonl, TensorBoard event files, and the console."""
+import io
 import json
-import os
 import sys
 import time
 
 import jax
 
-from model_zoo.data.base import write_atomically
+from model_zoo import paths
 from model_zoo.errors import UserError
+from model_zoo.paths import write_atomically
 from model_zoo.workdir import Workdir
 
 
-def read_metrics(path: str) -> tuple[list[dict], bool]:
+def read_metrics(path) -> tuple[list[dict], bool]:
   """The records of a metrics.jsonl, and whether its last line was cut short (a process killed while
   writing it), which is left out. Any other line that is not a JSON object is a UserError."""
-  with open(path, 'rb') as f:
-    lines = f.read().split(b'\n')
+  lines = paths.path(path).read_bytes().split(b'\n')
   records, cut = [], False
   for i, line in enumerate(lines):
     if not line.strip():
@@ -38,37 +38,46 @@ class MetricWriter:
   """Appends `{"step", "split", **metrics}` lines to the workdir's metrics.jsonl (process 0 only).
 
   On resume from `start_step`, lines written after that step by an interrupted run
-  are dropped, so the file ends up as if the run had never stopped.
+  are dropped, so the file ends up as if the run had never stopped. In an object store, which has no
+  append, the file is written whole at each line (it is small: a line per logged step).
   """
 
   def __init__(self, workdir: Workdir, start_step: int):
     self.enabled = jax.process_index() == 0
     if not self.enabled:
       return
-    path = workdir.metrics
-    if os.path.exists(path):
-      records, cut = read_metrics(path)
+    self.path, kept = workdir.metrics, []
+    if self.path.exists():
+      records, cut = read_metrics(self.path)
       if cut:
-        print(f'left out the last line of {path}: it was cut short', flush=True)
+        print(f'left out the last line of {self.path}: it was cut short', flush=True)
       kept = [r for r in records if r['step'] <= start_step]
       if len(kept) < len(records) or cut:  # rewritten whole, so that a kill now loses nothing
-        write_atomically(path, ''.join(json.dumps(r) + '\n' for r in kept).encode())
-    self.file = open(path, 'a')
-    self.tb = _summary_writer()(workdir.tensorboard, purge_step=start_step + 1 if start_step else None)
+        write_atomically(self.path, ''.join(json.dumps(r) + '\n' for r in kept).encode())
+    local = paths.is_local(self.path)
+    self.file = open(self.path, 'a') if local else None
+    self.lines = None if local else [json.dumps(r) + '\n' for r in kept]
+    self.tb = _summary_writer()(str(workdir.tensorboard), purge_step=start_step + 1 if start_step else None)
 
   def write(self, step: int, split: str, metrics: dict[str, float]):
     if not self.enabled:
       return
     metrics = {k: float(v) for k, v in metrics.items()}
-    self.file.write(json.dumps({'step': step, 'split': split, **metrics}) + '\n')
-    self.file.flush()
+    line = json.dumps({'step': step, 'split': split, **metrics}) + '\n'
+    if self.file is not None:
+      self.file.write(line)
+      self.file.flush()
+    else:
+      self.lines.append(line)
+      write_atomically(self.path, ''.join(self.lines).encode())
     for k, v in metrics.items():
       self.tb.add_scalar(f'{split}/{k}', v, step)
     self.tb.flush()
 
   def close(self):
     if self.enabled:
-      self.file.close()
+      if self.file is not None:
+        self.file.close()
       self.tb.close()
 
 
@@ -106,4 +115,33 @@ def _summary_writer():
   finally:
     if hide:
       del sys.modules['torch']
+  from tensorboardX import record_writer  # pylint: disable=g-import-not-at-top
+  for scheme in ('gs', 's3', 'az'):   # instead of its own clients (google-cloud-storage, boto3): through epath
+    record_writer.register_writer_factory(scheme, _EventFiles())
   return SummaryWriter
+
+
+class _EventFiles:
+  """tensorboardX's writer factory for an object store: each event file is written whole at every flush
+  (an object cannot be appended to), as tensorboardX's own GCS writer does."""
+
+  def directory_check(self, path):
+    pass   # an object store has no directories to make
+
+  def open(self, path):
+    return _EventFile(path)
+
+
+class _EventFile:
+
+  def __init__(self, path):
+    self.path, self.buffer = paths.path(path), io.BytesIO()
+
+  def write(self, data: bytes):
+    self.buffer.write(data)
+
+  def flush(self):
+    write_atomically(self.path, self.buffer.getvalue())
+
+  def close(self):
+    self.flush()

@@ -19,7 +19,6 @@ With several processes, where the parameters may span hosts (mesh.fsdp), every p
 """
 import json
 import os
-import shutil
 
 import jax
 import ml_collections
@@ -27,6 +26,7 @@ import numpy as np
 from flax import traverse_util
 from jax.experimental import multihost_utils
 
+from model_zoo import paths
 from model_zoo.errors import UserError
 from model_zoo.models.protocol import is_lora
 from model_zoo.workdir import Workdir
@@ -54,8 +54,9 @@ def merge_lora(params: dict, alpha: float) -> dict:
   return traverse_util.unflatten_dict(out)
 
 
-def check_output(outdir: str):
-  if os.path.exists(outdir) and (not os.path.isdir(outdir) or os.listdir(outdir)):
+def check_output(outdir):
+  outdir = paths.path(outdir)
+  if outdir.exists() and (not outdir.is_dir() or any(outdir.iterdir())):
     raise UserError(f'--output={outdir} exists and is not empty; give a new directory')
 
 
@@ -72,8 +73,9 @@ def export(config: ml_collections.ConfigDict, params, workdir: Workdir, outdir: 
     merged = merge_lora(params, config.model.lora_alpha)
   else:
     merged = to_host(params)
-  if jax.process_index() == 0:   # every process gathered the parameters; one writes them
-    _write(config, merged, quantized, workdir, outdir)
+  if jax.process_index() == 0:   # every process gathered the parameters; one writes them, whole or not at all
+    with paths.staged_directory(outdir) as tmp:
+      _write(config, merged, quantized, workdir, tmp)
   if jax.process_count() > 1:
     multihost_utils.sync_global_devices('model_zoo: export written')
   return outdir
@@ -81,13 +83,11 @@ def export(config: ml_collections.ConfigDict, params, workdir: Workdir, outdir: 
 
 def _write(config: ml_collections.ConfigDict, merged: dict, quantized: bool, workdir: Workdir, outdir: str):
   from safetensors.numpy import save_file  # pylint: disable=g-import-not-at-top
-  os.makedirs(outdir, exist_ok=True)
   flat = {'/'.join(k): np.ascontiguousarray(v) for k, v in traverse_util.flatten_dict(merged).items()}
   save_file(flat, os.path.join(outdir, 'model.safetensors'))
   if config.pruning.method != 'none' and not quantized:
     from model_zoo.compression import pruning  # pylint: disable=g-import-not-at-top
-    paths = pruning.pruned_paths(merged, config.pruning.params)
-    names = ['/'.join(k) for k in paths]
+    names = ['/'.join(k) for k in pruning.pruned_paths(merged, config.pruning.params)]
     stored, sizes = pruning.to_sparse(flat, set(names))
     save_file(stored, os.path.join(outdir, 'sparse.safetensors'))
     sparsity, by_layer = pruning.measured_sparsity(merged, config.pruning.params)
@@ -103,8 +103,8 @@ def _write(config: ml_collections.ConfigDict, merged: dict, quantized: bool, wor
     config.init_from, config.freeze = '', 'none'
   with open(os.path.join(outdir, 'config.json'), 'w') as f:
     f.write(config.to_json_best_effort(indent=2, sort_keys=True))
-  if os.path.exists(workdir.tokenizer):
-    shutil.copyfile(workdir.tokenizer, os.path.join(outdir, os.path.basename(workdir.tokenizer)))
+  if workdir.tokenizer.exists():
+    paths.copy_file(workdir.tokenizer, os.path.join(outdir, workdir.tokenizer.name))
   if not quantized and ((config.model.name == 'bert' and 'mlm_head' in merged) or config.model.name == 'gpt'):
     from model_zoo.transfer import hf  # pylint: disable=g-import-not-at-top
     try:

@@ -63,10 +63,10 @@ def source_workdir(config: ml_collections.ConfigDict, workdir: Workdir) -> Workd
     return None
   source = Workdir(source)
   if not source.has_checkpoints():
-    raise UserError(f'config.init_from={source.path!r} is not a workdir with checkpoints: train it first, or give '
+    raise UserError(f'config.init_from={config.init_from!r} is not a workdir with checkpoints: train it first, or give '
                     f"'hf:<directory>' for Hugging Face weights")
   if source.tokenizer_differs(workdir):
-    raise UserError(f'{workdir.tokenizer} is not the tokenizer of config.init_from={source.path!r}: this '
+    raise UserError(f'{workdir.tokenizer} is not the tokenizer of config.init_from={config.init_from!r}: this '
                     f'workdir was started from something else; use a new --workdir')
   return source
 

@@ -23,6 +23,7 @@ import jax
 import ml_collections
 import numpy as np
 
+from model_zoo import paths
 from model_zoo.errors import UserError
 from model_zoo.tasks.base import Input
 from model_zoo.transfer import stablehlo
@@ -58,7 +59,7 @@ def export(config: ml_collections.ConfigDict, task, variables: dict, data, workd
   variables = jax.device_get(variables)
   quiet = [logging.getLogger(n) for n in ('jax2onnx', 'onnx_ir')]
   levels = [q.level for q in quiet]
-  with stablehlo.staged(outdir) as tmp:
+  with paths.staged_directory(outdir) as tmp:
     signature = {'format': 'onnx', 'step': step, 'opset': OPSET, 'functions': {},
                  'preprocessing': stablehlo._preprocessing(config, task.info),  # pylint: disable=protected-access
                  'labels': list(task.info.class_names)}

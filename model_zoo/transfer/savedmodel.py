@@ -16,6 +16,7 @@ import jax
 import ml_collections
 import numpy as np
 
+from model_zoo import paths
 from model_zoo.errors import UserError
 from model_zoo.tasks.base import Input
 from model_zoo.transfer import stablehlo
@@ -53,7 +54,7 @@ def export(config: ml_collections.ConfigDict, task, variables: dict, data, workd
   functions = task.serving()
   atol, rtol = stablehlo.tolerance(config)
   variables = jax.device_get(variables)
-  with stablehlo.staged(outdir) as tmp:
+  with paths.staged_directory(outdir) as tmp:
     module, signatures, reference = tf.Module(), {}, {}
     signature = {'format': 'savedmodel', 'step': step, 'functions': {}, 'labels': list(task.info.class_names)}
     default = 'model' if 'model' in functions else next(iter(functions))

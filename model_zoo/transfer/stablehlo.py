@@ -23,20 +23,19 @@ DIR holds:
 Every export verifies itself: it reads the files back, runs each function on the reference inputs (all
 of them, and the first alone, a second batch size) and compares with the JAX model run directly; it
 refuses, leaving nothing behind, if any output differs beyond the tolerance. It is written to a
-temporary directory beside DIR and renamed into place once verified.
+temporary directory beside DIR and renamed into place once verified (for a DIR in an object store,
+gs://..., copied there).
 """
-import contextlib
 import functools
 import json
 import os
-import shutil
-import tempfile
 
 import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
+from model_zoo import paths
 from model_zoo.errors import UserError
 from model_zoo.models.protocol import path_names
 from model_zoo.tasks.base import Input
@@ -138,26 +137,6 @@ def _close(got, want, atol, rtol) -> float | None:
   return None if np.all(np.abs(g - w) <= atol + rtol * np.abs(w)) else float(np.max(np.abs(g - w)))
 
 
-@contextlib.contextmanager
-def staged(outdir: str):
-  """A temporary directory beside `outdir`, renamed to it if the block succeeds and removed if it raises: an
-  export is kept whole or not at all."""
-  parent = os.path.dirname(os.path.abspath(outdir))
-  os.makedirs(parent, exist_ok=True)
-  tmp = tempfile.mkdtemp(prefix=f'.{os.path.basename(os.path.abspath(outdir))}.partial-', dir=parent)
-  try:
-    yield tmp
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o777 & ~umask)   # mkdtemp's is 0700; an export is read by whoever serves it
-    if os.path.isdir(outdir):
-      os.rmdir(outdir)   # empty, as check_output made sure
-    os.rename(tmp, outdir)
-  except BaseException:
-    shutil.rmtree(tmp, ignore_errors=True)
-    raise
-
-
 def write_alongside(tmp: str, reference: dict, signature: dict, config, workdir: Workdir):
   """What every export holds beside its programs: reference_io.npz, signature.json, config.json, the tokenizer."""
   np.savez(os.path.join(tmp, 'reference_io.npz'), **{
@@ -167,8 +146,8 @@ def write_alongside(tmp: str, reference: dict, signature: dict, config, workdir:
     json.dump(signature, f, indent=2)
   with open(os.path.join(tmp, 'config.json'), 'w') as f:
     f.write(config.to_json_best_effort(indent=2, sort_keys=True))
-  if os.path.exists(workdir.tokenizer):
-    shutil.copyfile(workdir.tokenizer, os.path.join(tmp, os.path.basename(workdir.tokenizer)))
+  if workdir.tokenizer.exists():
+    paths.copy_file(workdir.tokenizer, os.path.join(tmp, workdir.tokenizer.name))
 
 
 def export(config: ml_collections.ConfigDict, task, variables: dict, data, workdir: Workdir, outdir: str,
@@ -181,7 +160,7 @@ def export(config: ml_collections.ConfigDict, task, variables: dict, data, workd
   functions = task.serving()
   atol, rtol = tolerance(config)
   variables = jax.device_get(variables)
-  with staged(outdir) as tmp:
+  with paths.staged_directory(outdir) as tmp:
     signature = {'format': 'stablehlo', 'step': step, 'platforms': list(platforms), 'functions': {},
                  'preprocessing': _preprocessing(config, task.info),
                  'labels': list(task.info.class_names), 'weights': 'weights.safetensors'}

@@ -169,7 +169,7 @@ def trained(tmp_path_factory):
   bert = tiny_config('bert_finetune', num_train_steps=40, eval_every_steps=40, checkpoint_every_steps=40,
                      batch_size=16, **{'model.num_layers': 2, 'model.d_model': 32, 'model.num_heads': 2,
                                        'model.d_ff': 64, 'dataset.vocab_size': 400, 'dataset.seq_len': 32,
-                                       'optimizer.learning_rate': 1e-3, 'interpret.num_examples': 16, **FEWER})
+                                       'optimizer.learning_rate': 1e-3, 'interpret.num_examples': 8, **FEWER})
   return {'cnn': (cnn, str(root / 'cnn')), 'bert': (bert, str(root / 'bert'))}
 
 

@@ -141,3 +141,21 @@ def test_a_bucket_that_cannot_be_written_is_a_clear_error(bucket):
     Workdir('gs://no-such-bucket-here/run').check(write=True)
   Workdir(f'{bucket}/fine').check(write=True)
   assert not any(n.startswith('.model_zoo-write-test') for n in _files(bucket))   # the probe object is removed
+
+
+def test_a_sweep_in_a_bucket_keeps_its_commands_and_table_there(bucket):
+  """sweep.py's files in gs:// (its points' training is train.py's, above); SLURM's logs go to the submit
+  directory, since SLURM cannot write into a bucket."""
+  from helpers import preset  # pylint: disable=g-import-not-at-top
+  from model_zoo.training import sweep  # pylint: disable=g-import-not-at-top
+  grid = sweep.Sweep(os.path.join(ROOT, 'configs', 'mlp.py'), f'{bucket}/sweep', preset('mlp'), [],
+                     sweep.parse_grid('seed=0,1'))
+  sh, sbatch = grid.print_commands()
+  grid.write()
+  files = _files(f'{bucket}/sweep')
+  assert set(files) == {'commands.sh', 'sweep.sbatch', 'sweep.json'}
+  assert files['commands.sh'].decode() == sh and f'--workdir={bucket}/sweep/01_seed=1' in sh
+  assert '#SBATCH --output=model_zoo_sweep_logs/%a.log' in sbatch
+  table = json.loads(files['sweep.json'])
+  assert [p['status'] for p in table['points']] == ['pending', 'pending']
+  assert table['points'][1]['workdir'] == f'{bucket}/sweep/01_seed=1'

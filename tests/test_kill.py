@@ -1,6 +1,6 @@
 """Kill anywhere: training is killed with SIGKILL (model_zoo.training.loop.fault_point) before its first
-checkpoint, between two checkpoints, during an evaluation and while a checkpoint is being written, one
-after another, each time resumed by the same command; the run then ends with parameters and metrics
+checkpoint (GPT's chain only), between two checkpoints, during an evaluation and while a checkpoint is being
+written, one after another, each time resumed by the same command; the run then ends with parameters and metrics
 bit-identical to an uninterrupted one. For GPT (a SentencePiece tokenizer trained by the first, killed, run),
 BERT masked-LM (masks drawn from the stream position) and the GAN (two optimizers, an image stream). (The
 translation Transformer and the CNN were here too: the first reads its packed rows through GPT's pipeline, and
@@ -32,8 +32,10 @@ FAMILIES = {
             '--config.model.discriminator_features=8', '--config.batch_size=32'],
 }
 # Where each run of the chain is killed: before the first checkpoint (4); during the evaluation at step 6,
-# between checkpoints 4 and 8; while checkpoint 8 is being written. The last run is not killed.
+# between checkpoints 4 and 8; while checkpoint 8 is being written. The last run is not killed. A kill before
+# any checkpoint leaves nothing to resume whatever the family: it is tried on GPT only (the suite's time).
 KILLS = ['step:2', 'eval:6', 'save:8']
+FIRST_KILL = {'gpt': 0, 'bert_pretrain': 1, 'gan': 1}
 
 
 def _train(workdir, args, kill_at=None):
@@ -52,7 +54,7 @@ def test_killed_anywhere_and_resumed_equals_uninterrupted(tmp_path, name):
   proc = _train(reference, FAMILIES[name])
   assert proc.returncode == 0, proc.stderr
   resumed_from = []   # each run's starting checkpoint, read from what it printed before it was killed
-  for kill_at in KILLS:
+  for kill_at in KILLS[FIRST_KILL[name]:]:
     proc = _train(workdir, FAMILIES[name], kill_at)
     assert proc.returncode == -signal.SIGKILL, (kill_at, proc.returncode, proc.stderr[-2000:])
     resumed_from.append(_resumed_from(proc.stdout))
@@ -61,6 +63,7 @@ def test_killed_anywhere_and_resumed_equals_uninterrupted(tmp_path, name):
   resumed_from.append(_resumed_from(proc.stdout))
   # The kill at step 2 left no checkpoint; the one during eval 6 left checkpoint 4 (or none, if its
   # asynchronous write had not committed yet); the one while checkpoint 8 was written left 4 or 8.
+  resumed_from = [None] * FIRST_KILL[name] + resumed_from
   assert resumed_from[:2] == [None, None] and resumed_from[2] in (None, 4) and resumed_from[3] in (4, 8), resumed_from
   assert read_metrics(workdir) == read_metrics(reference)
   jax.tree.map(np.testing.assert_array_equal, saved_state(workdir, 12), saved_state(reference, 12))

@@ -13,11 +13,14 @@ model_zoo.tasks.base.SupervisedTask.loss_fn's; eval.json gains `teacher_agreemen
 """
 
 import jax
+from flax import traverse_util
 
 from model_zoo import config as config_lib
 from model_zoo.errors import UserError
 from model_zoo.experiment import Run, build_experiment
+from model_zoo.models.protocol import path_names
 from model_zoo.tasks.base import SupervisedTask, Teacher
+from model_zoo.transfer import finetune
 from model_zoo.workdir import Workdir
 
 
@@ -41,15 +44,20 @@ def teacher(run: Run) -> Teacher | None:
                     f'{config.task}: a teacher must have the same outputs as its student')
   _check_outputs(tconfig, config, source, run.workdir, path)
   texp = build_experiment(tconfig, task.info, run.experiment.mesh)
-  ckpt = texp.checkpoints(path)
-  try:
-    step = ckpt.latest_step()
-    state = ckpt.restore(step, texp.abstract_state)
-  finally:
-    ckpt.close()
+  # Only the model's variables, each read straight into its sharding (never the optimizer state).
+  wanted = {path_names(k): v for k, v in
+            traverse_util.flatten_dict(texp.task.variables(texp.abstract_state)).items()}
+  source = finetune.CheckpointVariables(path)
+  saved = source.shapes()
+  unfit = [k for k, v in wanted.items() if saved.get(k) != tuple(v.shape)]
+  if unfit:
+    raise UserError(f'the checkpoint of the teacher in {path} (step {source.step}) does not fit the model its '
+                    f'config.json builds: {"/".join(unfit[0])} is {saved.get(unfit[0], "absent")} there, '
+                    f'{tuple(wanted[unfit[0]].shape)} in the model; retrain the teacher or fix its config.json')
+  variables = traverse_util.unflatten_dict(source.read(wanted))
   if jax.process_index() == 0:
-    print(f'distilling from {tconfig.model.name} in {path} (step {step})', flush=True)
-  return Teacher(texp.task, texp.task.variables(state))
+    print(f'distilling from {tconfig.model.name} in {path} (step {source.step})', flush=True)
+  return Teacher(texp.task, variables)
 
 
 def _check_outputs(tconfig, config, source: Workdir, workdir: Workdir, path: str):

@@ -12,6 +12,7 @@ import json
 import os
 
 import jax
+from jax.experimental import multihost_utils
 
 from model_zoo.compression import distill, pruning
 from model_zoo.compression import settings as quantization_settings
@@ -75,7 +76,8 @@ def evaluate(config, workdir: str, step: int | None = None, quantize: str | None
   wd = Workdir(workdir, variant)
   metrics, stats = loop.make_eval_fn(exp)(state, run.data[run.config.dataset.eval_split])
   scorers = {name: scorer(cfg, path or wd.scorer(name), name) for name, (cfg, path) in task.scorers().items()}
-  metrics.update(task.decode_metrics(state, run.load(task.decode_splits()), wd, scorers))
+  metrics.update(task.decode_metrics(state, run.load(task.decode_splits()), wd, scorers,
+                                     rows=sharding.BatchRows(exp.mesh)))
   metrics.update(sizes)
   if pruning.enabled(run.config) and not sizes:   # the zeros of the pruned weights, overall and per layer
     metrics['sparsity'], metrics['sparsity_by_layer'] = pruning.measured_sparsity(
@@ -178,8 +180,12 @@ def export(config, workdir: str, output: str | None, *, step: int | None = None,
   if format != 'safetensors':
     from model_zoo.transfer import onnx, savedmodel, stablehlo  # pylint: disable=g-import-not-at-top
     tool = {'stablehlo': stablehlo, 'savedmodel': savedmodel, 'onnx': onnx}[format]
-    tool.export(exp.config, exp.task, exp.task.variables(state), run.data[run.config.dataset.eval_split],
-                Workdir(workdir), output, step=step)
+    variables = export_lib.to_host(exp.task.variables(state))   # gathered by every process where they span hosts
+    if jax.process_index() == 0:   # one process lowers, writes and verifies the programs
+      tool.export(exp.config, exp.task, variables, run.data[run.config.dataset.eval_split], Workdir(workdir),
+                  output, step=step)
+    if jax.process_count() > 1:
+      multihost_utils.sync_global_devices('model_zoo: export written')
   else:
     export_lib.export(exp.config, exp.task.variables(state)['params'], Workdir(workdir), output)
   print(f'exported step {step} of {workdir} to {output}', flush=True)

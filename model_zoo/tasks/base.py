@@ -28,7 +28,7 @@ or losses:
   decode_splits()                  -> the splits `decode_metrics` reads (eval.py loads them)
   scorers()                        -> {name: (config, workdir)}: trained models `decode_metrics` needs
                                       (eval.py restores each, training it first if it has no checkpoint)
-  decode_metrics(state, data, workdir, scorers)
+  decode_metrics(state, data, workdir, scorers, rows)
                                    -> {name: value} that need more than a forward pass, such as BLEU
                                       of decoded translations (optional)
 
@@ -202,10 +202,11 @@ class Task(abc.ABC):
     return {}
 
   def decode_metrics(self, state, data: dict[str, Dataset], workdir: Workdir,
-                     scorers: dict[str, Callable] | None = None) -> dict:
+                     scorers: dict[str, Callable] | None = None, rows=None) -> dict:
     """Metrics of generated output (and files of it in `workdir`), for eval.py; none by default.
-    `data` holds the splits of `decode_splits`, `scorers` a prediction function of each of `scorers()`."""
-    del state, data, workdir, scorers
+    `data` holds the splits of `decode_splits`, `scorers` a prediction function of each of `scorers()`;
+    `rows` (model_zoo.training.sharding.BatchRows) splits inference batches over the mesh's processes."""
+    del state, data, workdir, scorers, rows
     return {}
 
 

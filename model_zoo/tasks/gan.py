@@ -136,8 +136,8 @@ class GANTask(Task):
       cfg.dataset = self.config.dataset.copy_and_resolve_references()
     return {'classifier': (cfg, self.config.classifier_workdir)}
 
-  def decode_metrics(self, state, data, workdir, scorers=None):
-    del data
+  def decode_metrics(self, state, data, workdir, scorers=None, rows=None):
+    del data, rows
     images = np.asarray(jax.jit(self.samples, static_argnums=1)(state, self.config.eval_samples))
     probs_BxL = np.asarray(jax.nn.softmax(scorers['classifier']({'image': images}), -1))
     scores = sample_scores(probs_BxL)

@@ -65,8 +65,8 @@ class _ReconstructionTask(SupervisedTask):
   def decode_splits(self):
     return (self.config.dataset.eval_split,)
 
-  def decode_metrics(self, state, data, workdir, scorers=None):
-    del scorers
+  def decode_metrics(self, state, data, workdir, scorers=None, rows=None):
+    del scorers, rows
     x_BxHxWxC = _examples(data[self.config.dataset.eval_split])
     encode, decode = jax.jit(self.encode), jax.jit(self.decode)
     z_BxZ = np.asarray(encode(state.params, x_BxHxWxC))
@@ -180,7 +180,8 @@ class VAETask(_ReconstructionTask):
     return {'elbo': -(reconstruction + kl), 'reconstruction': reconstruction, 'kl': kl,
             'mse': float(stats['squared_error_sum'] / (n * np.prod(self.image_shape)))}
 
-  def decode_metrics(self, state, data, workdir, scorers=None):
+  def decode_metrics(self, state, data, workdir, scorers=None, rows=None):
+    del rows
     metrics = super().decode_metrics(state, data, workdir)
     z_BxZ = jax.random.normal(jax.random.key(EVAL_SEED), (100, self.config.model.latent_dim))
     x_BxHxWxC = np.asarray(jax.jit(self.decode)(state.params, z_BxZ))

@@ -235,14 +235,14 @@ class TranslationTask(SupervisedTask):
     splits = self.config.decode.splits or self.info.meta.get('decode_splits', '')
     return tuple(s for s in splits.split(',') if s)
 
-  def decode_metrics(self, state, data, workdir, scorers=None) -> dict[str, float]:
-    del scorers
+  def decode_metrics(self, state, data, workdir, scorers=None, rows=None) -> dict[str, float]:
+    del scorers   # each process decodes its share of every batch (rows), and every process gets all of them
     tokenize = self.config.decode.bleu_tokenize or self.info.meta.get('bleu_tokenize', '13a')
     metrics = {}
     for n, split in enumerate(self.decode_splits()):
       pairs = data[split].raw
       sources, references = [s for s, _ in pairs], [t for _, t in pairs]
-      hypotheses = self.translate(state.params, sources)
+      hypotheses = self.translate(state.params, sources, rows=rows)
       scores = corpus_scores(hypotheses, references, tokenize)
       prefix = '' if n == 0 else f'{split}/'
       metrics.update({prefix + k: v for k, v in scores.items() if k != 'bleu_signature'})

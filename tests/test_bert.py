@@ -12,17 +12,18 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from helpers import read_metrics, run_cli, tiny_config
+from helpers import read_metrics, tiny_config
 from model_zoo.data import text_classification as tc
 from model_zoo.errors import UserError
+from model_zoo.evaluation import evaluate
 from model_zoo.models.bert import BERT
 from model_zoo.transfer.finetune import trains_when_frozen as is_head
-from model_zoo.training import optimizers
+from model_zoo.training import loop, optimizers
 from model_zoo.transfer import export, finetune
 
-SMALL = ['--config.model.num_layers=2', '--config.model.d_model=32', '--config.model.num_heads=2',
-         '--config.model.d_ff=64', '--config.dataset.vocab_size=600', '--config.dataset.seq_len=48',
-         '--config.batch_size=16', '--config.log_every_steps=5', '--config.optimizer.warmup_steps=2']
+SMALL = {'model.num_layers': 2, 'model.d_model': 32, 'model.num_heads': 2, 'model.d_ff': 64,
+         'dataset.vocab_size': 600, 'dataset.seq_len': 48, 'batch_size': 16, 'log_every_steps': 5,
+         'optimizer.warmup_steps': 2}
 
 
 def _flat(tree):
@@ -175,14 +176,18 @@ def test_lora_starts_at_the_base_model_and_merges_exactly():
                                                                      train=False))).max() > 1e-2
 
 
-# The whole path, through the command line: pretrain, fine-tune (frozen, LoRA), evaluate, export.
+# The whole path, in-process through the drivers train.py and eval.py call (their command lines are tested
+# in test_cli.py and test_bad_input.py): pretrain, fine-tune (frozen, LoRA), evaluate, export.
+
+def _config(name='bert_finetune', arg='', **overrides):
+  return tiny_config(name, arg, **{**SMALL, **overrides})
+
 
 @pytest.fixture(scope='module')
 def pretrained(tmp_path_factory):
   workdir = str(tmp_path_factory.mktemp('bert'))
-  run_cli('train.py', '--config=configs/bert_pretrain.py', f'--workdir={workdir}', *SMALL,
-          '--config.num_train_steps=10', '--config.eval_every_steps=10', '--config.checkpoint_every_steps=10',
-          check=True)
+  loop.train_and_evaluate(_config('bert_pretrain', num_train_steps=10, eval_every_steps=10,
+                                  checkpoint_every_steps=10), workdir)
   return workdir
 
 
@@ -192,12 +197,15 @@ def test_pretraining_writes_mlm_metrics(pretrained):
   assert os.path.exists(os.path.join(pretrained, 'tokenizer.model'))
 
 
-def test_frozen_finetuning_trains_only_the_head(pretrained, tmp_path):
+def _steps(n):
+  return {'num_train_steps': n, 'eval_every_steps': n, 'checkpoint_every_steps': n}
+
+
+def test_frozen_finetuning_trains_only_the_head(pretrained, tmp_path, capsys):
   workdir = str(tmp_path / 'cls')
-  proc = run_cli('train.py', '--config=configs/bert_finetune.py', f'--workdir={workdir}', *SMALL,
-                 f'--config.init_from={pretrained}', '--config.freeze=backbone', '--config.num_train_steps=8',
-                 '--config.eval_every_steps=8', '--config.checkpoint_every_steps=8', check=True)
-  assert 'arrays restored; new: cls_head' in proc.stdout
+  config = _config(init_from=pretrained, freeze='backbone', **_steps(8))
+  loop.train_and_evaluate(config, workdir)
+  assert 'arrays restored; new: cls_head' in capsys.readouterr().out
   before, after = _params(pretrained, 10), _params(workdir, 8)
   backbone = [k for k in after if not k.startswith('cls_head')]
   assert backbone and all(np.array_equal(before[k], after[k]) for k in backbone)
@@ -205,7 +213,7 @@ def test_frozen_finetuning_trains_only_the_head(pretrained, tmp_path):
   # The tokenizer is the pretraining run's, byte for byte.
   with open(os.path.join(pretrained, 'tokenizer.model'), 'rb') as a, open(os.path.join(workdir, 'tokenizer.model'), 'rb') as b:
     assert a.read() == b.read()
-  run_cli('eval.py', '--config=configs/bert_finetune.py', f'--workdir={workdir}', *SMALL, check=True)
+  evaluate.evaluate(config, workdir)
   with open(os.path.join(workdir, 'eval.json')) as f:
     result = json.load(f)
   assert {'accuracy', 'f1_macro'} <= set(result)
@@ -214,52 +222,49 @@ def test_frozen_finetuning_trains_only_the_head(pretrained, tmp_path):
 
 def test_unfrozen_finetuning_changes_the_backbone(pretrained, tmp_path):
   workdir = str(tmp_path / 'cls')
-  run_cli('train.py', '--config=configs/bert_finetune.py', f'--workdir={workdir}', *SMALL,
-          f'--config.init_from={pretrained}', '--config.optimizer.layer_decay=0.8', '--config.num_train_steps=4',
-          '--config.eval_every_steps=4', '--config.checkpoint_every_steps=4', check=True)
+  loop.train_and_evaluate(_config(init_from=pretrained, **{'optimizer.layer_decay': 0.8}, **_steps(4)), workdir)
   before, after = _params(pretrained, 10), _params(workdir, 4)
   assert not np.array_equal(before['block_0/mlp/wi/kernel'], after['block_0/mlp/wi/kernel'])
 
 
-def test_lora_finetuning_and_export(pretrained, tmp_path):
+def test_lora_finetuning_and_export(pretrained, tmp_path, capsys):
   workdir, out = str(tmp_path / 'lora'), str(tmp_path / 'export')
-  args = ['--config=configs/bert_finetune.py', f'--workdir={workdir}', *SMALL, '--config.model.lora_rank=4']
-  proc = run_cli('train.py', *args, f'--config.init_from={pretrained}', '--config.freeze=backbone',
-                 '--config.num_train_steps=6', '--config.eval_every_steps=6', '--config.checkpoint_every_steps=6',
-                 check=True)
-  assert 'LoRA arrays' in proc.stdout
+  config = _config(init_from=pretrained, freeze='backbone', **{'model.lora_rank': 4}, **_steps(6))
+  loop.train_and_evaluate(config, workdir)
+  assert 'LoRA arrays' in capsys.readouterr().out
   after = _params(workdir, 6)
   before = _params(pretrained, 10)
   assert all(np.array_equal(before[k], after[k]) for k in after if not is_head(tuple(k.split('/'))))
   assert any(np.abs(after[k]).max() > 0 for k in after if '_lora_b' in k)  # B starts at zero and trained
-  run_cli('eval.py', *args, '--mode=export', f'--output={out}', check=True)
-  params, config = export.load(out)
-  assert config['model']['lora_rank'] == 0 and not any('_lora_' in k for k in _flat(params))
+  evaluate.export(config, workdir, out)
+  params, saved = export.load(out)
+  assert saved['model']['lora_rank'] == 0 and not any('_lora_' in k for k in _flat(params))
   assert os.path.exists(os.path.join(out, 'tokenizer.model'))
 
 
-# Bad input.
+# Bad input: one UserError each, before anything is written.
 
 def test_init_from_a_model_of_another_shape_is_a_clear_error(pretrained, tmp_path):
   workdir = str(tmp_path / 'cls')
-  proc = run_cli('train.py', '--config=configs/bert_finetune.py', f'--workdir={workdir}',
-                 *[a for a in SMALL if 'd_ff' not in a], '--config.model.d_ff=48', f'--config.init_from={pretrained}')
-  assert proc.returncode == 1 and 'does not hold this model\'s backbone' in proc.stderr
-  assert 'shape of block_0/mlp/wi' in proc.stderr
+  with pytest.raises(UserError) as e:
+    loop.train_and_evaluate(_config(init_from=pretrained, **{'model.d_ff': 48}), workdir)
+  assert 'does not hold this model\'s backbone' in str(e.value) and 'shape of block_0/mlp/wi' in str(e.value)
   assert not os.path.exists(os.path.join(workdir, 'checkpoints'))
 
 
-@pytest.mark.parametrize('args, message', [
-    (['--config.freeze=backbone'], 'set config.init_from'),
-    (['--config.freeze=all'], "config.freeze must be 'none' or 'backbone'"),
-    (['--config.optimizer.layer_decay=1.5'], 'layer_decay must be in (0, 1]'),
-    (['--config.init_from=/nonexistent'], 'is not a workdir with checkpoints'),
-    (['--config.init_from=hf:/nonexistent'], 'config.json not found'),
-    (['--config.dataset.name=glue/sst2', '--config.dataset.eval_split=validation'], 'not available offline'),
+@pytest.mark.parametrize('overrides, message', [
+    ({'freeze': 'backbone'}, 'set config.init_from'),
+    ({'freeze': 'all'}, "config.freeze must be 'none' or 'backbone'"),
+    ({'optimizer.layer_decay': 1.5}, 'layer_decay must be in (0, 1]'),
+    ({'init_from': '/nonexistent'}, 'is not a workdir with checkpoints'),
+    ({'init_from': 'hf:/nonexistent'}, 'config.json not found'),
+    ({'dataset.name': 'glue/sst2', 'dataset.eval_split': 'validation'}, 'not available offline'),
 ])
-def test_finetuning_bad_input(tmp_path, args, message):
-  proc = run_cli('train.py', '--config=configs/bert_finetune.py', f'--workdir={tmp_path / "w"}', *SMALL, *args)
-  assert proc.returncode == 1 and message in proc.stderr, proc.stderr
+def test_finetuning_bad_input(tmp_path, monkeypatch, overrides, message):
+  monkeypatch.setattr(loop, '_train', lambda run: pytest.fail(f'{overrides} reached training'))
+  with pytest.raises(UserError) as e:
+    loop.train_and_evaluate(_config(**overrides), str(tmp_path / 'w'))
+  assert message in str(e.value) and '\n' not in str(e.value), str(e.value)
   assert not os.path.exists(tmp_path / 'w' / 'checkpoints')
 
 
@@ -280,13 +285,12 @@ def test_topic_spans_label_two_passages_of_different_topics():
     assert not w[0] and ex['inputs'][0] == data.tokenizer.bos_id
 
 
-def test_token_classification_finetuning(pretrained, tmp_path):
+def test_token_classification_finetuning(pretrained, tmp_path, capsys):
   workdir = str(tmp_path / 'tok')
-  args = ['--config=configs/bert_finetune.py:head=tokens', f'--workdir={workdir}', *SMALL, '--config.dataset.seq_len=96']
-  proc = run_cli('train.py', *args, f'--config.init_from={pretrained}', '--config.num_train_steps=4',
-                 '--config.eval_every_steps=4', '--config.checkpoint_every_steps=4', check=True)
-  assert 'new: token_head' in proc.stdout
-  run_cli('eval.py', *args, check=True)
+  config = _config('bert_finetune', 'head=tokens', init_from=pretrained, **{'dataset.seq_len': 96}, **_steps(4))
+  loop.train_and_evaluate(config, workdir)
+  assert 'new: token_head' in capsys.readouterr().out
+  evaluate.evaluate(config, workdir)
   with open(os.path.join(workdir, 'eval.json')) as f:
     assert {'accuracy', 'f1_macro'} <= set(json.load(f))
 

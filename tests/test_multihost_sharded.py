@@ -1,6 +1,7 @@
 """Two processes on 127.0.0.1 (jax.distributed, gloo collectives), 4 CPU devices each, with parameters sharded
-over both processes' devices (mesh.fsdp=8, so no process holds a whole kernel): fine-tuning and a distillation
-teacher read each process's shards of the trained parameters alone, exports gather them for process 0 to write,
+over both processes' devices (mesh.fsdp=8, so no process holds a whole kernel): fine-tuning reads each process's
+shards of the trained parameters alone (a distillation teacher is read the same way,
+finetune.CheckpointVariables), exports gather them for process 0 to write,
 and sampling and translation (eval.py's BLEU too) split their inputs over the processes; each gives what one
 process of 8 devices gives."""
 import json
@@ -26,12 +27,11 @@ def gpt(tmp_path_factory):
 
 def test_two_processes_fine_tune_with_parameters_spanning_both_like_one(tmp_path, gpt):
   single, multi = str(tmp_path / 'single'), str(tmp_path / 'multi')
-  tune = [*SMALL, f'--config.init_from={gpt}', f'--config.distill.teacher={gpt}']   # the teacher: itself
+  tune = [*SMALL, f'--config.init_from={gpt}']
   proc = run_cli('train.py', *tune, f'--workdir={single}', devices=8, check=True)
-  assert 'arrays restored; new: no head' in proc.stdout and 'distilling from gpt' in proc.stdout
+  assert 'arrays restored; new: no head' in proc.stdout
   outs = two_processes(multi, tune)
   assert all('arrays restored; new: no head' in out for out in outs), outs
-  assert 'distilling from gpt' in outs[0], outs
   a, b = read_metrics(single), read_metrics(multi)
   assert [(r['step'], r['split']) for r in a] == [(r['step'], r['split']) for r in b]
   for x, y in zip(a, b):

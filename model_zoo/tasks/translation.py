@@ -248,8 +248,8 @@ class TranslationTask(SupervisedTask):
       metrics.update({prefix + k: v for k, v in scores.items() if k != 'bleu_signature'})
       metrics['bleu_signature'] = scores['bleu_signature']
       if jax.process_index() == 0:
-        rows = ['source\treference\thypothesis\n'] + [f'{s}\t{r}\t{h}\n' for s, r, h in zip(sources, references, hypotheses)]
-        write_atomically(workdir.translations(split), ''.join(rows).encode())
+        lines = ['source\treference\thypothesis\n'] + [f'{s}\t{r}\t{h}\n' for s, r, h in zip(sources, references, hypotheses)]
+        write_atomically(workdir.translations(split), ''.join(lines).encode())
       print(f'{split}: {len(pairs)} pairs, BLEU {scores["bleu"]:.2f}, chrF {scores["chrf"]:.2f}, exact match '
             f'{scores["exact_match"]:.4f} ({scores["bleu_signature"]})', flush=True)
       for s, r, h in list(zip(sources, references, hypotheses))[:3]:

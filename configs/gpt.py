@@ -39,6 +39,7 @@ def get_config(arg: str = ''):
   config.model.activation = 'gelu'              # gelu | relu | swiglu
   config.model.pre_ln = True
   config.model.tie_embeddings = True
+  config.model.attention_bias = False           # biases on q, k, v and the attention output (GPT-2 has them)
   # The offline corpus is small (~130k training tokens): the tiny model needs strong dropout.
   config.model.dropout_rate = 0.3 if size == 'tiny' else 0.0
   config.model.dtype = 'float32' if size in ('tiny', 'small') else 'bfloat16'

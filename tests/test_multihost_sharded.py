@@ -14,12 +14,13 @@ from helpers import read_metrics, run_cli, two_processes, without_gloo
 from test_multihost import GPT
 
 FSDP = ['--config.mesh.fsdp=8', '--config.mesh.data=1']   # each kernel split over both processes' devices
-SMALL = [*GPT, *FSDP, '--config.num_train_steps=4', '--config.eval_every_steps=4']
+SMALL = [*GPT, *FSDP, '--config.num_train_steps=4', '--config.eval_every_steps=4',
+         '--config.model.positional=learned', '--config.model.attention_bias=True']   # GPT-2's layout: hf/ too
 
 
 @pytest.fixture(scope='module')
 def gpt(tmp_path_factory):
-  """A GPT trained 4 steps by one process of 8 devices, its kernels split 8 ways."""
+  """A GPT-2-layout GPT trained 4 steps by one process of 8 devices, its kernels split 8 ways."""
   workdir = str(tmp_path_factory.mktemp('gpt') / 'run')
   run_cli('train.py', *SMALL, f'--workdir={workdir}', devices=8, check=True)
   return workdir
@@ -39,18 +40,12 @@ def test_two_processes_fine_tune_with_parameters_spanning_both_like_one(tmp_path
       np.testing.assert_allclose(x[k], y[k], rtol=2e-5, atol=1e-6, err_msg=f'{k} at step {x["step"]}')
 
 
-def test_two_processes_export_a_bert_whose_parameters_span_both_like_one(tmp_path):
+def test_two_processes_export_parameters_spanning_both_like_one(tmp_path, gpt):
+  """safetensors and Hugging Face's GPT-2 (hf/) exports, then StableHLO: process 0 writes what it gathered."""
   from safetensors.numpy import load_file  # pylint: disable=g-import-not-at-top
-  workdir = str(tmp_path / 'run')
-  bert = ['--config=configs/bert_pretrain.py', '--config.model.num_layers=1', '--config.model.d_model=32',
-          '--config.model.num_heads=2', '--config.model.d_ff=64', '--config.dataset.vocab_size=400',
-          '--config.dataset.seq_len=32', '--config.batch_size=16', '--config.num_train_steps=2',
-          '--config.eval_every_steps=2', '--config.optimizer.warmup_steps=1', *FSDP]   # a masked LM: hf/ too
-  run_cli('train.py', *bert, f'--workdir={workdir}', devices=8, check=True)
-  run_cli('eval.py', *bert, f'--workdir={workdir}', '--mode=export', f'--output={tmp_path}/one', devices=8,
-          check=True)
-  outs = two_processes(workdir, [*bert, '--mode=export', f'--output={tmp_path}/two'], script='eval.py')
-  assert all('exported step 2' in out for out in outs), outs
+  run_cli('eval.py', *SMALL, f'--workdir={gpt}', '--mode=export', f'--output={tmp_path}/one', devices=8, check=True)
+  outs = two_processes(gpt, [*SMALL, '--mode=export', f'--output={tmp_path}/two'], script='eval.py')
+  assert all('exported step 4' in out for out in outs), outs
   for name in ('model.safetensors', 'hf/model.safetensors'):
     one, two = load_file(str(tmp_path / 'one' / name)), load_file(str(tmp_path / 'two' / name))
     assert sorted(one) == sorted(two) and len(one) > 5
@@ -58,9 +53,9 @@ def test_two_processes_export_a_bert_whose_parameters_span_both_like_one(tmp_pat
       np.testing.assert_array_equal(one[k], two[k], err_msg=k)
   assert sorted(os.listdir(tmp_path / 'one')) == sorted(os.listdir(tmp_path / 'two'))
   # StableHLO (lowered and verified by process 0 alone): the weights are one process's, whole.
-  outs = two_processes(workdir, [*bert, '--mode=export', '--format=stablehlo', f'--output={tmp_path}/hlo'],
+  outs = two_processes(gpt, [*SMALL, '--mode=export', '--format=stablehlo', f'--output={tmp_path}/hlo'],
                        script='eval.py')
-  assert all('exported step 2' in out for out in outs) and 'verified on' in outs[0], outs
+  assert all('exported step 4' in out for out in outs) and 'verified on' in outs[0], outs
   one, hlo = load_file(str(tmp_path / 'one' / 'model.safetensors')), load_file(str(tmp_path / 'hlo' / 'weights.safetensors'))
   assert len(hlo) > 5 and all(k.startswith('params/') and k[len('params/'):] in one for k in hlo), sorted(hlo)
   for k in hlo:

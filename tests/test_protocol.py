@@ -90,33 +90,31 @@ ONE_BLOCK = {'mlp': {'model.hidden_sizes': (32,)}, 'cnn': {'model.features': (8,
 
 
 @pytest.mark.parametrize('name', sorted(FAMILIES))
-def test_fsdp_shards_the_largest_kernel_and_trains_like_data_parallel(name):
-  losses = {}
+def test_fsdp_shards_the_largest_kernel_and_trains_like_one_device(name):
+  """One step with the parameters split 8 ways (fsdp) gives the loss and new parameters of the same step on one
+  device, unsharded. (Data parallelism against one device: tests/test_cli.py, and test_lm.py's layouts.)"""
   # SGD, so that new parameters compare like gradients (Adam's first step is lr * sign(g): a gradient
   # that is zero up to rounding, as a bias before a normalisation has, would flip it)
   sgd = {'optimizer.name': 'sgd', **({'discriminator_optimizer.name': 'sgd'} if name == 'dcgan' else {})}
-  for mesh in ({'data': 8, 'fsdp': 1}, {'data': 1, 'fsdp': 8}):
-    config, data, exp = _experiment(name, **mesh, **ONE_BLOCK.get(name, {}), **sgd)
-    # initialised op by op (nothing to compile), then placed as the layout says
-    state = jax.device_put(nn.unbox(exp.task.init_state(jax.random.key(0), exp.example)), exp.state_shardings)
-    params = exp.task.variables(state)['params']
-    if mesh['fsdp'] == 8:
-      path, largest = max(jax.tree_util.tree_flatten_with_path(params)[0], key=lambda kv: kv[1].size)
-      shard = largest.sharding.shard_shape(largest.shape)
-      assert 'fsdp' in jax.tree.leaves(tuple(largest.sharding.spec)) and shard != largest.shape, (
-          jax.tree_util.keystr(path), largest.shape, largest.sharding.spec)
-    batch = sharding.to_global(next(pipeline.train_iterator(data, batch_size=config.batch_size, seed=0)), exp.mesh)
-    step = jax.jit(exp.task.train_step, in_shardings=(exp.state_shardings, sharding.batch_sharding(exp.mesh), None),
-                   out_shardings=(exp.state_shardings, None))
-    new_state, metrics = step(state, batch, jax.random.key(1))
-    losses[mesh['fsdp']] = {k: float(v) for k, v in metrics.items() if k == 'loss' or k.endswith('_loss')}
-  assert losses[1].keys() == losses[8].keys() and losses[1]
-  for k in losses[1]:
-    assert losses[8][k] == pytest.approx(losses[1][k], rel=1e-5, abs=1e-6), k
-  # The FSDP step's new parameters are those of the same step on one device, unsharded.
+  config, data, exp = _experiment(name, data=1, fsdp=8, **ONE_BLOCK.get(name, {}), **sgd)
+  # initialised op by op (nothing to compile), then placed as the layout says
+  state = jax.device_put(nn.unbox(exp.task.init_state(jax.random.key(0), exp.example)), exp.state_shardings)
+  params = exp.task.variables(state)['params']
+  path, largest = max(jax.tree_util.tree_flatten_with_path(params)[0], key=lambda kv: kv[1].size)
+  shard = largest.sharding.shard_shape(largest.shape)
+  assert 'fsdp' in jax.tree.leaves(tuple(largest.sharding.spec)) and shard != largest.shape, (
+      jax.tree_util.keystr(path), largest.shape, largest.sharding.spec)
+  batch = sharding.to_global(next(pipeline.train_iterator(data, batch_size=config.batch_size, seed=0)), exp.mesh)
+  step = jax.jit(exp.task.train_step, in_shardings=(exp.state_shardings, sharding.batch_sharding(exp.mesh), None),
+                 out_shardings=(exp.state_shardings, None))
+  new_state, metrics = step(state, batch, jax.random.key(1))
   one = jax.devices()[0]
   state_1, batch_1 = jax.device_put(jax.device_get((state, batch)), one)
-  new_1, _ = jax.jit(exp.task.train_step)(state_1, batch_1, jax.random.key(1))
+  new_1, metrics_1 = jax.jit(exp.task.train_step)(state_1, batch_1, jax.random.key(1))
+  losses = {k: float(v) for k, v in metrics.items() if k == 'loss' or k.endswith('_loss')}
+  assert losses and all(k in metrics_1 for k in losses)
+  for k in losses:
+    assert losses[k] == pytest.approx(float(metrics_1[k]), rel=1e-5, abs=1e-6), k
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=2e-5, atol=2e-6),
                jax.device_get(exp.task.variables(new_state)['params']), jax.device_get(exp.task.variables(new_1)['params']))
 

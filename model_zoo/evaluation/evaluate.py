@@ -76,8 +76,9 @@ def evaluate(config, workdir: str, step: int | None = None, quantize: str | None
   wd = Workdir(workdir, variant)
   metrics, stats = loop.make_eval_fn(exp)(state, run.data[run.config.dataset.eval_split])
   scorers = {name: scorer(cfg, path or wd.scorer(name), name) for name, (cfg, path) in task.scorers().items()}
-  metrics.update(task.decode_metrics(state, run.load(task.decode_splits()), wd, scorers,
-                                     rows=sharding.BatchRows(exp.mesh)))
+  splits = task.decode_splits()
+  decoded = task.decode_metrics(state, run.load(splits), wd, scorers, rows=sharding.BatchRows(exp.mesh))
+  metrics.update(decoded)
   metrics.update(sizes)
   if pruning.enabled(run.config) and not sizes:   # the zeros of the pruned weights, overall and per layer
     metrics['sparsity'], metrics['sparsity_by_layer'] = pruning.measured_sparsity(
@@ -87,9 +88,13 @@ def evaluate(config, workdir: str, step: int | None = None, quantize: str | None
     if wd.metrics.exists() and not variant:
       plots.training_curves(read_metrics(wd.metrics)[0], wd.training_curves)
     task.eval_artifacts(stats, wd)
-  print(f'eval of step {step}{f" quantized as {variant}" if variant else ""} on {config.dataset.name}:'
-        f'{config.dataset.eval_split}: '
-        + '  '.join(f'{k} {v:.4f}' for k, v in metrics.items() if isinstance(v, float)), flush=True)
+  shown = lambda ms: '  '.join(f'{k} {v:.4f}' for k, v in ms.items() if isinstance(v, float))
+  line = (f'eval of step {step}{f" quantized as {variant}" if variant else ""} on {config.dataset.name}:'
+          f'{config.dataset.eval_split}: ' + shown({k: v for k, v in metrics.items() if k not in decoded}))
+  if decoded:   # the first decode split's metrics are unprefixed, the others' '<split>/<metric>'
+    line += f'; {config.dataset.name}:{splits[0]}: ' if splits else '; '
+    line += shown(decoded)
+  print(line, flush=True)
   return metrics
 
 

@@ -80,7 +80,7 @@ def test_two_processes_sample_and_translate_like_one(tmp_path, gpt):
   assert one.count('--- prompt:') == 9 and outs[0] == one and '--- prompt' not in outs[1]
   # Translation, as eval.py's BLEU runs it: each process decodes its share of each batch of the split's sources.
   evaluate = [*transformer, '--config.decode.splits=validation', '--config.decode.max_len=12',
-              '--config.batch_size=512']   # 2 batches of 1,000 sources
+              '--config.decode.beam_size=2', '--config.batch_size=512']   # 2 batches of 1,000 sources, 2 beams
   run_cli('eval.py', *evaluate, f'--workdir={mt}', devices=8, check=True)
   tsv = os.path.join(mt, 'translations-validation.tsv')
   with open(tsv) as f, open(os.path.join(mt, 'eval.json')) as g:

@@ -142,7 +142,7 @@ def test_quantization_mistakes_are_one_line_and_write_nothing(mlp_run, tmp_path)
 
 def test_sample_and_translate_run_the_quantized_model(tmp_path, capsys):
   gpt = family_config('gpt', num_train_steps=2, eval_every_steps=2, checkpoint_every_steps=2, log_every_steps=2,
-                      **{'optimizer.warmup_steps': 0},
+                      **{'optimizer.warmup_steps': 0, 'model.num_layers': 1},
                       **{'quantization.calibration_batches': 2})
   loop.train_and_evaluate(gpt, str(tmp_path / 'gpt'))
   texts = evaluate.sample(gpt, str(tmp_path / 'gpt'), ['The ', 'def '], max_new_tokens=4, temperature=0.0,
@@ -150,7 +150,8 @@ def test_sample_and_translate_run_the_quantized_model(tmp_path, capsys):
   assert len(texts) == 2 and all(isinstance(t, str) for t in texts)
   assert 'quantized step 2 as int4_gptq' in capsys.readouterr().out
   mt = family_config('transformer', num_train_steps=2, eval_every_steps=2, checkpoint_every_steps=2,
-                     log_every_steps=2, **{'optimizer.warmup_steps': 0, 'decode.beam_size': 1, 'decode.max_len': 8})
+                     log_every_steps=2, **{'optimizer.warmup_steps': 0, 'decode.beam_size': 1, 'decode.max_len': 8,
+                                           'model.num_encoder_layers': 1, 'model.num_decoder_layers': 1})
   loop.train_and_evaluate(mt, str(tmp_path / 'mt'))
   assert len(evaluate.translate(mt, str(tmp_path / 'mt'), ['three hundred and five'], quantize='int8')) == 1
   assert 'quantized step 2 as int8' in capsys.readouterr().out

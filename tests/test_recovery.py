@@ -9,7 +9,7 @@ import jax
 import numpy as np
 import pytest
 
-from helpers import read_metrics, saved_state, tiny_config
+from helpers import family_config, read_metrics, saved_state, tiny_config
 from model_zoo.errors import UserError
 from model_zoo.evaluation import evaluate
 from model_zoo.training import loop
@@ -178,8 +178,8 @@ def test_the_tokenizer_file_damaged(tmp_path):
 
 
 def test_sample_and_translate_flags_are_checked(tmp_path):
-  gpt = tiny_config('gpt', **{'num_train_steps': 2, 'checkpoint_every_steps': 2, 'log_every_steps': 2,
-                              'eval_every_steps': 2, 'optimizer.warmup_steps': 1, 'model.num_layers': 1})
+  gpt = family_config('gpt', **{'num_train_steps': 2, 'checkpoint_every_steps': 2, 'log_every_steps': 2,
+                                'eval_every_steps': 2, 'optimizer.warmup_steps': 1, 'model.num_layers': 1})
   workdir = str(tmp_path / 'gpt')
   loop.train_and_evaluate(gpt, workdir)
   sample = lambda **kw: evaluate.sample(gpt, workdir, kw.pop('prompts', ['The ']), **kw)

@@ -17,6 +17,7 @@ Packing (model_zoo.data.packing.PackedPairs): consecutive pairs share a row whil
 (source, target) strings, and its `meta` the splits eval.py translates by default
 (`decode_splits`) and the BLEU tokenizer that suits the data set (`bleu_tokenize`).
 """
+import functools
 from typing import Sequence
 
 import ml_collections
@@ -37,6 +38,16 @@ def _numbers_split(n: int) -> str:
   return 'test' if bucket < 2 else 'validation' if bucket == 2 else 'train'
 
 
+@functools.cache
+def _in_range_splits() -> dict[str, tuple[int, ...]]:
+  """Every number below IN_RANGE by its split, hashed once per process (a training run reads two splits,
+  eval.py three)."""
+  splits = {'train': [], 'validation': [], 'test': []}
+  for n in range(IN_RANGE):
+    splits[_numbers_split(n)].append(n)
+  return {k: tuple(v) for k, v in splits.items()}
+
+
 def numbers(split: str, max_examples: int = 0) -> list[int]:
   """The numbers of a split, in a fixed order; `max_examples` > 0 takes a fixed sample of them."""
   if split not in NUMBERS_SPLITS:
@@ -44,7 +55,7 @@ def numbers(split: str, max_examples: int = 0) -> list[int]:
   if split == 'long':
     ns = np.random.default_rng(0).choice(np.arange(*LONG_RANGE), LONG_SIZE, replace=False).tolist()
   else:
-    ns = [n for n in range(IN_RANGE) if _numbers_split(n) == split]
+    ns = list(_in_range_splits()[split])
   if 0 < max_examples < len(ns):
     keep = np.sort(np.random.default_rng(1).choice(len(ns), max_examples, replace=False))
     ns = [ns[i] for i in keep]

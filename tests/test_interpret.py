@@ -103,10 +103,10 @@ def test_attention_probabilities_equal_a_float64_softmax_and_give_the_fused_outp
   attn = layers.MultiHeadAttention(n, e, k, use_bias=True)
   x = jax.random.normal(jax.random.key(0), (b, t, d))
   segments = jnp.array([[1, 1, 1, 2, 0], [1, 1, 1, 1, 1]])
-  mask = layers.segment_mask(segments)
-  variables = attn.init(jax.random.key(1), x, mask_Bx1xTxS=mask, causal=True)
+  mask = layers.Mask(causal=True, q_segments_BxT=segments)
+  variables = attn.init(jax.random.key(1), x, mask=mask)
   assert 'intermediates' not in variables        # init never sows
-  out, captured = attn.apply(variables, x, mask_Bx1xTxS=mask, causal=True, mutable=['intermediates'])
+  out, captured = attn.apply(variables, x, mask=mask, mutable=['intermediates'])
   probs = np.asarray(captured['intermediates']['attention_probabilities'][0])
   assert np.all(np.isfinite(probs)) and probs.shape == (b, n, t, t)
 
@@ -116,7 +116,9 @@ def test_attention_probabilities_equal_a_float64_softmax_and_give_the_fused_outp
   q, kk, v = proj('query', x64), proj('key', x64), proj('value', x64)
   kk, v = np.repeat(kk, n // k, axis=2), np.repeat(v, n // k, axis=2)
   logits = np.einsum('bthe,bshe->bhts', q, kk) / np.sqrt(e)
-  allowed = np.asarray(mask) & np.tril(np.ones((t, t), bool))[None, None]
+  seg = np.asarray(segments)
+  allowed = ((seg[:, :, None] == seg[:, None, :]) & (seg[:, None, :] != 0))[:, None] & np.tril(
+      np.ones((t, t), bool))[None, None]
   logits = np.where(allowed, logits, -1e30)
   want = np.exp(logits - logits.max(-1, keepdims=True))
   want /= want.sum(-1, keepdims=True)

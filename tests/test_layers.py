@@ -40,36 +40,89 @@ def _attention_module_parts(module, params, x):
 SEGMENTS = np.array([[1, 1, 1, 2, 2, 3, 0, 0], [1, 1, 1, 1, 1, 1, 1, 0]])
 
 
-@pytest.mark.parametrize('mask_kind', ['none', 'causal', 'padding', 'packed', 'packed_causal'])
+def _allowed(mask_kind, segments, b, t):
+  """The [B, T, S] keys each query may read, written out from the definitions."""
+  allowed = np.ones((b, t, t), bool)
+  segments = (segments > 0).astype(int) if mask_kind == 'padding' else segments
+  if mask_kind in ('padding', 'packed', 'packed_causal'):
+    allowed &= (segments[:, :, None] == segments[:, None, :]) & (segments[:, None, :] != 0)
+  if mask_kind == 'lengths':
+    allowed &= np.arange(t)[None, None, :] < (segments != 0).sum(1)[:, None, None]
+  if mask_kind.endswith('causal'):
+    allowed &= np.tril(np.ones((t, t), bool))
+  return allowed
+
+
+def _mask(mask_kind, segments):
+  segments = jnp.asarray(segments)
+  return {'none': None, 'causal': layers.Mask(causal=True), 'padding': layers.Mask(q_segments_BxT=segments > 0),
+          'packed': layers.Mask(q_segments_BxT=segments),
+          'packed_causal': layers.Mask(causal=True, q_segments_BxT=segments),
+          'lengths': layers.Mask(kv_lengths_B=jnp.sum(segments != 0, axis=1))}[mask_kind]
+
+
+@pytest.mark.parametrize('mask_kind', ['none', 'causal', 'padding', 'packed', 'packed_causal', 'lengths'])
 @pytest.mark.parametrize('num_kv_heads', [4, 2, 1])
 def test_attention_matches_naive_softmax(mask_kind, num_kv_heads):
   b, t, d = 2, 8, 16
   x = jax.random.normal(jax.random.key(0), (b, t, d))
   module = layers.MultiHeadAttention(num_heads=4, head_dim=8, num_kv_heads=num_kv_heads)
-  causal = mask_kind.endswith('causal')
-  segments = {'padding': (SEGMENTS > 0).astype(int), 'packed': SEGMENTS, 'packed_causal': SEGMENTS}.get(mask_kind)
-  mask = None if segments is None else layers.segment_mask(jnp.asarray(segments))
   params = nn.unbox(module.init(jax.random.key(1), x)['params'])
-  got = module.apply({'params': params}, x, mask_Bx1xTxS=mask, causal=causal)
-
-  allowed = np.ones((b, t, t), bool)
-  if segments is not None:
-    allowed &= (segments[:, :, None] == segments[:, None, :]) & (segments[:, None, :] != 0)
-  if causal:
-    allowed &= np.tril(np.ones((t, t), bool))
+  got = module.apply({'params': params}, x, mask=_mask(mask_kind, SEGMENTS))
+  allowed = _allowed(mask_kind, SEGMENTS, b, t)
   q, k, v, wo = _attention_module_parts(module, params, np.asarray(x))
   want = np.einsum('btnh,nhd->btd', naive_attention(q, k, v, allowed), wo)
   rows = allowed.any(-1)  # rows with no allowed key (padding queries) are undefined
   np.testing.assert_allclose(np.asarray(got)[rows], want[rows], rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.parametrize('t', [64, 128, 256])
+@pytest.mark.parametrize('mask_kind', ['causal', 'packed_causal'])
+def test_causal_query_blocks_match_naive_softmax(t, mask_kind):
+  """Long enough rows that causal attention runs in query blocks (layers.causal_blocks: 1, 2 and 4 of them),
+  each block reading only the keys up to its last query; packed documents cross the blocks' edges."""
+  b, n, k_heads, e = 2, 4, 2, 8
+  q, k, v = (jax.random.normal(key, (b, t, h, e)) for key, h in zip(jax.random.split(jax.random.key(0), 3),
+                                                                     (n, k_heads, k_heads)))
+  segments = np.stack([np.repeat([1, 2, 3, 0], t // 4), np.repeat([1, 2], [t // 2 + 5, t // 2 - 5])])
+  got = layers.dot_product_attention(q, k, v, _mask(mask_kind, segments))
+  allowed = _allowed(mask_kind, segments, b, t)
+  want = naive_attention(q, k, v, allowed)
+  rows = allowed.any(-1)
+  assert layers.causal_blocks(t, t) == {64: 1, 128: 2, 256: 4}[t]
+  np.testing.assert_allclose(np.asarray(got)[rows], want[rows], rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize('t, mask_kind', [(8, 'none'), (8, 'packed'), (8, 'lengths'), (128, 'packed_causal')])
+def test_attention_gradients_match_the_softmax_formula(t, mask_kind):
+  """The hand-written backward pass (recomputed probabilities, FlashAttention-2's equations) against JAX's
+  derivative of the plain formula softmax(q k^T / sqrt(E) + mask) v, grouped-query, in float64."""
+  b, n, k_heads, e = 2, 4, 2, 8
+  with jax.enable_x64():
+    q, k, v, d_out = (jax.random.normal(key, (b, t, h, e), jnp.float64) for key, h in zip(
+        jax.random.split(jax.random.key(0), 4), (n, k_heads, k_heads, n)))
+    segments = SEGMENTS if t == 8 else np.stack([np.repeat([1, 2, 3, 0], t // 4), np.repeat([1, 2], [70, 58])])
+    allowed = jnp.asarray(_allowed(mask_kind, segments, b, t))
+
+    def formula(q, k, v):
+      k, v = jnp.repeat(k, n // k_heads, axis=2), jnp.repeat(v, n // k_heads, axis=2)
+      logits = jnp.einsum('btne,bsne->bnts', q, k) / np.sqrt(e)
+      p = jax.nn.softmax(jnp.where(allowed[:, None], logits, -1e300), axis=-1)
+      return jnp.einsum('bnts,bsne->btne', p, v)
+    rows = jnp.asarray(allowed.any(-1))[:, :, None, None]   # a query with no key to read has no defined output
+    loss = lambda f: lambda *a: jnp.sum(jnp.where(rows, f(*a) * d_out, 0.0))
+    got = jax.grad(loss(lambda *a: layers.dot_product_attention(*a, _mask(mask_kind, segments))), (0, 1, 2))(q, k, v)
+    want = jax.grad(loss(formula), (0, 1, 2))(q, k, v)
+  for g, w in zip(got, want):
+    np.testing.assert_allclose(g, w, rtol=1e-9, atol=1e-9)
+
+
 def test_cross_attention_matches_naive_softmax():
   x, enc = jax.random.normal(jax.random.key(0), (2, 5, 16)), jax.random.normal(jax.random.key(1), (2, 7, 16))
   enc_segments = np.array([[1] * 7, [1] * 4 + [0] * 3])
   module = layers.MultiHeadAttention(num_heads=2, head_dim=8)
-  mask = layers.segment_mask(jnp.ones((2, 5), jnp.int32), jnp.asarray(enc_segments))
   params = nn.unbox(module.init(jax.random.key(2), x, enc)['params'])
-  got = module.apply({'params': params}, x, enc, mask_Bx1xTxS=mask)
+  got = module.apply({'params': params}, x, enc, mask=layers.Mask(kv_segments_BxS=jnp.asarray(enc_segments)))
   p = jax.tree.map(np.asarray, params)
   q = np.einsum('btd,dnh->btnh', x, p['query']['kernel'])
   k = np.einsum('bsd,dnh->bsnh', enc, p['key']['kernel'])
@@ -119,10 +172,11 @@ def test_mlp_matches_numpy(activation):
 def test_block_orders_norm_and_residual_as_named(pre_ln):
   """Pre-LN: x + F(LN(x)); post-LN: LN(x + F(x)), built here from the block's own sublayers."""
   x = jax.random.normal(jax.random.key(0), (2, 4, 16))
-  block = layers.TransformerBlock(layers.BlockConfig(num_heads=2, head_dim=8, d_ff=32, pre_ln=pre_ln), causal=True)
-  params = nn.unbox(block.init(jax.random.key(1), x, train=False)['params'])
-  got = block.apply({'params': params}, x, train=False)
-  attn = lambda y: layers.MultiHeadAttention(2, 8).apply({'params': params['self_attention']}, y, causal=True)
+  block = layers.TransformerBlock(layers.BlockConfig(num_heads=2, head_dim=8, d_ff=32, pre_ln=pre_ln))
+  causal = layers.Mask(causal=True)
+  params = nn.unbox(block.init(jax.random.key(1), x, train=False, mask=causal)['params'])
+  got = block.apply({'params': params}, x, train=False, mask=causal)
+  attn = lambda y: layers.MultiHeadAttention(2, 8).apply({'params': params['self_attention']}, y, mask=causal)
   mlp = lambda y: layers.MLP(32).apply({'params': params['mlp']}, y, train=False)
   norm = lambda name, y: layers.layer_norm(jnp.float32).apply({'params': params[name]}, y)
   if pre_ln:

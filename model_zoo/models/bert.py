@@ -104,13 +104,14 @@ class BERT(nn.Module):
                + jnp.take(table('type_embedding', self.type_vocab_size), type_ids_BxT, axis=0).astype(dtype))
     x_BxTxD = layers.layer_norm(dtype, 'embed_norm', self.ln_epsilon)(x_BxTxD)
     x_BxTxD = nn.Dropout(self.dropout_rate, deterministic=not train)(x_BxTxD)
-    mask = None if segment_ids_BxT is None else layers.segment_mask(segment_ids_BxT)
+    # Segment ids mark right padding (1 on real tokens, then 0): every query reads the real tokens.
+    mask = None if segment_ids_BxT is None else layers.Mask(kv_lengths_B=jnp.sum(segment_ids_BxT != 0, axis=1))
     block = layers.BlockConfig(
         num_heads=self.num_heads, head_dim=self.d_model // self.num_heads, d_ff=self.d_ff, pre_ln=False,
         activation=self.activation, dropout_rate=self.dropout_rate, attention_bias=True, ln_epsilon=self.ln_epsilon,
         lora_rank=self.lora_rank, lora_alpha=self.lora_alpha, dtype=dtype, attention_impl=self.attention_impl or None)
     for i in range(self.num_layers):
-      x_BxTxD = layers.TransformerBlock(block, name=f'block_{i}')(x_BxTxD, train, mask_Bx1xTxS=mask)
+      x_BxTxD = layers.TransformerBlock(block, name=f'block_{i}')(x_BxTxD, train, mask=mask)
     if self.head == 'mlm':
       if mlm_positions_BxM is not None:  # BERT's own trick: the V-wide output layer only where it is scored
         x_BxTxD = jnp.take_along_axis(x_BxTxD, mlm_positions_BxM[..., None], axis=1)

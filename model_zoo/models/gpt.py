@@ -55,7 +55,8 @@ class GPT(nn.Module):
       x_BxTxD = x_BxTxD + layers.sinusoidal_positions(positions_BxT, self.d_model).astype(dtype)
     x_BxTxD = nn.Dropout(self.dropout_rate, deterministic=not train)(x_BxTxD)
 
-    mask = None if segment_ids_BxT is None or self.decode else layers.segment_mask(segment_ids_BxT)
+    # Packed rows: causal within each document; a row of one document (no segment ids): causal alone.
+    mask = layers.Mask(causal=True, q_segments_BxT=segment_ids_BxT)
     block_cls = nn.remat(layers.TransformerBlock, static_argnums=(2,)) if self.remat else layers.TransformerBlock
     block = layers.BlockConfig(
         num_heads=self.num_heads, head_dim=self.d_model // self.num_heads, d_ff=self.d_ff,
@@ -64,8 +65,8 @@ class GPT(nn.Module):
         ln_epsilon=self.ln_epsilon, lora_rank=self.lora_rank, lora_alpha=self.lora_alpha, dtype=dtype,
         attention_impl=self.attention_impl or None)
     for i in range(self.num_layers):
-      x_BxTxD = block_cls(block, causal=True, decode=self.decode, name=f'block_{i}')(
-          x_BxTxD, train, mask_Bx1xTxS=mask, positions_BxT=positions_BxT, segment_ids_BxT=segment_ids_BxT)
+      x_BxTxD = block_cls(block, decode=self.decode, name=f'block_{i}')(
+          x_BxTxD, train, mask=mask, positions_BxT=positions_BxT, segment_ids_BxT=segment_ids_BxT)
     if self.pre_ln:
       x_BxTxD = layers.layer_norm(dtype, 'final_norm', self.ln_epsilon)(x_BxTxD)
     if self.tie_embeddings:

@@ -25,6 +25,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import struct
 
 Dtype = Any
 logical = nn.with_logical_partitioning
@@ -34,7 +35,7 @@ logical = nn.with_logical_partitioning
 # is an error that lists the choices, never a silent default.
 Activation = Literal['gelu', 'gelu_exact', 'relu', 'swiglu']
 ComputeDtype = Literal['float32', 'bfloat16', 'float16']     # parameters stay float32
-AttentionImpl = Literal['', 'xla', 'cudnn']                   # '': JAX picks
+AttentionImpl = Literal['', 'xla', 'cudnn']                   # '': XLA
 
 
 # Plain layers for the families without attention: kernels [in, out] named ('embed', 'mlp') and
@@ -105,22 +106,151 @@ def apply_rotary(x_BxTxNxE: jax.Array, positions_BxT: jax.Array, base: float = 1
   return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1).astype(x_BxTxNxE.dtype)
 
 
-def segment_mask(q_segment_ids_BxT, kv_segment_ids_BxS=None):
-  """Boolean mask [B, 1, T, S], True where a query may attend to a key.
+@struct.dataclass
+class Mask:
+  """Which keys each query may attend to, as the kernels take it (no dense [B, T, S] array unless asked for).
 
-  Segment ids number the documents packed into a row; 0 marks padding. A query attends only
-  to keys of its own segment, which covers padding masks (one segment) and packing (several).
+  causal: query t reads keys s <= t (self-attention, T == S).
+  q_segments_BxT / kv_segments_BxS: segment ids number the documents packed into a row, 0 marks padding; a query
+    reads the keys of its own segment (with kv segments alone: every key whose segment is not 0).
+  kv_lengths_B: row b reads its first kv_lengths_B[b] keys (right padding: BERT).
+  explicit_Bx1xTxS: a boolean mask as it is (a decoder's cache).
+  Every part given must hold; with none, every query reads every key.
   """
-  kv_BxS = q_segment_ids_BxT if kv_segment_ids_BxS is None else kv_segment_ids_BxS
-  mask_BxTxS = (q_segment_ids_BxT[:, :, None] == kv_BxS[:, None, :]) & (kv_BxS[:, None, :] != 0)
-  return mask_BxTxS[:, None]
+  causal: bool = struct.field(pytree_node=False, default=False)
+  q_segments_BxT: jax.Array | None = None
+  kv_segments_BxS: jax.Array | None = None
+  kv_lengths_B: jax.Array | None = None
+  explicit_Bx1xTxS: jax.Array | None = None
+
+  def rows(self, lo: int, hi: int, s: int):
+    """The boolean mask [B or 1, 1, hi - lo, s] of queries lo..hi-1 over keys 0..s-1, or None for no mask."""
+    parts = []
+    if self.causal:
+      parts.append((jnp.arange(lo, hi)[:, None] >= jnp.arange(s)[None, :])[None, None])
+    kv_BxS = None if self.kv_segments_BxS is None else self.kv_segments_BxS[:, :s]
+    if self.q_segments_BxT is not None:
+      q_BxC = self.q_segments_BxT[:, lo:hi]
+      kv_BxS = self.q_segments_BxT[:, :s] if kv_BxS is None else kv_BxS   # self-attention
+      parts.append(((q_BxC[:, :, None] == kv_BxS[:, None, :]) & (kv_BxS[:, None, :] != 0))[:, None])
+    elif kv_BxS is not None:
+      parts.append((kv_BxS != 0)[:, None, None, :])
+    if self.kv_lengths_B is not None:
+      parts.append(jnp.arange(s)[None, None, None, :] < self.kv_lengths_B[:, None, None, None])
+    if self.explicit_Bx1xTxS is not None:
+      parts.append(self.explicit_Bx1xTxS[:, :, lo:hi, :s])
+    return functools.reduce(jnp.logical_and, parts) if parts else None
+
+  def dense(self, t: int, s: int):
+    """The whole mask [B or 1, 1, T, S] (None for no mask)."""
+    return self.rows(0, t, s)
+
+
+def causal_blocks(t: int, s: int) -> int:
+  """How many blocks of queries causal self-attention splits T into, each reading only the keys up to its last
+  query: 1 - (n + 1) / 2n of the logits are never computed (3/8 for 4 blocks). Blocks of at least 64 rows,
+  at most 8 of them (T = 128: 2, 256: 4, 1024: 8)."""
+  if t != s:
+    return 1
+  return next((n for n in (8, 4, 2) if t % n == 0 and t // n >= 64), 1)
+
+
+def dot_product_attention(q_BxTxNxE, k_BxSxKxE, v_BxSxKxE, mask: 'Mask | None' = None,
+                          implementation: str | None = None):
+  """softmax(q k^T / sqrt(E), masked) v  [B, T, N, E]; query head n reads key head n // (N / K).
+
+  'cudnn': jax.nn.dot_product_attention's fused kernel (GPU), causality as `is_causal` (it skips the blocks above
+  the diagonal), right padding as sequence lengths, segments as a segment-only boolean mask.
+  Otherwise (None, 'xla'): `_attention` below, in XLA. A query that may read no key at all (padding) gets the
+  mean of the values.
+  """
+  mask = Mask() if mask is None else mask
+  if implementation == 'cudnn':
+    rest = mask.replace(causal=False, kv_lengths_B=None).dense(q_BxTxNxE.shape[1], k_BxSxKxE.shape[1])
+    lengths = None if mask.kv_lengths_B is None else mask.kv_lengths_B.astype(jnp.int32)
+    return jax.nn.dot_product_attention(q_BxTxNxE, k_BxSxKxE, v_BxSxKxE, mask=rest, is_causal=mask.causal,
+                                        key_value_seq_lengths=lengths, implementation='cudnn')
+  b, t, n, e = q_BxTxNxE.shape
+  k_heads = k_BxSxKxE.shape[2]
+  # Heads first, each key head with its group of G = N / K query heads (no copies of the keys).
+  q_BxKxGxTxE = (q_BxTxNxE * jnp.asarray(e ** -0.5, q_BxTxNxE.dtype)).reshape(
+      b, t, k_heads, n // k_heads, e).transpose(0, 2, 3, 1, 4)
+  out_BxKxGxTxE = _attention(q_BxKxGxTxE, k_BxSxKxE.transpose(0, 2, 1, 3), v_BxSxKxE.transpose(0, 2, 1, 3), mask)
+  return out_BxKxGxTxE.transpose(0, 3, 1, 2, 4).reshape(b, t, n, e)
+
+
+def _query_blocks(t: int, s: int, mask: Mask):
+  """(first query, end, keys read) of each block of queries: causal self-attention reads only the keys up to each
+  block's last query (causal_blocks)."""
+  blocks = causal_blocks(t, s) if mask.causal else 1
+  c = t // blocks
+  return [(i * c, (i + 1) * c, s if blocks == 1 else (i + 1) * c) for i in range(blocks)]
+
+
+def _logits(q_BxKxGxCxE, k_BxKxSxE, mask: Mask, lo: int, hi: int):
+  """Masked logits [B, K, G, C, S] in float32 of the queries lo..hi-1 (q already scaled by 1 / sqrt(E))."""
+  f32 = _at_least_f32(q_BxKxGxCxE.dtype)
+  logits = jnp.einsum('bkgte,bkse->bkgts', q_BxKxGxCxE, k_BxKxSxE, preferred_element_type=f32)
+  m_Bx1xCxS = mask.rows(lo, hi, k_BxKxSxE.shape[2])
+  return logits if m_Bx1xCxS is None else jnp.where(m_Bx1xCxS[:, :, None], logits, jnp.finfo(f32).min)
+
+
+def _at_least_f32(dtype):
+  """The dtype attention's logits and sums are kept in: float32 for bfloat16/float16/float32 inputs."""
+  return jnp.promote_types(dtype, jnp.float32)
+
+
+@jax.custom_vjp
+def _attention(q_BxKxGxTxE, k_BxKxSxE, v_BxKxSxE, mask: Mask):
+  """Attention over scaled queries, keeping only the output and each query's log-sum-exp for the backward pass,
+  as FlashAttention does (Dao et al., 2022; Dao, 2023: the backward pass of FlashAttention-2), not the [T, S]
+  probabilities: they are recomputed from the logits, P = exp(L - lse), and then
+    dV = P^T dO,  dP = dO V^T,  dL = P * (dP - rowsum(dO * O)),  dQ = dL K,  dK = dL^T Q."""
+  return _attention_forward(q_BxKxGxTxE, k_BxKxSxE, v_BxKxSxE, mask)[0]
+
+
+def _attention_forward(q_BxKxGxTxE, k_BxKxSxE, v_BxKxSxE, mask):
+  outs, lses = [], []
+  for lo, hi, keys in _query_blocks(q_BxKxGxTxE.shape[3], k_BxKxSxE.shape[2], mask):
+    logits = _logits(q_BxKxGxTxE[:, :, :, lo:hi], k_BxKxSxE[:, :, :keys], mask, lo, hi)
+    max_ = jnp.max(logits, axis=-1, keepdims=True)
+    p = jnp.exp(logits - max_)
+    sum_ = jnp.sum(p, axis=-1, keepdims=True)
+    o = jnp.einsum('bkgts,bkse->bkgte', p.astype(v_BxKxSxE.dtype), v_BxKxSxE[:, :, :keys],
+                   preferred_element_type=p.dtype)
+    outs.append((o / sum_).astype(v_BxKxSxE.dtype))
+    lses.append((max_ + jnp.log(sum_))[..., 0])
+  out_BxKxGxTxE = outs[0] if len(outs) == 1 else jnp.concatenate(outs, axis=3)
+  lse_BxKxGxT = lses[0] if len(lses) == 1 else jnp.concatenate(lses, axis=3)
+  return out_BxKxGxTxE, (q_BxKxGxTxE, k_BxKxSxE, v_BxKxSxE, mask, out_BxKxGxTxE, lse_BxKxGxT)
+
+
+def _attention_backward(residuals, d_out_BxKxGxTxE):
+  q_BxKxGxTxE, k_BxKxSxE, v_BxKxSxE, mask, out_BxKxGxTxE, lse_BxKxGxT = residuals
+  f32 = _at_least_f32(q_BxKxGxTxE.dtype)
+  delta_BxKxGxT = jnp.sum(d_out_BxKxGxTxE.astype(f32) * out_BxKxGxTxE.astype(f32), axis=-1)
+  dq, dk, dv = [], jnp.zeros(k_BxKxSxE.shape, f32), jnp.zeros(v_BxKxSxE.shape, f32)
+  for lo, hi, keys in _query_blocks(q_BxKxGxTxE.shape[3], k_BxKxSxE.shape[2], mask):
+    q, do = q_BxKxGxTxE[:, :, :, lo:hi], d_out_BxKxGxTxE[:, :, :, lo:hi]
+    k, v = k_BxKxSxE[:, :, :keys], v_BxKxSxE[:, :, :keys]
+    p = jnp.exp(_logits(q, k, mask, lo, hi) - lse_BxKxGxT[:, :, :, lo:hi, None])
+    dv = dv.at[:, :, :keys].add(jnp.einsum('bkgts,bkgte->bkse', p.astype(do.dtype), do, preferred_element_type=f32))
+    dp = jnp.einsum('bkgte,bkse->bkgts', do, v, preferred_element_type=f32)
+    dl = (p * (dp - delta_BxKxGxT[:, :, :, lo:hi, None])).astype(q.dtype)
+    dq.append(jnp.einsum('bkgts,bkse->bkgte', dl, k, preferred_element_type=f32))
+    dk = dk.at[:, :, :keys].add(jnp.einsum('bkgts,bkgte->bkse', dl, q, preferred_element_type=f32))
+  dq_BxKxGxTxE = dq[0] if len(dq) == 1 else jnp.concatenate(dq, axis=3)
+  return dq_BxKxGxTxE.astype(q_BxKxGxTxE.dtype), dk.astype(k_BxKxSxE.dtype), dv.astype(v_BxKxSxE.dtype), None
+
+
+_attention.defvjp(_attention_forward, _attention_backward)
 
 
 class MultiHeadAttention(nn.Module):
   """Multi-head (or grouped-query) dot-product attention, self or cross, with an optional KV cache.
 
-  The kernel is `jax.nn.dot_product_attention`; `implementation` picks XLA ('xla'), the fused
-  cuDNN kernel on GPU ('cudnn') or lets JAX choose (None). In `decode` mode the keys and values
+  The kernel is `dot_product_attention` above: XLA ('xla' or None) or the fused cuDNN kernel on GPU
+  ('cudnn'); `mask` (a Mask) says which keys each query reads. In `decode` mode the keys and values
   of earlier calls are kept in the 'cache' collection (see protocol.init_cache), so a sequence is
   processed a token (or a prompt) at a time at the cost of one new row each step.
   `use_bias` adds biases to the four projections (BERT, GPT-2, ViT); `lora_rank` > 0 adds LoRA
@@ -140,8 +270,8 @@ class MultiHeadAttention(nn.Module):
   lora_alpha: float = 16.0
 
   @nn.compact
-  def __call__(self, x_BxTxD, kv_BxSxD=None, *, mask_Bx1xTxS=None, causal: bool = False,
-               positions_BxT=None, kv_positions_BxS=None, segment_ids_BxT=None):
+  def __call__(self, x_BxTxD, kv_BxSxD=None, *, mask: Mask | None = None, positions_BxT=None,
+               kv_positions_BxS=None, segment_ids_BxT=None):
     n, e = self.num_heads, self.head_dim
     k_heads = self.num_kv_heads or n
     d = x_BxTxD.shape[-1]
@@ -170,22 +300,14 @@ class MultiHeadAttention(nn.Module):
       k_BxSxKxE = apply_rotary(k_BxSxKxE, positions_BxT if self_attention else kv_positions_BxS)
 
     if self.decode and self_attention:
-      k_BxSxKxE, v_BxSxKxE, mask_Bx1xTxS = self._update_cache(
-          k_BxSxKxE, v_BxSxKxE, positions_BxT, segment_ids_BxT)
-      causal = False  # the cache mask already holds causality
-    t, s = q_BxTxNxE.shape[1], k_BxSxKxE.shape[1]
-    if causal and mask_Bx1xTxS is None and t == s:
-      out_BxTxNxE = jax.nn.dot_product_attention(
-          q_BxTxNxE, k_BxSxKxE, v_BxSxKxE, is_causal=True, implementation=self.implementation)
-    else:
-      out_BxTxNxE = jax.nn.dot_product_attention(
-          q_BxTxNxE, k_BxSxKxE, v_BxSxKxE, mask=_with_causal(mask_Bx1xTxS, causal, t, s),
-          implementation=self.implementation)
+      k_BxSxKxE, v_BxSxKxE, cache_mask = self._update_cache(k_BxSxKxE, v_BxSxKxE, positions_BxT, segment_ids_BxT)
+      mask = Mask(explicit_Bx1xTxS=cache_mask)   # the cache's mask holds causality and padding
+    out_BxTxNxE = dot_product_attention(q_BxTxNxE, k_BxSxKxE, v_BxSxKxE, mask, self.implementation)
     if self.is_mutable_collection('intermediates'):
       # Asked for (model.apply(..., mutable=['intermediates']): model_zoo.interpret), never in training or
       # init: the probabilities the fused kernel keeps inside, recomputed here.
-      self.sow('intermediates', 'attention_probabilities',
-               attention_probabilities(q_BxTxNxE, k_BxSxKxE, _with_causal(mask_Bx1xTxS, causal, t, s)))
+      self.sow('intermediates', 'attention_probabilities', attention_probabilities(
+          q_BxTxNxE, k_BxSxKxE, None if mask is None else mask.dense(q_BxTxNxE.shape[1], k_BxSxKxE.shape[1])))
     return project(out_BxTxNxE, d, ('embed',), 'out', in_axes=(-2, -1), kernel_axes=('heads', 'kv', 'embed'))
 
   def _update_cache(self, k_BxTxKxE, v_BxTxKxE, positions_BxT, segment_ids_BxT):
@@ -217,16 +339,8 @@ class MultiHeadAttention(nn.Module):
     return cached_k.value, cached_v.value, mask_BxTxS[:, None]
 
 
-def _with_causal(mask_Bx1xTxS, causal: bool, t: int, s: int):
-  """The mask, and-ed with the causal triangle when `causal`."""
-  if not causal:
-    return mask_Bx1xTxS
-  tri_1x1xTxS = jnp.tril(jnp.ones((t, s), bool))[None, None]
-  return tri_1x1xTxS if mask_Bx1xTxS is None else mask_Bx1xTxS & tri_1x1xTxS
-
-
 def attention_probabilities(q_BxTxNxE, k_BxSxKxE, mask_Bx1xTxS=None):
-  """softmax(q k^T / sqrt(E), masked) [B, N, T, S] in float32, what jax.nn.dot_product_attention computes
+  """softmax(q k^T / sqrt(E), masked) [B, N, T, S] in float32, what dot_product_attention computes
   before it multiplies by v: query head n reads key head n // (N / K); a fully masked row is uniform."""
   n, k_heads, e = q_BxTxNxE.shape[2], k_BxSxKxE.shape[2], q_BxTxNxE.shape[3]
   k_BxSxNxE = jnp.repeat(k_BxSxKxE, n // k_heads, axis=2)
@@ -286,15 +400,15 @@ class BlockConfig:
 
 
 class TransformerBlock(nn.Module):
-  """Self-attention, optional cross-attention (encoder-decoder), then the MLP; pre- or post-LN."""
+  """Self-attention, optional cross-attention (encoder-decoder), then the MLP; pre- or post-LN. `mask` and
+  `cross_mask` (Masks) say which keys each query reads in self- and cross-attention."""
   config: BlockConfig
-  causal: bool = False
   cross_attention: bool = False
   decode: bool = False
 
   @nn.compact
-  def __call__(self, x_BxTxD, train: bool, *, mask_Bx1xTxS=None, positions_BxT=None, segment_ids_BxT=None,
-               encoded_BxSxD=None, cross_mask_Bx1xTxS=None):
+  def __call__(self, x_BxTxD, train: bool, *, mask: Mask | None = None, positions_BxT=None, segment_ids_BxT=None,
+               encoded_BxSxD=None, cross_mask: Mask | None = None):
     # `train` is positional so that nn.remat(TransformerBlock, static_argnums=(2,)) can keep it static.
     c = self.config
     drop = lambda y: nn.Dropout(c.dropout_rate, deterministic=not train)(y)
@@ -308,11 +422,9 @@ class TransformerBlock(nn.Module):
       return x + drop(f(norm(x))) if c.pre_ln else norm(x + drop(f(x)))
 
     x = sublayer(x_BxTxD, 'self_attention', lambda y: attn('self_attention')(
-        y, mask_Bx1xTxS=mask_Bx1xTxS, causal=self.causal, positions_BxT=positions_BxT,
-        segment_ids_BxT=segment_ids_BxT))
+        y, mask=mask, positions_BxT=positions_BxT, segment_ids_BxT=segment_ids_BxT))
     if self.cross_attention:
-      x = sublayer(x, 'cross_attention', lambda y: attn('cross_attention')(
-          y, encoded_BxSxD, mask_Bx1xTxS=cross_mask_Bx1xTxS))
+      x = sublayer(x, 'cross_attention', lambda y: attn('cross_attention')(y, encoded_BxSxD, mask=cross_mask))
     return sublayer(x, 'mlp', lambda y: MLP(c.d_ff, c.activation, c.dropout_rate, c.mlp_bias, c.dtype,
                                             name='mlp')(y, train=train))
 

@@ -27,14 +27,13 @@ class Stack(nn.Module):
   """`num_layers` blocks named block_0, block_1, ..., and a final LayerNorm after pre-LN blocks."""
   config: layers.BlockConfig
   num_layers: int
-  causal: bool = False
   cross_attention: bool = False
   decode: bool = False
 
   @nn.compact
   def __call__(self, x_BxTxD, train: bool, **kwargs):
     for i in range(self.num_layers):
-      x_BxTxD = layers.TransformerBlock(self.config, self.causal, self.cross_attention, self.decode,
+      x_BxTxD = layers.TransformerBlock(self.config, self.cross_attention, self.decode,
                                         name=f'block_{i}')(x_BxTxD, train, **kwargs)
     if self.config.pre_ln:
       x_BxTxD = layers.layer_norm(self.config.dtype, 'final_norm')(x_BxTxD)
@@ -72,7 +71,7 @@ class Transformer(nn.Module):
         activation=self.activation, dropout_rate=self.dropout_rate, dtype=dtype,
         attention_impl=self.attention_impl or None)
     self.encoder = Stack(block, self.num_encoder_layers)
-    self.decoder = Stack(block, self.num_decoder_layers, causal=True, cross_attention=True, decode=self.decode)
+    self.decoder = Stack(block, self.num_decoder_layers, cross_attention=True, decode=self.decode)
     if not self.share_embeddings:
       self.lm_head = layers.dense(self.vocab_size, ('vocab',), use_bias=False, dtype=dtype, name=None,
                                   kernel_axes=('embed', 'vocab'))
@@ -91,7 +90,7 @@ class Transformer(nn.Module):
     segments_BxS = (src_BxS != 0).astype(jnp.int32) if src_segments_BxS is None else src_segments_BxS
     positions_BxS = _positions(src_BxS) if src_positions_BxS is None else src_positions_BxS
     x_BxSxD = self._embed(self.embed, getattr(self, 'src_pos_embedding', None), src_BxS, positions_BxS, train)
-    return self.encoder(x_BxSxD, train, mask_Bx1xTxS=layers.segment_mask(segments_BxS))
+    return self.encoder(x_BxSxD, train, mask=layers.Mask(q_segments_BxT=segments_BxS))
 
   def decode_logits(self, z_BxSxD, src_segments_BxS, tgt_in_BxT, *, train: bool, tgt_segments_BxT=None,
                     tgt_positions_BxT=None):
@@ -100,13 +99,11 @@ class Transformer(nn.Module):
     positions_BxT = _positions(tgt_in_BxT) if tgt_positions_BxT is None else tgt_positions_BxT
     y_BxTxD = self._embed(self.target_embed, getattr(self, 'tgt_pos_embedding', None), tgt_in_BxT,
                           positions_BxT, train)
-    if tgt_segments_BxT is None:  # one pair per row: the causal mask is enough
-      self_mask, cross_mask = None, (src_segments_BxS != 0)[:, None, None, :]
-    else:
-      self_mask = layers.segment_mask(tgt_segments_BxT)
-      cross_mask = layers.segment_mask(tgt_segments_BxT, src_segments_BxS)
-    y_BxTxD = self.decoder(y_BxTxD, train, mask_Bx1xTxS=self_mask, positions_BxT=positions_BxT,
-                           encoded_BxSxD=z_BxSxD, cross_mask_Bx1xTxS=cross_mask)
+    # One pair per row (no target segments): causal, and the source's padding left out.
+    self_mask = layers.Mask(causal=True, q_segments_BxT=tgt_segments_BxT)
+    cross_mask = layers.Mask(q_segments_BxT=tgt_segments_BxT, kv_segments_BxS=src_segments_BxS)
+    y_BxTxD = self.decoder(y_BxTxD, train, mask=self_mask, positions_BxT=positions_BxT,
+                           encoded_BxSxD=z_BxSxD, cross_mask=cross_mask)
     logits_BxTxV = self.target_embed.attend(y_BxTxD) if self.share_embeddings else self.lm_head(y_BxTxD)
     return logits_BxTxV.astype(jnp.float32)
 

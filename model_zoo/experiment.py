@@ -68,6 +68,7 @@ def check(config: ml_collections.ConfigDict) -> jax.sharding.Mesh:
   optimizers.check(config.optimizer, config.num_train_steps)
   task_registry.check(config)
   model_registry.check(config.model)
+  model_registry.check_platform(config.model, jax.default_backend())
   data_registry.check_name(config.dataset)
   mesh = sharding.make_mesh(config.mesh)
   sharding.check_batch(config.batch_size, config.grad_accum_steps, mesh)

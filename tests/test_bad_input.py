@@ -60,6 +60,7 @@ RANGES = [
     ('model.num_heads', 3, ['config.model.num_heads=3', 'must divide config.model.d_model']),
     ('model.num_kv_heads', 3, ['config.model.num_kv_heads=3', 'must divide config.model.num_heads']),
     ('model.d_ff', 0, ['config.model.d_ff', '>= 1']),
+    ('model.attention_impl', 'cudnn', ["config.model.attention_impl='cudnn'"]),   # a CPU, or float32 on a GPU
     ('model.max_len', 0, ['config.model.max_len', '>= 1']),
     ('model.lora_rank', -1, ['config.model.lora_rank', '>= 0']),
     ('model.ln_epsilon', 0.0, ['config.model.ln_epsilon']),

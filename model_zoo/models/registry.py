@@ -89,6 +89,18 @@ def _check_heads(model_config, fields, name):
                     f'(grouped-query attention, model {name!r})')
 
 
+def check_platform(model_config: ml_collections.ConfigDict, platform: str):
+  """A UserError for a model option that the devices of this run (`platform`: 'cpu', 'gpu', 'tpu') cannot run."""
+  if model_config.get('attention_impl') != 'cudnn':
+    return
+  if platform != 'gpu':
+    raise UserError(f"config.model.attention_impl='cudnn' runs on NVIDIA GPUs, and this run's devices are "
+                    f"{platform}; use '' (XLA attention)")
+  if model_config.get('dtype', 'float32') == 'float32':
+    raise UserError("config.model.attention_impl='cudnn' computes in bfloat16 or float16, but config.model.dtype="
+                    "'float32'; set config.model.dtype=bfloat16, or use attention_impl='' (XLA)")
+
+
 def build(model_config: ml_collections.ConfigDict, **kwargs):
   """The module named by `model_config.name`, built from its other fields plus `kwargs`."""
   check(model_config)

@@ -1,30 +1,36 @@
-"""GPT train-step throughput: tokens/s, achieved FLOP/s, and its share of the device's matmul peak.
+"""GPT train-step throughput: tokens/s, model FLOP/s in two conventions, and MFU per device.
 
-  python benchmarks/gpt_throughput.py --sizes=tiny,small            # CPU
-  python benchmarks/gpt_throughput.py --sizes=124m --dtype=bfloat16 # GPU
+  python benchmarks/gpt_throughput.py                                  # CPU: tiny and small, XLA attention
+  python benchmarks/gpt_throughput.py --sizes=124m --dtype=bfloat16 --impls=xla,cudnn --batch_per_device=16 \
+      --out=/tmp/gpt_gpu                                               # a GPU: ~5 minutes, everything in --out
 
-The peak is measured in the same run (the best of large square matmuls, float32 and bfloat16);
-model FLOPs are 6 N + 12 L d T per token, counted by model_zoo.models.protocol.flops_per_example.
-Writes benchmarks/results/gpt_throughput_<platform>.json and prints a table. Not a test.
+Each row is one preset, attention implementation and attention path, run through the task's real jitted train
+step (forward, backward, AdamW) on random tokens, data parallel over every device:
+  packed  rows of several documents (segment ids: causal attention within each document), what training feeds;
+  single  rows of one document (no segment ids: causal attention alone, no mask at all for cuDNN).
+Model FLOPs per token, both conventions printed:
+  full    6 N + 12 L d T (N: matmul parameters; the attention's logits and weighted sum counted over all T x T
+          pairs): PaLM's MFU, and model_zoo's (protocol.flops_per_example, counted in the traced program);
+  causal  6 N + 6 L d T: half of the attention, what a causal mask leaves (MaxText's convention).
+MFU is per device: the achieved FLOP/s of one device against one device's peak (the vendor's dense bfloat16 or
+float32 figure on a GPU, the measured matmul peak on a CPU), and against the peak measured in this run (the best
+n x n x n matmul). Writes <out>/gpt_throughput_<platform>.json and .md. Not a test.
 """
 import argparse
-import json
 import os
-import platform
 import time
 
-import flax.linen as nn
 import jax
 import numpy as np
 
-from model_zoo import config as config_lib
+from common import ROOT, load, write
 from model_zoo.data.base import DataInfo
 from model_zoo.data.tokenizers import ByteTokenizer
+from model_zoo.errors import UserError
+from model_zoo.experiment import build_experiment
 from model_zoo.models import protocol
-from model_zoo.tasks.language_modeling import LanguageModelingTask
-from model_zoo.training import perf
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from model_zoo.training import perf, sharding
+from model_zoo.training.sweep import typed_value
 
 
 class _Vocab(ByteTokenizer):
@@ -34,32 +40,39 @@ class _Vocab(ByteTokenizer):
     self.vocab_size = vocab_size
 
 
-def gpt_config(size: str, overrides: dict):
-  config = config_lib.load(os.path.join(ROOT, 'configs', f'gpt.py:size={size}'))
-  for key, value in overrides.items():
-    *path, leaf = key.split('.')
-    node = config
-    for p in path:
-      node = node[p]
-    node[leaf] = type(node[leaf])(value)
-  return config
-
-
-def measure(size: str, overrides: dict, steps: int) -> dict:
-  config = gpt_config(size, overrides)
+def batch_of(config, path: str, rng) -> dict:
+  """A batch of random tokens: `packed` rows hold documents of 1/8 to 1/2 of a row each, `single` rows one."""
   v, t, b = config.dataset.vocab_size, config.dataset.seq_len, config.batch_size
-  rng = np.random.default_rng(0)
   batch = {'inputs': rng.integers(3, v, (b, t), dtype=np.int32), 'targets': rng.integers(3, v, (b, t), dtype=np.int32),
-           'positions': np.broadcast_to(np.arange(t, dtype=np.int32), (b, t)).copy(),
-           'segment_ids': np.ones((b, t), np.int32), 'weights': np.ones((b, t), np.float32)}
-  task = LanguageModelingTask(config, DataInfo({k: x[0] for k, x in batch.items()}, tokenizer=_Vocab(v)))
-  batch = jax.device_put(batch)
-  state = jax.jit(lambda: nn.unbox(task.init_state(jax.random.key(0), batch)))()
-  step = jax.jit(task.train_step, donate_argnums=0)
-  compile_start = time.perf_counter()
+           'weights': np.ones((b, t), np.float32)}
+  if path == 'single':
+    batch['positions'] = np.broadcast_to(np.arange(t, dtype=np.int32), (b, t)).copy()
+    return batch
+  segments = np.zeros((b, t), np.int32)
+  positions = np.zeros((b, t), np.int32)
+  for row in range(b):
+    start, doc = 0, 1
+    while start < t:
+      length = min(int(rng.integers(t // 8, t // 2 + 1)), t - start)
+      segments[row, start:start + length], positions[row, start:start + length] = doc, np.arange(length)
+      start, doc = start + length, doc + 1
+  return {**batch, 'segment_ids': segments, 'positions': positions}
+
+
+def measure(config, size: str, path: str, steps: int) -> dict:
+  rng = np.random.default_rng(0)
+  batch = batch_of(config, path, rng)
+  example = {k: x[0] for k, x in batch.items()}
+  example.setdefault('segment_ids', np.ones_like(example['inputs']))   # the task's init needs a full example
+  exp = build_experiment(config, DataInfo(example, tokenizer=_Vocab(config.dataset.vocab_size)))
+  state = exp.init_state()
+  step = jax.jit(exp.task.train_step, in_shardings=(exp.state_shardings, sharding.batch_sharding(exp.mesh), None),
+                 out_shardings=(exp.state_shardings, None), donate_argnums=0)
+  batch = sharding.to_global(batch, exp.mesh)
+  start = time.perf_counter()
   state, metrics = step(state, batch, jax.random.key(0))
   jax.block_until_ready(metrics)
-  compile_s = time.perf_counter() - compile_start
+  first = time.perf_counter() - start
   times = []
   for i in range(steps):
     start = time.perf_counter()
@@ -67,47 +80,78 @@ def measure(size: str, overrides: dict, steps: int) -> dict:
     jax.block_until_ready(metrics)
     times.append(time.perf_counter() - start)
   sec = float(np.median(times))
-  flops = task.flops_per_token(state) * b * t
-  return {'size': size, 'dtype': config.model.dtype, 'batch_size': b, 'seq_len': t,
-          'params': protocol.param_count(state.params),
-          'step_s': sec, 'first_step_s': compile_s, 'tokens_per_s': b * t / sec, 'model_flops_per_step': float(flops),
-          'achieved_tflops': float(flops / sec / 1e12)}
+  m = config.model
+  tokens = config.batch_size * config.dataset.seq_len
+  full = exp.task.flops_per_token(state)   # 6 N + 12 L d T, counted in the traced program
+  causal = full - 6 * m.num_layers * m.d_model * config.dataset.seq_len
+  n = jax.device_count()
+  return {'size': size, 'dtype': m.dtype, 'attention_impl': m.attention_impl or 'xla', 'path': path,
+          'scan_layers': m.scan_layers, 'remat_policy': m.remat_policy, 'devices': n,
+          'batch_size': config.batch_size, 'seq_len': config.dataset.seq_len,
+          'params': protocol.param_count(state.params), 'first_step_s': first, 'step_s': sec,
+          'tokens_per_s': tokens / sec, 'tokens_per_s_per_device': tokens / sec / n,
+          'flops_per_token_full': full, 'flops_per_token_causal': causal,
+          'tflops_per_device_full': full * tokens / sec / n / 1e12,
+          'tflops_per_device_causal': causal * tokens / sec / n / 1e12}
 
 
 def main():
   parser = argparse.ArgumentParser()
-  parser.add_argument('--sizes', default='tiny,small')
-  parser.add_argument('--steps', type=int, default=5)
-  parser.add_argument('--set', action='append', default=[], help='config override key=value, e.g. model.dtype=bfloat16')
+  parser.add_argument('--sizes', default='tiny,small', help='presets of configs/gpt.py')
+  parser.add_argument('--dtype', default='', help='model.dtype (float32, bfloat16); the preset\'s if empty')
+  parser.add_argument('--impls', default='', help="attention implementations: xla,cudnn (default: xla, and cudnn "
+                                                  "too on a GPU)")
+  parser.add_argument('--paths', default='packed,single', help='attention paths: packed,single')
+  parser.add_argument('--batch_per_device', type=int, default=0, help="rows per device (the preset's batch if 0)")
+  parser.add_argument('--steps', type=int, default=10)
+  parser.add_argument('--set', action='append', default=[], help='a config override key=value, typed as the field '
+                                                                 '(e.g. model.remat_policy=dots); repeatable')
+  parser.add_argument('--out', default=os.path.join(ROOT, 'benchmarks', 'results'), help='output directory')
   args = parser.parse_args()
-  overrides = dict(kv.split('=', 1) for kv in args.set)
   device = jax.devices()[0]
-  sizes = (1024, 2048, 4096) if device.platform == 'cpu' else (4096, 8192)
-  peaks = {dtype: perf.measured_matmul_peak(dtype, sizes=sizes, repeats=5) for dtype in ('float32', 'bfloat16')}
+  impls = args.impls.split(',') if args.impls else ['xla'] + (['cudnn'] if device.platform == 'gpu' else [])
+  probe = (1024, 2048, 4096) if device.platform == 'cpu' else (4096, 8192)
+  measured = {d: perf.measured_matmul_peak(d, sizes=probe, repeats=5) for d in ('float32', 'bfloat16')}
+  per_device_peak = lambda dtype: perf.peak_flops(dtype) / (
+      1 if device.platform == 'cpu' else jax.device_count())   # fake CPU devices share one measured peak
   rows = []
   for size in args.sizes.split(','):
-    row = measure(size, overrides, args.steps)
-    row['measured_peak_tflops'] = peaks[row['dtype']] / 1e12
-    row['share_of_measured_peak'] = row['achieved_tflops'] * 1e12 / peaks[row['dtype']]
-    if device.platform == 'gpu':
-      row['mfu_vs_spec_peak'] = row['achieved_tflops'] * 1e12 / perf.peak_flops(row['dtype'])
-    rows.append(row)
-    print(json.dumps(row), flush=True)
-  result = {'device': device.device_kind, 'platform': device.platform, 'devices': jax.device_count(),
-            'cpu': platform.processor() or platform.machine(), 'cores': os.cpu_count(), 'jax': jax.__version__,
-            'measured_matmul_peak_tflops': {k: v / 1e12 for k, v in peaks.items()}, 'overrides': overrides,
-            'rows': rows}
-  os.makedirs(os.path.join(ROOT, 'benchmarks', 'results'), exist_ok=True)
-  path = os.path.join(ROOT, 'benchmarks', 'results', f'gpt_throughput_{device.platform}.json')
-  with open(path, 'w') as f:
-    json.dump(result, f, indent=2)
-  print(f'\n{device.device_kind} x{jax.device_count()}, measured matmul peak: '
-        + ', '.join(f'{k} {v / 1e12:.3f} TFLOP/s' for k, v in peaks.items()))
-  print(f'{"size":>6} {"dtype":>9} {"params":>8} {"tokens/s":>10} {"TFLOP/s":>8} {"share of peak":>13}')
+    for impl in impls:
+      for path in args.paths.split(','):
+        config = load(f'gpt.py:size={size}', {})
+        for key, text in [kv.split('=', 1) for kv in args.set] + (
+            [('model.dtype', args.dtype)] if args.dtype else []) + [('model.attention_impl', impl)] + (
+            [('batch_size', str(args.batch_per_device * jax.device_count()))] if args.batch_per_device else []):
+          *parents, leaf = key.split('.')
+          node = config
+          for p in parents:
+            node = node[p]
+          node[leaf] = typed_value(node[leaf], text, key)
+        try:
+          row = measure(config, size, path, args.steps)
+        except UserError as e:
+          print(f'{size} {impl} {path}: skipped: {e}', flush=True)
+          continue
+        peak = per_device_peak(row['dtype'])
+        row.update(peak_tflops_per_device=peak / 1e12, measured_peak_tflops=measured[row['dtype']] / 1e12,
+                   mfu_full=row['tflops_per_device_full'] * 1e12 / peak,
+                   mfu_causal=row['tflops_per_device_causal'] * 1e12 / peak,
+                   share_of_measured_peak_full=row['tflops_per_device_full'] * 1e12 / measured[row['dtype']])
+        rows.append(row)
+        print({k: (round(v, 4) if isinstance(v, float) else v) for k, v in row.items()}, flush=True)
+  header = ('| preset | dtype | attention | path | devices | batch x seq | params | tokens/s/device | '
+            'TFLOP/s/device full (causal) | MFU full (causal) | share of measured peak | first step s |')
+  lines = [header, '|' + '---|' * (header.count('|') - 1)]
   for r in rows:
-    print(f'{r["size"]:>6} {r["dtype"]:>9} {r["params"] / 1e6:>7.1f}M {r["tokens_per_s"]:>10.0f} '
-          f'{r["achieved_tflops"]:>8.3f} {r["share_of_measured_peak"]:>13.3f}')
-  print(f'written to {path}')
+    lines.append(f'| {r["size"]} | {r["dtype"]} | {r["attention_impl"]} | {r["path"]} | {r["devices"]} | '
+                 f'{r["batch_size"]} x {r["seq_len"]} | {r["params"] / 1e6:.1f}M | {r["tokens_per_s_per_device"]:,.0f} | '
+                 f'{r["tflops_per_device_full"]:.3f} ({r["tflops_per_device_causal"]:.3f}) | '
+                 f'{r["mfu_full"]:.3f} ({r["mfu_causal"]:.3f}) | {r["share_of_measured_peak_full"]:.3f} | '
+                 f'{r["first_step_s"]:.1f} |')
+  os.makedirs(args.out, exist_ok=True)
+  write(os.path.join(args.out, f'gpt_throughput_{device.platform}'),
+        {'device': device.device_kind, 'measured_matmul_peak_tflops': {k: v / 1e12 for k, v in measured.items()},
+         'rows': rows}, '\n'.join(lines))
 
 
 if __name__ == '__main__':

@@ -39,7 +39,9 @@ def bert_config(size: str, task: str):
   config.model.lora_rank = 0
   config.model.lora_alpha = 16.0
   config.model.dtype = 'float32' if size == 'tiny' else 'bfloat16'
-  config.model.attention_impl = ''
+  config.model.attention_impl = ''            # '' (XLA) | xla | cudnn (a GPU, bfloat16)
+  config.model.scan_layers = False            # True: one nn.scan over the blocks
+  config.model.remat_policy = 'none'          # none | full | dots | qkv | attention | attention_mlp
   return config
 
 

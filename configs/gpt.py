@@ -43,8 +43,9 @@ def get_config(arg: str = ''):
   # The offline corpus is small (~130k training tokens): the tiny model needs strong dropout.
   config.model.dropout_rate = 0.3 if size == 'tiny' else 0.0
   config.model.dtype = 'float32' if size in ('tiny', 'small') else 'bfloat16'
-  config.model.remat = size in ('350m', '1b')
-  config.model.attention_impl = ''              # '' (JAX chooses) | xla | cudnn
+  config.model.attention_impl = ''              # '' (XLA) | xla | cudnn (a GPU, bfloat16)
+  config.model.scan_layers = False              # True: one nn.scan over the blocks (flat compile time in depth)
+  config.model.remat_policy = 'full' if size in ('350m', '1b') else 'none'   # none | full | dots | qkv | attention | attention_mlp
   config.model.lora_rank = 0                    # > 0: LoRA adapters on the attention projections
   config.model.lora_alpha = 16.0
 

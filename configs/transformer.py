@@ -52,7 +52,9 @@ def get_config(arg: str = ''):
   config.model.share_embeddings = True
   config.model.dropout_rate = dropout
   config.model.dtype = 'float32' if tiny else 'bfloat16'
-  config.model.attention_impl = ''            # '' (JAX chooses) | xla | cudnn
+  config.model.attention_impl = ''            # '' (XLA) | xla | cudnn (a GPU, bfloat16)
+  config.model.scan_layers = False            # True: one nn.scan over each stack's blocks
+  config.model.remat_policy = 'none'          # none | full | dots | qkv | attention | attention_mlp
 
   # eval.py translates these splits (comma-separated); the first one's metrics are `bleu`,
   # `exact_match`, ..., the others' `<split>/bleu`, ... '' = the data set's: test (and long).

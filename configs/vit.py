@@ -36,6 +36,8 @@ def get_config(arg: str = ''):
   config.model.d_ff = d_ff
   config.model.pool = 'mean' if tiny else 'cls'   # cls (the class token) | mean (over the patches)
   config.model.dropout_rate = 0.05 if tiny else 0.0
+  config.model.scan_layers = False            # True: one nn.scan over the blocks
+  config.model.remat_policy = 'none'          # none | full | dots | qkv | attention | attention_mlp
 
   config.batch_size = 64 if tiny else 512
   config.num_train_steps = 3000 if tiny else 30_000

@@ -91,10 +91,11 @@ def build_experiment(config: ml_collections.ConfigDict, info: DataInfo, mesh=Non
 
 
 # Keys that may change when a run resumes: how long it runs, how it reports and on which devices, not
-# what it computes (the kernels attention_impl picks and remat compute the same function).
+# what it computes (the kernels attention_impl picks and remat compute the same function; a checkpoint's blocks
+# are converted between scanned and unrolled layouts as it is restored; model.remat is a key of older runs).
 RESUMABLE_CHANGES = ('num_train_steps', 'log_every_steps', 'eval_every_steps', 'checkpoint_every_steps',
                      'max_checkpoints_to_keep', 'dataset.prefetch', 'dataset.data_dir', 'dataset.download',
-                     'mesh.*', 'model.attention_impl', 'model.remat')
+                     'mesh.*', 'model.attention_impl', 'model.remat', 'model.remat_policy', 'model.scan_layers')
 # ... and when a trained run is evaluated, sampled, translated or exported: how it was trained, not its
 # model, data or tokenizer. (An optimizer whose state has another structure still fails the checkpoint's
 # own check.) `decode.*` is how eval.py decodes, the eval split what it measures, `quantization.*` how it

@@ -131,15 +131,16 @@ def test_sampling_rules_on_a_fixed_distribution():
   np.testing.assert_allclose(hot, p / p.sum(), atol=0.04)
 
 
-@pytest.mark.parametrize('attention_impl', ['', 'cudnn'])
-def test_model_flops_follow_the_formula(attention_impl):
+@pytest.mark.parametrize('attention_impl, t', [('', 32), ('cudnn', 32), ('', 256), ('xla', 256)])
+def test_model_flops_follow_the_formula(attention_impl, t):
   """6 N + 12 L d T per token (Kaplan et al., 2020; PaLM appendix B), N the matmul parameters: the
-  count does not depend on the attention kernel (a fused one hides its matmuls in one call)."""
-  model = GPT(vocab_size=384, num_layers=2, d_model=32, num_heads=2, d_ff=64, max_len=64,
+  count does not depend on the attention kernel (a fused one hides its matmuls in one call; XLA's skips the
+  causal blocks above the diagonal at T = 256)."""
+  model = GPT(vocab_size=384, num_layers=2, d_model=32, num_heads=2, d_ff=64, max_len=256,
               attention_impl=attention_impl, tie_embeddings=False)
-  tokens = jnp.zeros((3, 32), jnp.int32)
+  tokens = jnp.zeros((3, t), jnp.int32)
   variables = jax.eval_shape(lambda: model.clone(attention_impl='').init(jax.random.key(0), tokens, train=False))
-  d, f, v, t, layers = 32, 64, 384, 32, 2
+  d, f, v, layers = 32, 64, 384, 2
   matmul_params = layers * (4 * d * d + 2 * d * f) + v * d   # attention and MLP kernels, the output layer
   assert protocol.flops_per_example(model, variables, tokens) == (6 * matmul_params + 12 * layers * d * t) * t
 
@@ -165,18 +166,6 @@ def test_fsdp_and_tensor_parallel_layouts_shard_parameters_and_agree():
     assert state.params['block_0']['mlp']['wi']['kernel'].sharding.spec == exp.state_shardings.params[
         'block_0']['mlp']['wi']['kernel'].spec
   assert losses[(8, 1, 1)] == pytest.approx(losses[(2, 2, 2)], rel=1e-5)
-
-
-def test_remat_changes_the_program_not_the_gradients():
-  tokens = jax.random.randint(jax.random.key(1), (2, 8), 0, 23)
-  grads, programs = [], []
-  for remat in (False, True):
-    model, params = _model_and_params(remat=remat)
-    loss = lambda p, m=model: m.apply({'params': p}, tokens, train=False).mean()
-    grads.append(jax.jit(jax.grad(loss))(params))
-    programs.append(str(jax.make_jaxpr(jax.grad(loss))(params)))
-  assert 'remat' not in programs[0] and 'remat' in programs[1]
-  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7), *grads)
 
 
 def test_bfloat16_compute_keeps_float32_parameters():

@@ -21,6 +21,7 @@ from model_zoo.compression.settings import scheme
 from model_zoo.data import pipeline
 from model_zoo.errors import UserError
 from model_zoo.experiment import Experiment, Run, build_experiment
+from model_zoo.models import protocol
 from model_zoo.tasks import registry as task_registry
 from model_zoo.training import sharding
 from model_zoo.training.checkpoints import restore_on_host
@@ -29,11 +30,13 @@ from model_zoo.transfer import export as export_lib
 
 def inference_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   """The config of the quantized model: LoRA merged away, and no optimizer state worth the name (the
-  quantized model is evaluated, never trained)."""
+  quantized model is evaluated, never trained), its blocks unrolled."""
   config = config.copy_and_resolve_references()
   with config.unlocked():
     if config.model.get('lora_rank', 0):
       config.model.lora_rank = 0
+    if config.model.get('scan_layers', False):   # qwix's rules match the blocks by their paths: block_<i>
+      config.model.scan_layers = False
     config.init_from, config.freeze = '', 'none'
     config.pruning.method = 'none'   # the pruned weights are zeros already; no masks to carry
     for key in ('optimizer', 'discriminator_optimizer'):
@@ -105,7 +108,7 @@ def quantize(run: Run, state, step: int, config: ml_collections.ConfigDict) -> t
   config = inference_config(config)
   q, name = config.quantization, scheme(config.quantization)
   exp = quantized_experiment(config, run.experiment.task.info, run.experiment.mesh)
-  float_vars = run.experiment.task.variables(state)
+  float_vars = protocol.to_layout(run.experiment.task.variables(state), 'unrolled')
   params = float_vars['params']
   if run.config.model.get('lora_rank', 0):
     params = jax.tree.map(jax.numpy.asarray, export_lib.merge_lora(params, run.config.model.lora_alpha))

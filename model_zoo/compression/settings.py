@@ -26,6 +26,10 @@ def check(config: ml_collections.ConfigDict):
     if q[key] not in choices:
       raise UserError(f'config.quantization.{key}={q[key]!r} is not one of {", ".join(choices)}'
                       + (' (activations are quantized to int8 or not at all)' if key == 'act_dtype' else ''))
+  if q.mode == 'qat' and config.model.get('scan_layers', False):
+    raise UserError("config.quantization.mode='qat' quantizes the blocks' layers by their paths (block_<i>), which "
+                    "config.model.scan_layers=True stacks into one scanned module; train with scan_layers=False "
+                    "(init_from reads a scanned checkpoint too)")
   if not isinstance(q.tile_size, int) or q.tile_size < 0:
     raise UserError(f'config.quantization.tile_size must be an integer >= 0 (0: one scale per output channel), '
                     f'got {q.tile_size!r}')

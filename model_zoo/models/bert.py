@@ -83,6 +83,8 @@ class BERT(nn.Module):
   lora_alpha: float = 16.0
   dtype: layers.ComputeDtype = 'float32'
   attention_impl: layers.AttentionImpl = ''
+  scan_layers: bool = False          # one nn.scan over the blocks (parameters stacked on a 'layers' axis)
+  remat_policy: layers.RematPolicy = 'none'   # what the backward pass recomputes (layers.REMAT_POLICIES)
 
   @nn.compact
   def __call__(self, tokens_BxT, *, train: bool, type_ids_BxT=None, segment_ids_BxT=None, mlm_positions_BxM=None,
@@ -110,8 +112,8 @@ class BERT(nn.Module):
         num_heads=self.num_heads, head_dim=self.d_model // self.num_heads, d_ff=self.d_ff, pre_ln=False,
         activation=self.activation, dropout_rate=self.dropout_rate, attention_bias=True, ln_epsilon=self.ln_epsilon,
         lora_rank=self.lora_rank, lora_alpha=self.lora_alpha, dtype=dtype, attention_impl=self.attention_impl or None)
-    for i in range(self.num_layers):
-      x_BxTxD = layers.TransformerBlock(block, name=f'block_{i}')(x_BxTxD, train, mask=mask)
+    x_BxTxD = layers.blocks(block, self.num_layers, x_BxTxD, train, mask, scan=self.scan_layers,
+                            remat_policy=self.remat_policy)
     if self.head == 'mlm':
       if mlm_positions_BxM is not None:  # BERT's own trick: the V-wide output layer only where it is scored
         x_BxTxD = jnp.take_along_axis(x_BxTxD, mlm_positions_BxM[..., None], axis=1)

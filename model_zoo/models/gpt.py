@@ -29,7 +29,8 @@ class GPT(nn.Module):
   tie_embeddings: bool = True
   dropout_rate: float = 0.0
   dtype: layers.ComputeDtype = 'float32'
-  remat: bool = False
+  scan_layers: bool = False          # one nn.scan over the blocks (parameters stacked on a 'layers' axis)
+  remat_policy: layers.RematPolicy = 'none'   # what the backward pass recomputes (layers.REMAT_POLICIES)
   attention_impl: layers.AttentionImpl = ''
   attention_bias: bool = False       # biases on q, k, v and the output projection (GPT-2 has them)
   ln_epsilon: float = 1e-5
@@ -57,16 +58,14 @@ class GPT(nn.Module):
 
     # Packed rows: causal within each document; a row of one document (no segment ids): causal alone.
     mask = layers.Mask(causal=True, q_segments_BxT=segment_ids_BxT)
-    block_cls = nn.remat(layers.TransformerBlock, static_argnums=(2,)) if self.remat else layers.TransformerBlock
     block = layers.BlockConfig(
         num_heads=self.num_heads, head_dim=self.d_model // self.num_heads, d_ff=self.d_ff,
         num_kv_heads=self.num_kv_heads, pre_ln=self.pre_ln, activation=self.activation,
         rotary=self.positional == 'rotary', dropout_rate=self.dropout_rate, attention_bias=self.attention_bias,
         ln_epsilon=self.ln_epsilon, lora_rank=self.lora_rank, lora_alpha=self.lora_alpha, dtype=dtype,
         attention_impl=self.attention_impl or None)
-    for i in range(self.num_layers):
-      x_BxTxD = block_cls(block, decode=self.decode, name=f'block_{i}')(
-          x_BxTxD, train, mask=mask, positions_BxT=positions_BxT, segment_ids_BxT=segment_ids_BxT)
+    x_BxTxD = layers.blocks(block, self.num_layers, x_BxTxD, train, mask, positions_BxT, segment_ids_BxT,
+                            scan=self.scan_layers, remat_policy=self.remat_policy, decode=self.decode)
     if self.pre_ln:
       x_BxTxD = layers.layer_norm(dtype, 'final_norm', self.ln_epsilon)(x_BxTxD)
     if self.tie_embeddings:

@@ -26,6 +26,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import struct
+from jax.ad_checkpoint import checkpoint_name
 
 Dtype = Any
 logical = nn.with_logical_partitioning
@@ -36,6 +37,7 @@ logical = nn.with_logical_partitioning
 Activation = Literal['gelu', 'gelu_exact', 'relu', 'swiglu']
 ComputeDtype = Literal['float32', 'bfloat16', 'float16']     # parameters stay float32
 AttentionImpl = Literal['', 'xla', 'cudnn']                   # '': XLA
+RematPolicy = Literal['none', 'full', 'dots', 'qkv', 'attention', 'attention_mlp']
 
 
 # Plain layers for the families without attention: kernels [in, out] named ('embed', 'mlp') and
@@ -162,9 +164,15 @@ def dot_product_attention(q_BxTxNxE, k_BxSxKxE, v_BxSxKxE, mask: 'Mask | None' =
   'cudnn': jax.nn.dot_product_attention's fused kernel (GPU), causality as `is_causal` (it skips the blocks above
   the diagonal), right padding as sequence lengths, segments as a segment-only boolean mask.
   Otherwise (None, 'xla'): `_attention` below, in XLA. A query that may read no key at all (padding) gets the
-  mean of the values.
+  mean of the values. 'dense' is the formula as written, every logit computed: what
+  protocol.flops_per_example counts (all T x S logits, the convention of PaLM's MFU), never a config's choice.
   """
   mask = Mask() if mask is None else mask
+  if implementation == 'dense':
+    n, k_heads = q_BxTxNxE.shape[2], k_BxSxKxE.shape[2]
+    k_BxSxNxE, v_BxSxNxE = (jnp.repeat(x, n // k_heads, axis=2) for x in (k_BxSxKxE, v_BxSxKxE))
+    p_BxNxTxS = attention_probabilities(q_BxTxNxE, k_BxSxNxE, mask.dense(q_BxTxNxE.shape[1], k_BxSxKxE.shape[1]))
+    return jnp.einsum('bnts,bsne->btne', p_BxNxTxS.astype(v_BxSxNxE.dtype), v_BxSxNxE)
   if implementation == 'cudnn':
     rest = mask.replace(causal=False, kv_lengths_B=None).dense(q_BxTxNxE.shape[1], k_BxSxKxE.shape[1])
     lengths = None if mask.kv_lengths_B is None else mask.kv_lengths_B.astype(jnp.int32)
@@ -222,6 +230,8 @@ def _attention_forward(q_BxKxGxTxE, k_BxKxSxE, v_BxKxSxE, mask):
     lses.append((max_ + jnp.log(sum_))[..., 0])
   out_BxKxGxTxE = outs[0] if len(outs) == 1 else jnp.concatenate(outs, axis=3)
   lse_BxKxGxT = lses[0] if len(lses) == 1 else jnp.concatenate(lses, axis=3)
+  # Named, so that a remat policy that saves 'attention' keeps what the backward pass reads, not the whole kernel.
+  out_BxKxGxTxE, lse_BxKxGxT = checkpoint_name(out_BxKxGxTxE, 'attention'), checkpoint_name(lse_BxKxGxT, 'attention')
   return out_BxKxGxTxE, (q_BxKxGxTxE, k_BxKxSxE, v_BxKxSxE, mask, out_BxKxGxTxE, lse_BxKxGxT)
 
 
@@ -292,9 +302,9 @@ class MultiHeadAttention(nn.Module):
         y = y + b(a(x)) * (self.lora_alpha / self.lora_rank)
       return y
 
-    q_BxTxNxE = project(x_BxTxD, (n, e), ('heads', 'kv'), 'query')
-    k_BxSxKxE = project(kv_BxSxD, (k_heads, e), ('heads', 'kv'), 'key')
-    v_BxSxKxE = project(kv_BxSxD, (k_heads, e), ('heads', 'kv'), 'value')
+    q_BxTxNxE = checkpoint_name(project(x_BxTxD, (n, e), ('heads', 'kv'), 'query'), 'query')
+    k_BxSxKxE = checkpoint_name(project(kv_BxSxD, (k_heads, e), ('heads', 'kv'), 'key'), 'key')
+    v_BxSxKxE = checkpoint_name(project(kv_BxSxD, (k_heads, e), ('heads', 'kv'), 'value'), 'value')
     if self.rotary:
       q_BxTxNxE = apply_rotary(q_BxTxNxE, positions_BxT)
       k_BxSxKxE = apply_rotary(k_BxSxKxE, positions_BxT if self_attention else kv_positions_BxS)
@@ -302,7 +312,8 @@ class MultiHeadAttention(nn.Module):
     if self.decode and self_attention:
       k_BxSxKxE, v_BxSxKxE, cache_mask = self._update_cache(k_BxSxKxE, v_BxSxKxE, positions_BxT, segment_ids_BxT)
       mask = Mask(explicit_Bx1xTxS=cache_mask)   # the cache's mask holds causality and padding
-    out_BxTxNxE = dot_product_attention(q_BxTxNxE, k_BxSxKxE, v_BxSxKxE, mask, self.implementation)
+    out_BxTxNxE = checkpoint_name(dot_product_attention(q_BxTxNxE, k_BxSxKxE, v_BxSxKxE, mask, self.implementation),
+                                  'attention')
     if self.is_mutable_collection('intermediates'):
       # Asked for (model.apply(..., mutable=['intermediates']): model_zoo.interpret), never in training or
       # init: the probabilities the fused kernel keeps inside, recomputed here.
@@ -370,10 +381,11 @@ class MLP(nn.Module):
     wi = lambda name: dense(self.d_ff, ('mlp',), use_bias=self.use_bias, dtype=self.dtype, name=name,
                             kernel_axes=('embed', 'mlp'))
     if self.activation == 'swiglu':
-      h_BxTxF = nn.silu(wi('wi_gate')(x_BxTxD)) * wi('wi')(x_BxTxD)
+      h_BxTxF = nn.silu(checkpoint_name(wi('wi_gate')(x_BxTxD), 'mlp_hidden')) * checkpoint_name(
+          wi('wi')(x_BxTxD), 'mlp_hidden')
     else:
       act = ACTIVATIONS[self.activation]
-      h_BxTxF = act(wi('wi')(x_BxTxD))
+      h_BxTxF = act(checkpoint_name(wi('wi')(x_BxTxD), 'mlp_hidden'))
     h_BxTxF = nn.Dropout(self.dropout_rate, deterministic=not train)(h_BxTxF)
     return dense(d, ('embed',), use_bias=self.use_bias, dtype=self.dtype, name='wo',
                  kernel_axes=('mlp', 'embed'))(h_BxTxF)
@@ -406,10 +418,12 @@ class TransformerBlock(nn.Module):
   cross_attention: bool = False
   decode: bool = False
 
+  scanned: bool = False   # inside nn.scan: returns (x, None), a scan step's carry and output
+
   @nn.compact
-  def __call__(self, x_BxTxD, train: bool, *, mask: Mask | None = None, positions_BxT=None, segment_ids_BxT=None,
+  def __call__(self, x_BxTxD, train: bool, mask: Mask | None = None, positions_BxT=None, segment_ids_BxT=None,
                encoded_BxSxD=None, cross_mask: Mask | None = None):
-    # `train` is positional so that nn.remat(TransformerBlock, static_argnums=(2,)) can keep it static.
+    # Positional, so that nn.remat can keep `train` static (static_argnums) and nn.scan can broadcast the rest.
     c = self.config
     drop = lambda y: nn.Dropout(c.dropout_rate, deterministic=not train)(y)
     attn = lambda name: MultiHeadAttention(
@@ -425,8 +439,45 @@ class TransformerBlock(nn.Module):
         y, mask=mask, positions_BxT=positions_BxT, segment_ids_BxT=segment_ids_BxT))
     if self.cross_attention:
       x = sublayer(x, 'cross_attention', lambda y: attn('cross_attention')(y, encoded_BxSxD, mask=cross_mask))
-    return sublayer(x, 'mlp', lambda y: MLP(c.d_ff, c.activation, c.dropout_rate, c.mlp_bias, c.dtype,
-                                            name='mlp')(y, train=train))
+    x = sublayer(x, 'mlp', lambda y: MLP(c.d_ff, c.activation, c.dropout_rate, c.mlp_bias, c.dtype,
+                                         name='mlp')(y, train=train))
+    return (x, None) if self.scanned else x
+
+
+# What each remat policy keeps from the forward pass for the backward pass (the rest is recomputed). The names are
+# the checkpoint_name tags above: q, k, v after their projections, the attention's output (and the log-sum-exp
+# its backward pass reads) before the output projection, the MLP's hidden layer before its activation.
+REMAT_POLICIES = {
+    'full': jax.checkpoint_policies.nothing_saveable,
+    'dots': jax.checkpoint_policies.dots_with_no_batch_dims_saveable,   # every projection; not attention's logits
+    'qkv': jax.checkpoint_policies.save_only_these_names('query', 'key', 'value'),
+    'attention': jax.checkpoint_policies.save_only_these_names('query', 'key', 'value', 'attention'),
+    'attention_mlp': jax.checkpoint_policies.save_only_these_names('query', 'key', 'value', 'attention',
+                                                                   'mlp_hidden'),
+}
+
+
+def blocks(config: BlockConfig, num_layers: int, x_BxTxD, train: bool, mask: Mask | None = None,
+           positions_BxT=None, segment_ids_BxT=None, encoded_BxSxD=None, cross_mask: Mask | None = None, *,
+           scan: bool = False, remat_policy: str = 'none', cross_attention: bool = False, decode: bool = False):
+  """`num_layers` TransformerBlocks on x, called inside a module's compact method (their parameters are its own).
+
+  Unrolled: modules block_0, block_1, ... . With `scan`, one module `blocks` run by nn.scan, its parameters
+  stacked on a leading 'layers' axis (model_zoo.models.protocol converts between the layouts): the program holds
+  one block whatever the depth, so compile time stays flat. `remat_policy` (REMAT_POLICIES; 'none' keeps
+  everything) recomputes in the backward pass what the forward pass did not keep."""
+  block = TransformerBlock
+  if remat_policy != 'none':
+    block = nn.remat(block, policy=REMAT_POLICIES[remat_policy], prevent_cse=not scan, static_argnums=(2,))
+  inputs = (mask, positions_BxT, segment_ids_BxT, encoded_BxSxD, cross_mask)
+  if not scan:
+    for i in range(num_layers):
+      x_BxTxD = block(config, cross_attention, decode, name=f'block_{i}')(x_BxTxD, train, *inputs)
+    return x_BxTxD
+  scanned = nn.scan(block, variable_axes={'params': 0, 'intermediates': 0, 'cache': 1},
+                    split_rngs={'params': True, 'dropout': True}, in_axes=(nn.broadcast,) * 6, length=num_layers,
+                    metadata_params={nn.PARTITION_NAME: 'layers'})
+  return scanned(config, cross_attention, decode, scanned=True, name='blocks')(x_BxTxD, train, *inputs)[0]
 
 
 class Embed(nn.Module):

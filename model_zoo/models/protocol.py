@@ -8,6 +8,10 @@ the names and functions below, never through its class.
 Names, on the path of every parameter:
   block_<i>          the i-th repeated block counted from the input (i = 0, 1, ...), as a module
                      anywhere on the path (`encoder/block_0`, `rnn/block_1`, `block_3`): depth i + 1.
+  blocks             the same blocks scanned (model.scan_layers): one module whose variables carry a
+                     leading axis, entry i for block_<i> ('layers' for sharding; a cache's axis 1, after
+                     the batch). `unstack_blocks` and `stack_blocks` convert between the two layouts,
+                     `to_layout` any tree of variables into the layout of another.
   <name>_head        a task head, the layers that map features to the task's outputs (cls_head,
                      lm_head, mlm_head, token_head, pixel_head, ...). `init_from` starts a head afresh
                      when the checkpoint has none of its shape; `freeze='backbone'` trains heads only.
@@ -34,6 +38,7 @@ import jax.numpy as jnp
 import numpy as np
 
 _BLOCK = re.compile(r'block_(\d+)')
+STACK = 'blocks'   # the module of scanned blocks
 
 
 @runtime_checkable
@@ -58,6 +63,12 @@ def block_index(path: tuple[str, ...]) -> int | None:
   return None
 
 
+def stacked_depths(path: tuple[str, ...], leaf_shape: tuple) -> np.ndarray | None:
+  """For a variable of scanned blocks (a `blocks` module on its path): the depth of each entry of its leading
+  axis, 1 .. L; None for any other variable."""
+  return np.arange(1, leaf_shape[0] + 1) if STACK in path else None
+
+
 def is_head(path: tuple[str, ...]) -> bool:
   return any(part.endswith('_head') for part in path)
 
@@ -78,6 +89,57 @@ def depth(path: tuple[str, ...], num_blocks: int) -> int:
   if i is not None:
     return i + 1
   return 0 if is_input_layer(path) else num_blocks + 1
+
+
+def layout(paths) -> str | None:
+  """'scanned' where a `blocks` module is on some path, 'unrolled' where a block_<i> is, else None."""
+  paths = list(paths)
+  if any(STACK in p for p in paths):
+    return 'scanned'
+  return 'unrolled' if any(block_index(p) is not None for p in paths) else None
+
+
+def to_layout(tree, target: str | None, take=lambda x, i: x[i], join=jnp.stack):
+  """Any pytree of variables (params, an optimizer state that mirrors them, shapes) with its blocks laid out as
+  `target` says: 'unrolled' splits every `blocks` module into block_0, block_1, ... (take(leaf, i)), 'scanned'
+  joins the block_<i> of a module into `blocks` (join([leaf_0, leaf_1, ...])); None leaves it as it is."""
+  if target is None:
+    return tree
+  return _map_dicts(lambda d: _unstack(d, take) if target == 'unrolled' else _stack(d, join), tree)
+
+
+def _map_dicts(f, tree):
+  """f applied to every dict of a pytree (of dicts, named tuples, dataclasses), the innermost first."""
+  if isinstance(tree, dict):
+    return f({k: _map_dicts(f, v) for k, v in tree.items()})
+  children, treedef = jax.tree_util.tree_flatten(tree, is_leaf=lambda x: x is not tree)
+  if treedef.num_leaves == 1 and children and children[0] is tree:   # a leaf
+    return tree
+  return jax.tree_util.tree_unflatten(treedef, [_map_dicts(f, c) for c in children])
+
+
+def _leaf(x) -> bool:
+  return not isinstance(x, dict)
+
+
+def _unstack(d: dict, take) -> dict:
+  if STACK not in d:
+    return d
+  d = dict(d)
+  stacked = d.pop(STACK)
+  length = jax.tree.leaves(stacked, is_leaf=_leaf)[0].shape[0]
+  d.update({f'block_{i}': jax.tree.map(lambda x, i=i: take(x, i), stacked, is_leaf=_leaf) for i in range(length)})
+  return d
+
+
+def _stack(d: dict, join) -> dict:
+  numbered = sorted((k for k in d if _BLOCK.fullmatch(str(k))), key=lambda k: int(k[len('block_'):]))
+  if not numbered:
+    return d
+  parts = [d[k] for k in numbered]
+  d = {k: v for k, v in d.items() if k not in numbered}
+  d[STACK] = jax.tree.map(lambda *xs: join(list(xs)), *parts, is_leaf=_leaf)
+  return d
 
 
 def param_count(params) -> int:
@@ -105,11 +167,13 @@ def flops_per_example(model: nn.Module, variables, *inputs, **kwargs) -> float:
   Counted in the traced program (`jax.make_jaxpr`), so it is exact for any family: a Transformer gets
   6 N + 12 L d T per token (N its matmul parameters; Kaplan et al., 2020), a convolution the work of
   every output position. Element-wise work (activations, norms, softmax) is not counted, as in MFU.
-  Models with the shared attention are counted on its XLA path: a fused kernel's FLOPs are the
-  same but hidden in one call. `variables` and `inputs` may be arrays or `jax.ShapeDtypeStruct`s.
+  Models with the shared attention are counted with every logit of T x S computed ('dense', as PaLM's MFU counts
+  them; a causal mask makes half of them unneeded, which model_zoo's kernels skip in blocks, and which MaxText's
+  convention leaves out): a fused kernel's FLOPs are hidden in one call.
+  `variables` and `inputs` may be arrays or `jax.ShapeDtypeStruct`s.
   """
   if isinstance(getattr(model, 'attention_impl', None), str):
-    model = model.clone(attention_impl='xla')
+    model = model.clone(attention_impl='dense')
   jaxpr = jax.make_jaxpr(lambda v, *x: model.apply(v, *x, train=False, **kwargs))(nn.unbox(variables), *inputs)
   return 3.0 * _forward_flops(jaxpr.jaxpr) / inputs[0].shape[0]
 

@@ -29,12 +29,13 @@ class Stack(nn.Module):
   num_layers: int
   cross_attention: bool = False
   decode: bool = False
+  scan: bool = False
+  remat_policy: str = 'none'
 
   @nn.compact
-  def __call__(self, x_BxTxD, train: bool, **kwargs):
-    for i in range(self.num_layers):
-      x_BxTxD = layers.TransformerBlock(self.config, self.cross_attention, self.decode,
-                                        name=f'block_{i}')(x_BxTxD, train, **kwargs)
+  def __call__(self, x_BxTxD, train: bool, **inputs):
+    x_BxTxD = layers.blocks(self.config, self.num_layers, x_BxTxD, train, **inputs, scan=self.scan,
+                            remat_policy=self.remat_policy, cross_attention=self.cross_attention, decode=self.decode)
     if self.config.pre_ln:
       x_BxTxD = layers.layer_norm(self.config.dtype, 'final_norm')(x_BxTxD)
     return x_BxTxD
@@ -55,6 +56,8 @@ class Transformer(nn.Module):
   dropout_rate: float = 0.1
   dtype: layers.ComputeDtype = 'float32'
   attention_impl: layers.AttentionImpl = ''
+  scan_layers: bool = False          # one nn.scan over each stack's blocks (parameters stacked on a 'layers' axis)
+  remat_policy: layers.RematPolicy = 'none'   # what the backward pass recomputes (layers.REMAT_POLICIES)
   decode: bool = False               # decoder self-attention keeps a key/value cache
 
   def setup(self):
@@ -70,8 +73,9 @@ class Transformer(nn.Module):
         num_heads=self.num_heads, head_dim=self.d_model // self.num_heads, d_ff=self.d_ff, pre_ln=self.pre_ln,
         activation=self.activation, dropout_rate=self.dropout_rate, dtype=dtype,
         attention_impl=self.attention_impl or None)
-    self.encoder = Stack(block, self.num_encoder_layers)
-    self.decoder = Stack(block, self.num_decoder_layers, cross_attention=True, decode=self.decode)
+    stack = functools.partial(Stack, block, scan=self.scan_layers, remat_policy=self.remat_policy)
+    self.encoder = stack(self.num_encoder_layers)
+    self.decoder = stack(self.num_decoder_layers, cross_attention=True, decode=self.decode)
     if not self.share_embeddings:
       self.lm_head = layers.dense(self.vocab_size, ('vocab',), use_bias=False, dtype=dtype, name=None,
                                   kernel_axes=('embed', 'vocab'))

@@ -29,6 +29,8 @@ class ViT(nn.Module):
   d_ff: int = 3072
   pool: Literal['cls', 'mean'] = 'cls'  # the class token's output | the mean over the patch outputs
   dropout_rate: float = 0.0
+  scan_layers: bool = False          # one nn.scan over the blocks (parameters stacked on a 'layers' axis)
+  remat_policy: layers.RematPolicy = 'none'   # what the backward pass recomputes (layers.REMAT_POLICIES)
 
   @nn.compact
   def __call__(self, x_BxHxWxC: jax.Array, *, train: bool) -> jax.Array:
@@ -47,8 +49,8 @@ class ViT(nn.Module):
     x_BxPxD = nn.Dropout(self.dropout_rate, deterministic=not train)(x_BxPxD + pos_1xPxD)
     block = layers.BlockConfig(self.num_heads, d // self.num_heads, self.d_ff, pre_ln=True, activation='gelu',
                                dropout_rate=self.dropout_rate)
-    for i in range(self.num_layers):
-      x_BxPxD = layers.TransformerBlock(block, name=f'block_{i}')(x_BxPxD, train)
+    x_BxPxD = layers.blocks(block, self.num_layers, x_BxPxD, train, scan=self.scan_layers,
+                            remat_policy=self.remat_policy)
     x_BxPxD = layers.layer_norm(jnp.float32, 'final_norm')(x_BxPxD)
     y_BxD = x_BxPxD[:, 0] if self.pool == 'cls' else jnp.mean(x_BxPxD, axis=1)
     return layers.linear(self.num_classes, 'cls_head', axes=('embed', None))(y_BxD)

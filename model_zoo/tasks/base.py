@@ -307,8 +307,9 @@ class SupervisedTask(Task):
     (model_zoo.models.layers.MultiHeadAttention); a model without one gets a UserError."""
     _, captured = self.model.apply(variables, *self.model_inputs(batch), train=False, mutable=['intermediates'],
                                    **self.model_kwargs(batch))
-    maps = {'/'.join(protocol.path_names(path[:-2])): p for path, p in jax.tree_util.tree_flatten_with_path(
-        captured.get('intermediates', {}))[0] if protocol.path_names(path)[-2] == 'attention_probabilities'}
+    sown = protocol.to_layout(captured.get('intermediates', {}), 'unrolled')   # scanned blocks' maps, one a block
+    maps = {'/'.join(protocol.path_names(path[:-2])): p for path, p in jax.tree_util.tree_flatten_with_path(sown)[0]
+            if protocol.path_names(path)[-2] == 'attention_probabilities'}
     if not maps:
       raise UserError(f'attention maps need a model with attention layers (ViT, BERT, GPT, the Transformer); '
                       f'config.model.name={self.config.model.name!r} has none')

@@ -67,7 +67,8 @@ class LanguageModelingTask(SupervisedTask):
     return (batch['inputs'],)
 
   def model_kwargs(self, batch):
-    return {'positions_BxT': batch['positions'], 'segment_ids_BxT': batch['segment_ids']}
+    # Rows without segment ids hold one document each: causal attention needs no mask then.
+    return {'positions_BxT': batch['positions'], 'segment_ids_BxT': batch.get('segment_ids')}
 
   def loss_from_outputs(self, logits_BxTxV, batch):
     metrics = losses.means(losses.token_sums(logits_BxTxV, batch['targets'], batch['weights']))

@@ -7,6 +7,10 @@ not yet averaged into a metrics.jsonl line), committed atomically.
 A step directory that is incomplete or damaged (a part missing, a JSON file cut short) is never
 restored: `latest_step` passes over it and says so. Training moves it aside (`set_aside`), so that
 the step can be saved again, and deletes nothing.
+
+A checkpoint of a model with scanned blocks restores into the same model unrolled, and the other way round
+(config.model.scan_layers may change between runs): the state is read in the checkpoint's layout and converted
+(model_zoo.models.protocol.to_layout).
 """
 import json
 
@@ -17,6 +21,7 @@ import orbax.checkpoint as ocp
 
 from model_zoo import paths
 from model_zoo.errors import UserError
+from model_zoo.models import protocol
 
 
 def _shapes(tree) -> dict[str, tuple]:
@@ -34,6 +39,24 @@ def restore_on_host(manager: ocp.CheckpointManager, step: int, item: str, shapes
   abstract = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device), shapes)
   restored = manager.restore(step, args=ocp.args.Composite(**{item: ocp.args.StandardRestore(abstract)}))[item]
   return jax.tree.map(np.asarray, restored)
+
+
+def _abstract_block(s: jax.ShapeDtypeStruct, i: int) -> jax.ShapeDtypeStruct:
+  """Block i of a stacked variable's shape (its leading axis dropped, from the sharding too)."""
+  del i
+  sharding = s.sharding
+  if isinstance(sharding, jax.sharding.NamedSharding):
+    sharding = jax.sharding.NamedSharding(sharding.mesh, jax.sharding.PartitionSpec(*sharding.spec[1:]))
+  return jax.ShapeDtypeStruct(s.shape[1:], s.dtype, sharding=sharding)
+
+
+def _abstract_stack(blocks: list) -> jax.ShapeDtypeStruct:
+  """The shape of a stack of equal variables (a leading axis, not sharded)."""
+  s = blocks[0]
+  sharding = s.sharding
+  if isinstance(sharding, jax.sharding.NamedSharding):
+    sharding = jax.sharding.NamedSharding(sharding.mesh, jax.sharding.PartitionSpec(None, *sharding.spec))
+  return jax.ShapeDtypeStruct((len(blocks), *s.shape), s.dtype, sharding=sharding)
 
 
 class Checkpoints:
@@ -116,6 +139,12 @@ class Checkpoints:
     if problem is not None:
       raise UserError(f'the checkpoint at step {step} in {self.directory} cannot be used: {problem}; '
                       f'choose another --step (there are: {self.all_steps()})')
+    target = abstract_state
+    saved = protocol.layout(tuple(k.split('/')) for k in _shapes(self.saved_tree(step)))
+    wanted = protocol.layout(tuple(k.split('/')) for k in _shapes(abstract_state))
+    convert = saved is not None and wanted is not None and saved != wanted
+    if convert:   # read in the checkpoint's own layout of the blocks
+      abstract_state = protocol.to_layout(abstract_state, saved, take=_abstract_block, join=_abstract_stack)
     self._check_fits(step, abstract_state)
     if data_iterator is not None:
       self._check_process_count(step)
@@ -124,12 +153,15 @@ class Checkpoints:
       args.update(data=grain.checkpoint.CheckpointRestore(data_iterator), log=ocp.args.JsonRestore())
     try:
       restored = self.manager.restore(step, args=ocp.args.Composite(**args))
-      return restored['state'] if data_iterator is None else (restored['state'], restored['log'])
     except Exception as e:  # pylint: disable=broad-except
       # The shapes fit (checked above), so a failure here is in the files themselves.
       raise UserError(f'the checkpoint at step {step} in {self.directory} could not be read '
                       f'({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ""}); it may be damaged: '
                       f'move {self.directory / str(step)} aside to use the one before it') from e
+    state = restored['state']
+    if convert:
+      state = jax.tree.map(lambda x, s: jax.device_put(x, s.sharding), protocol.to_layout(state, wanted), target)
+    return state if data_iterator is None else (state, restored['log'])
 
   def restore_tree(self, step: int) -> dict:
     """The state at `step` as nested dicts of host numpy arrays, whatever model wrote it (fine-tuning

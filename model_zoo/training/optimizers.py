@@ -81,12 +81,15 @@ def finetuning(layer_decay: float = 1.0, frozen: Callable[[tuple[str, ...]], boo
 
   def update(updates, state, params=None):
     del params
-    paths = [protocol.path_names(p) for p, _ in jax.tree_util.tree_flatten_with_path(updates)[0]]
-    blocks = [i for i in map(protocol.block_index, paths) if i is not None]
-    if layer_decay != 1.0 and not blocks:
+    leaves = [(protocol.path_names(p), u) for p, u in jax.tree_util.tree_flatten_with_path(updates)[0]]
+    # The depth of each block: block_<i> is i + 1; scanned blocks (model.scan_layers) carry theirs on axis 0.
+    depths = [d for path, u in leaves for d in (protocol.stacked_depths(path, u.shape) if protocol.STACK in path
+                                                else [-1 if protocol.block_index(path) is None else
+                                                      protocol.block_index(path) + 1])]
+    if layer_decay != 1.0 and max(depths, default=-1) < 1:
       raise UserError('config.optimizer.layer_decay needs a model with layers named block_<i> '
                       '(model_zoo/models/protocol.py); set it to 1.0 for this one')
-    num_blocks = max(blocks, default=-1) + 1
+    num_blocks = int(max(depths, default=0))
 
     def scale(keys, u):
       path = protocol.path_names(keys)
@@ -94,6 +97,9 @@ def finetuning(layer_decay: float = 1.0, frozen: Callable[[tuple[str, ...]], boo
         return jax.numpy.zeros_like(u)
       if layer_decay == 1.0:
         return u
+      stacked = protocol.stacked_depths(path, u.shape)
+      if stacked is not None:   # one factor per block, along the leading axis
+        return u * (layer_decay ** (num_blocks + 1 - stacked)).reshape((-1,) + (1,) * (u.ndim - 1)).astype(u.dtype)
       return u * layer_decay ** (num_blocks + 1 - protocol.depth(path, num_blocks))
     return jax.tree_util.tree_map_with_path(scale, updates), state
 

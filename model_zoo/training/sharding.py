@@ -24,6 +24,7 @@ RULES = (
     ('kv', None),
     ('vocab', 'tensor'),
     ('length', None),
+    ('layers', None),     # the stacked blocks of a scanned model (model.scan_layers)
 )
 
 

@@ -80,7 +80,7 @@ def _leaf_keys(config: ml_collections.ConfigDict, prefix: str = ''):
       yield prefix + k
 
 
-def _typed(current, value, key: str):
+def typed_value(current, value, key: str):
   """`value` (text from the command line, or a Python value from sweep()) as the type of the field."""
   if not isinstance(value, str):
     ok = isinstance(value, type(current)) or (isinstance(current, float) and isinstance(value, int)) or current is None
@@ -155,7 +155,7 @@ class Sweep:
           close = difflib.get_close_matches(key, sorted(known), n=1)
           raise UserError(f'sweep: unknown config key {key!r}' + (f'; did you mean {close[0]!r}?' if close else
                                                                     '; see the config file for the keys'))
-        typed[key] = _typed(_get(config, key), value, key)
+        typed[key] = typed_value(_get(config, key), value, key)
         _set(point, key, typed[key])
       name = point_name(i, typed)
       try:

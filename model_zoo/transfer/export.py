@@ -28,6 +28,7 @@ from jax.experimental import multihost_utils
 
 from model_zoo import paths
 from model_zoo.errors import UserError
+from model_zoo.models import protocol
 from model_zoo.models.protocol import is_lora
 from model_zoo.workdir import Workdir
 
@@ -83,6 +84,7 @@ def export(config: ml_collections.ConfigDict, params, workdir: Workdir, outdir: 
 
 def _write(config: ml_collections.ConfigDict, merged: dict, quantized: bool, workdir: Workdir, outdir: str):
   from safetensors.numpy import save_file  # pylint: disable=g-import-not-at-top
+  merged = protocol.to_layout(merged, 'unrolled')   # scanned blocks written as block_<i>, like every export
   flat = {'/'.join(k): np.ascontiguousarray(v) for k, v in traverse_util.flatten_dict(merged).items()}
   save_file(flat, os.path.join(outdir, 'model.safetensors'))
   if config.pruning.method != 'none' and not quantized:
@@ -100,6 +102,8 @@ def _write(config: ml_collections.ConfigDict, merged: dict, quantized: bool, wor
   with config.unlocked():
     if 'lora_rank' in config.model:
       config.model.lora_rank = 0
+    if 'scan_layers' in config.model:
+      config.model.scan_layers = False
     config.init_from, config.freeze = '', 'none'
   with open(os.path.join(outdir, 'config.json'), 'w') as f:
     f.write(config.to_json_best_effort(indent=2, sort_keys=True))

@@ -20,6 +20,7 @@ import numpy as np
 from flax import traverse_util
 
 from model_zoo.errors import UserError
+from model_zoo.models import protocol
 from model_zoo.models.protocol import is_head, is_lora, path_names
 from model_zoo.workdir import Workdir
 
@@ -141,6 +142,17 @@ def initial_variables(config: ml_collections.ConfigDict, variables: dict) -> dic
   host or device, so this works where the parameters span hosts."""
   source = _source_variables(config.init_from, config.model.name)
   shapes = source.shapes()
+  # Blocks scanned on one side and unrolled on the other: matched in the source's layout, returned in ours.
+  ours, theirs = protocol.layout(path_names(k) for k in traverse_util.flatten_dict(variables)), protocol.layout(shapes)
+  if ours is not None and theirs is not None and ours != theirs:
+    converted = _initial_variables(config, protocol.to_layout(variables, theirs), source, shapes)
+    return jax.tree.map(lambda x, like: jax.device_put(x, like.sharding), protocol.to_layout(converted, ours),
+                        variables)
+  return _initial_variables(config, variables, source, shapes)
+
+
+def _initial_variables(config, variables: dict, source, shapes: dict) -> dict:
+  """initial_variables with the source's variables (`shapes` their shapes) in the layout of `variables`."""
   missing, mismatched, taken = [], [], {}
   name = lambda path: '/'.join(path[1:] if path[0] == 'params' else path)
   flat = {path_names(k): v for k, v in traverse_util.flatten_dict(variables).items()}

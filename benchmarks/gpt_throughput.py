@@ -66,7 +66,7 @@ def measure(config, size: str, path: str, steps: int) -> dict:
   example.setdefault('segment_ids', np.ones_like(example['inputs']))   # the task's init needs a full example
   exp = build_experiment(config, DataInfo(example, tokenizer=_Vocab(config.dataset.vocab_size)))
   state = exp.init_state()
-  step = jax.jit(exp.task.train_step, in_shardings=(exp.state_shardings, sharding.batch_sharding(exp.mesh), None),
+  step = jax.jit(sharding.constrained(exp.task.train_step, exp.mesh), in_shardings=(exp.state_shardings, sharding.batch_sharding(exp.mesh), None),
                  out_shardings=(exp.state_shardings, None), donate_argnums=0)
   batch = sharding.to_global(batch, exp.mesh)
   start = time.perf_counter()

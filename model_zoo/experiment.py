@@ -72,6 +72,7 @@ def check(config: ml_collections.ConfigDict) -> jax.sharding.Mesh:
   data_registry.check_name(config.dataset)
   mesh = sharding.make_mesh(config.mesh)
   sharding.check_batch(config.batch_size, config.grad_accum_steps, mesh)
+  sharding.check_divisible(config.model, config.dataset.get('vocab_size'), mesh)
   return mesh
 
 

@@ -22,7 +22,7 @@ import tempfile
 
 FAST_COMPILE = ('--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true '
                 '--xla_cpu_use_fusion_emitters=false')
-SHARDED = {'test_autoencoder_vae.py', 'test_bad_input.py', 'test_cross_mesh.py', 'test_lm.py', 'test_mixer.py',
+SHARDED = {'test_activation_sharding.py', 'test_autoencoder_vae.py', 'test_bad_input.py', 'test_cross_mesh.py', 'test_lm.py', 'test_mixer.py',
            'test_protocol.py', 'test_recovery.py', 'test_resnet_vit.py', 'test_train.py'}
 # Files whose time goes to command-line runs in subprocesses (which choose their own devices): run by either
 # kind of worker, once it has none of its own kind left, longest first.

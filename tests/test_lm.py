@@ -158,7 +158,8 @@ def test_fsdp_and_tensor_parallel_layouts_shard_parameters_and_agree():
       assert specs["['embed']['embedding']"] == jax.sharding.PartitionSpec('tensor', 'fsdp')
     state = exp.init_state()
     batch = sharding.to_global(next(pipeline.train_iterator(data, batch_size=16, seed=0)), exp.mesh)
-    step = jax.jit(exp.task.train_step, in_shardings=(exp.state_shardings, sharding.batch_sharding(exp.mesh), None),
+    step = jax.jit(sharding.constrained(exp.task.train_step, exp.mesh),   # activations constrained, as in training
+                   in_shardings=(exp.state_shardings, sharding.batch_sharding(exp.mesh), None),
                    out_shardings=(exp.state_shardings, None))
     for i in range(3):
       state, metrics = step(state, batch, jax.random.key(i))

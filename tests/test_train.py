@@ -96,7 +96,7 @@ def test_gradient_accumulation_weights_micro_batches_by_their_tokens():
   results = []
   for steps in (1, 4):
     config = tiny_config('gpt', grad_accum_steps=steps, batch_size=16,
-                         **{'model.num_layers': 1, 'model.d_model': 32, 'model.num_heads': 2, 'model.d_ff': 64,
+                         **{'model.num_layers': 1, 'model.d_model': 32, 'model.num_heads': 8, 'model.d_ff': 64,
                             'dataset.seq_len': 16, 'model.dropout_rate': 0.0, 'optimizer.name': 'sgd',
                             'optimizer.learning_rate': 0.5, 'optimizer.schedule': 'constant', 'mesh.data': 1,
                             'mesh.fsdp': 1, 'mesh.tensor': 8})

@@ -38,7 +38,8 @@ class MLMHead(nn.Module):
     bias_V = self.param('bias', nn.with_logical_partitioning(nn.initializers.zeros_init(), ('vocab',)),
                         (embedding_VxD.shape[0],), jnp.float32)
     logits_BxTxV = jnp.einsum('btd,vd->btv', x_BxTxD, embedding_VxD.astype(self.dtype))
-    return logits_BxTxV + bias_V.astype(self.dtype)[None, None]
+    return layers.constrain(logits_BxTxV + bias_V.astype(self.dtype)[None, None], 'activation_batch',
+                            'activation_length', 'activation_vocab')
 
 
 class ClassifierHead(nn.Module):

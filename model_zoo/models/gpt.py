@@ -73,5 +73,6 @@ class GPT(nn.Module):
     else:
       logits_BxTxV = layers.dense(self.vocab_size, ('vocab',), use_bias=False, dtype=dtype, name='lm_head',
                                   kernel_axes=('embed', 'vocab'))(x_BxTxD)
-    return logits_BxTxV.astype(jnp.float32)
+    return layers.constrain(logits_BxTxV, 'activation_batch', 'activation_length', 'activation_vocab').astype(
+        jnp.float32)
 

@@ -17,6 +17,8 @@ carries logical axis names (embed, mlp, heads, kv, vocab): the mesh layout is a 
 model_zoo.training.sharding. Shape letters as in the README's legend (T query length, S key length,
 N query heads, K key/value heads, E head dim, F d_ff).
 """
+import contextlib
+import contextvars
 import dataclasses
 import functools
 from typing import Any, Callable, Literal
@@ -38,6 +40,34 @@ Activation = Literal['gelu', 'gelu_exact', 'relu', 'swiglu']
 ComputeDtype = Literal['float32', 'bfloat16', 'float16']     # parameters stay float32
 AttentionImpl = Literal['', 'xla', 'cudnn']                   # '': XLA
 RematPolicy = Literal['none', 'full', 'dots', 'qkv', 'attention', 'attention_mlp']
+
+
+# (mesh, rules) while a step is traced under model_zoo.training.sharding.constrained; None elsewhere.
+_ACTIVATION_SHARDING = contextvars.ContextVar('model_zoo activation sharding', default=None)
+
+
+@contextlib.contextmanager
+def activation_sharding(mesh, rules):
+  """Inside, `constrain` places activations on `mesh` by the logical-axis `rules`."""
+  token = _ACTIVATION_SHARDING.set((mesh, rules))
+  try:
+    yield
+  finally:
+    _ACTIVATION_SHARDING.reset(token)
+
+
+def constrain(x, *names: str | None):
+  """x, constrained to the mesh axes its activations' axis names map to (model_zoo.training.sharding.RULES) where
+  a step is traced under activation_sharding; elsewhere x unchanged."""
+  current = _ACTIVATION_SHARDING.get()
+  if current is None:
+    return x
+  mesh, rules = current
+  spec = nn.logical_to_mesh_axes(names, rules)
+  return jax.lax.with_sharding_constraint(x, jax.sharding.NamedSharding(mesh, spec))
+
+
+BxTxD = ('activation_batch', 'activation_length', 'activation_embed')   # the names of a block's input and output
 
 
 # Plain layers for the families without attention: kernels [in, out] named ('embed', 'mlp') and
@@ -302,9 +332,11 @@ class MultiHeadAttention(nn.Module):
         y = y + b(a(x)) * (self.lora_alpha / self.lora_rank)
       return y
 
-    q_BxTxNxE = checkpoint_name(project(x_BxTxD, (n, e), ('heads', 'kv'), 'query'), 'query')
-    k_BxSxKxE = checkpoint_name(project(kv_BxSxD, (k_heads, e), ('heads', 'kv'), 'key'), 'key')
-    v_BxSxKxE = checkpoint_name(project(kv_BxSxD, (k_heads, e), ('heads', 'kv'), 'value'), 'value')
+    heads = ('activation_batch', 'activation_length', 'activation_heads', 'activation_kv')
+    q_BxTxNxE = checkpoint_name(constrain(project(x_BxTxD, (n, e), ('heads', 'kv'), 'query'), *heads), 'query')
+    k_BxSxKxE = checkpoint_name(constrain(project(kv_BxSxD, (k_heads, e), ('heads', 'kv'), 'key'), *heads), 'key')
+    v_BxSxKxE = checkpoint_name(constrain(project(kv_BxSxD, (k_heads, e), ('heads', 'kv'), 'value'), *heads),
+                                'value')
     if self.rotary:
       q_BxTxNxE = apply_rotary(q_BxTxNxE, positions_BxT)
       k_BxSxKxE = apply_rotary(k_BxSxKxE, positions_BxT if self_attention else kv_positions_BxS)
@@ -386,6 +418,7 @@ class MLP(nn.Module):
     else:
       act = ACTIVATIONS[self.activation]
       h_BxTxF = act(checkpoint_name(wi('wi')(x_BxTxD), 'mlp_hidden'))
+    h_BxTxF = constrain(h_BxTxF, 'activation_batch', 'activation_length', 'activation_mlp')
     h_BxTxF = nn.Dropout(self.dropout_rate, deterministic=not train)(h_BxTxF)
     return dense(d, ('embed',), use_bias=self.use_bias, dtype=self.dtype, name='wo',
                  kernel_axes=('mlp', 'embed'))(h_BxTxF)
@@ -425,6 +458,7 @@ class TransformerBlock(nn.Module):
                encoded_BxSxD=None, cross_mask: Mask | None = None):
     # Positional, so that nn.remat can keep `train` static (static_argnums) and nn.scan can broadcast the rest.
     c = self.config
+    x_BxTxD = constrain(x_BxTxD, *BxTxD)
     drop = lambda y: nn.Dropout(c.dropout_rate, deterministic=not train)(y)
     attn = lambda name: MultiHeadAttention(
         c.num_heads, c.head_dim, c.num_kv_heads or None, rotary=c.rotary and name == 'self_attention',
@@ -439,8 +473,8 @@ class TransformerBlock(nn.Module):
         y, mask=mask, positions_BxT=positions_BxT, segment_ids_BxT=segment_ids_BxT))
     if self.cross_attention:
       x = sublayer(x, 'cross_attention', lambda y: attn('cross_attention')(y, encoded_BxSxD, mask=cross_mask))
-    x = sublayer(x, 'mlp', lambda y: MLP(c.d_ff, c.activation, c.dropout_rate, c.mlp_bias, c.dtype,
-                                         name='mlp')(y, train=train))
+    x = constrain(sublayer(x, 'mlp', lambda y: MLP(c.d_ff, c.activation, c.dropout_rate, c.mlp_bias, c.dtype,
+                                                   name='mlp')(y, train=train)), *BxTxD)
     return (x, None) if self.scanned else x
 
 

@@ -109,7 +109,8 @@ class Transformer(nn.Module):
     y_BxTxD = self.decoder(y_BxTxD, train, mask=self_mask, positions_BxT=positions_BxT,
                            encoded_BxSxD=z_BxSxD, cross_mask=cross_mask)
     logits_BxTxV = self.target_embed.attend(y_BxTxD) if self.share_embeddings else self.lm_head(y_BxTxD)
-    return logits_BxTxV.astype(jnp.float32)
+    return layers.constrain(logits_BxTxV, 'activation_batch', 'activation_length', 'activation_vocab').astype(
+        jnp.float32)
 
   def __call__(self, src_BxS, tgt_in_BxT, *, train: bool, src_segments_BxS=None, src_positions_BxS=None,
                tgt_segments_BxT=None, tgt_positions_BxT=None):

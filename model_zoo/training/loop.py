@@ -41,7 +41,8 @@ def make_eval_fn(exp: Experiment):
   def step_fn(state, batch, teacher):
     stats = exp.task.eval_step(state, batch)
     return stats if teacher is None else {**stats, **exp.task.teacher_agreement(state, batch, teacher)}
-  eval_step = jax.jit(step_fn, in_shardings=(exp.state_shardings, sharding.batch_sharding(exp.mesh), None))
+  eval_step = jax.jit(sharding.constrained(step_fn, exp.mesh),
+                      in_shardings=(exp.state_shardings, sharding.batch_sharding(exp.mesh), None))
 
   def evaluate(state, data: Dataset, step: int | None = None):
     totals = None
@@ -146,7 +147,8 @@ def _train(run):
     if teacher is None:
       return exp.task.train_step(state, batch, rng)
     return exp.task.train_step(state, batch, rng, teacher=teacher)
-  train_step = jax.jit(step_fn, in_shardings=(exp.state_shardings, sharding.batch_sharding(exp.mesh), None, None),
+  train_step = jax.jit(sharding.constrained(step_fn, exp.mesh),
+                       in_shardings=(exp.state_shardings, sharding.batch_sharding(exp.mesh), None, None),
                        out_shardings=(exp.state_shardings, None), donate_argnums=0)
 
   total = config.num_train_steps

@@ -6,7 +6,9 @@ few large matmuls, once per process and dtype: n = 2048 and 4096, or the sizes l
 environment variable MODEL_ZOO_PEAK_PROBE_SIZES (the tests set 256, where MFU is not what is tested).
 """
 import functools
+import math
 import os
+import re
 import time
 
 import jax
@@ -53,3 +55,30 @@ def peak_flops(dtype: str = 'float32') -> float:
     # Fake CPU devices share the cores that the measured matmul already used; hosts add up.
     return measured_matmul_peak(dtype) * jax.process_count()
   return measured_matmul_peak(dtype) * jax.device_count()
+
+
+_BYTES = {'f64': 8, 's64': 8, 'u64': 8, 'f32': 4, 's32': 4, 'u32': 4, 'bf16': 2, 'f16': 2, 's16': 2, 'u16': 2,
+          'pred': 1, 's8': 1, 'u8': 1}
+
+
+def collectives(hlo: str) -> dict[str, tuple[int, int]]:
+  """{kind: (count, bytes)} of the all-gathers, all-reduces, reduce-scatters and all-to-alls of a compiled
+  (optimized, per-device) HLO module, by the size of their results; one in a while loop's body counts once per
+  trip (its known trip count)."""
+  trips = {body: int(n) for body, n in re.findall(r'body=%?([\w.\-]+)[^\n]*?"known_trip_count":\{"n":"(\d+)"', hlo)}
+  out = {}
+  computation = ''
+  for line in hlo.splitlines():
+    head = re.match(r'^(?:ENTRY )?%?([\w.\-]+) .*\{$', line)
+    if head:
+      computation = head.group(1)
+      continue
+    m = re.match(r'^\s+(?:ROOT )?%?[\w.\-]+ = (.+?) (all-gather|all-reduce|reduce-scatter|all-to-all)(?:-start)?\(',
+                 line)
+    if m:
+      times = trips.get(computation, 1)
+      size = sum(_BYTES.get(dtype, 4) * math.prod(int(d) for d in dims.split(',') if d)
+                 for dtype, dims in re.findall(r'(\w+)\[([\d,]*)\]', m.group(1)))
+      count, total = out.get(m.group(2), (0, 0))
+      out[m.group(2)] = (count + times, total + times * size)
+  return out

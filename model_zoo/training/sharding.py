@@ -5,6 +5,8 @@ model_zoo.models.protocol); RULES maps those names onto mesh axes. Data parallel
 parallel differ only in the mesh shape (`config.mesh`): the code path is the same. A dimension
 that does not divide over the mesh axes its name maps to stays whole (replicated over them).
 """
+import functools
+
 import flax.linen as nn
 import jax
 import ml_collections
@@ -12,10 +14,14 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from model_zoo.errors import UserError
+from model_zoo.models import layers
 from model_zoo.training.state import TrainState
 
 AXES = ('data', 'fsdp', 'tensor')
 BATCH = ('data', 'fsdp')  # the mesh axes a batch is split over
+# Parameters' logical axes, then activations' (the models' layers.constrain, at block boundaries, q/k/v, the MLP's
+# hidden layer and the logits): activations stay split over the batch axes, so that FSDP gathers weights, not
+# activations, and tensor parallelism splits heads, the MLP and the vocabulary.
 RULES = (
     ('batch', BATCH),
     ('embed', 'fsdp'),
@@ -25,7 +31,39 @@ RULES = (
     ('vocab', 'tensor'),
     ('length', None),
     ('layers', None),     # the stacked blocks of a scanned model (model.scan_layers)
+    ('activation_batch', BATCH),
+    ('activation_length', None),
+    ('activation_embed', None),
+    ('activation_heads', 'tensor'),
+    ('activation_kv', None),
+    ('activation_mlp', 'tensor'),
+    ('activation_vocab', 'tensor'),
 )
+
+
+def constrained(fn, mesh: Mesh):
+  """`fn`, traced with the models' activation constraints (model_zoo.models.layers.constrain) resolved onto
+  `mesh` by RULES; outside it (sampling, export, the tests' direct model calls) they are no-ops."""
+  @functools.wraps(fn)
+  def traced(*args, **kwargs):
+    with layers.activation_sharding(mesh, RULES):
+      return fn(*args, **kwargs)
+  return traced
+
+
+def check_divisible(model_config: ml_collections.ConfigDict, vocab_size: int | None, mesh: Mesh):
+  """A UserError, before anything compiles, for a tensor-parallel mesh that the model's heads, MLP or vocabulary
+  do not divide over (they would be silently replicated, or fail to compile)."""
+  tensor = mesh.shape['tensor']
+  if tensor == 1:
+    return
+  heads = model_config.get('num_heads')
+  sizes = {'model.num_heads': heads, 'model.num_kv_heads': model_config.get('num_kv_heads') or None,
+           'model.d_ff': model_config.get('d_ff'), 'dataset.vocab_size': vocab_size if heads else None}
+  for key, size in sizes.items():
+    if size and size % tensor:
+      raise UserError(f'config.{key}={size} does not divide over config.mesh.tensor={tensor} devices; use a '
+                      f'tensor size that divides it (or shard with mesh.fsdp instead)')
 
 
 def make_mesh(mesh_config: ml_collections.ConfigDict, devices=None) -> Mesh:

@@ -112,8 +112,9 @@ def main():
   impls = args.impls.split(',') if args.impls else ['xla'] + (['cudnn'] if device.platform == 'gpu' else [])
   probe = (1024, 2048, 4096) if device.platform == 'cpu' else (4096, 8192)
   measured = {d: perf.measured_matmul_peak(d, sizes=probe, repeats=5) for d in ('float32', 'bfloat16')}
-  per_device_peak = lambda dtype: perf.peak_flops(dtype) / (
-      1 if device.platform == 'cpu' else jax.device_count())   # fake CPU devices share one measured peak
+  # A GPU's dense peak from the vendor's table; on a CPU the matmul peak measured here (fake CPU devices share it).
+  per_device_peak = lambda dtype: measured[dtype] if device.platform == 'cpu' else (
+      perf.peak_flops(dtype) / jax.device_count())
   rows = []
   for size in args.sizes.split(','):
     for impl in impls:

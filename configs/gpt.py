@@ -44,12 +44,16 @@ def get_config(arg: str = ''):
   config.model.dropout_rate = 0.3 if size == 'tiny' else 0.0
   config.model.dtype = 'float32' if size in ('tiny', 'small') else 'bfloat16'
   config.model.attention_impl = ''              # '' (XLA) | xla | cudnn (a GPU, bfloat16)
-  config.model.scan_layers = False              # True: one nn.scan over the blocks (flat compile time in depth)
+  # The big presets scan their blocks: compile time flat in depth, and remat that XLA's scheduler keeps (unrolled,
+  # it recomputes but holds the memory anyway: benchmarks/README.md, the scale probe).
+  config.model.scan_layers = size in ('350m', '1b')
   config.model.remat_policy = 'full' if size in ('350m', '1b') else 'none'   # none | full | dots | qkv | attention | attention_mlp
   config.model.lora_rank = 0                    # > 0: LoRA adapters on the attention projections
   config.model.lora_alpha = 16.0
 
   config.batch_size = batch_size
+  if size == '1b':   # parameters, gradients and AdamW's moments split over every device (FSDP)
+    config.mesh.data, config.mesh.fsdp = 1, -1
   config.num_train_steps = 400 if size == 'tiny' else 100_000
   config.log_every_steps = 25 if size == 'tiny' else 100
   config.eval_every_steps = 200 if size == 'tiny' else 5000

@@ -15,9 +15,9 @@ Rows, for each preset and mesh (data, fsdp, tensor):
                  optimized program, per device and step (inside a loop: times its trip count), with the
                  parameter bytes beside them: an FSDP step ideally gathers the weights once forward and once
                  backward and reduce-scatters the gradients once, ~3x the parameter bytes.
-Attention: model_zoo's XLA path (logits [B, N, T/k, S] a block at a time) and, for the memory it would not need,
-a no-T x T estimate: the peak less the attention logits XLA keeps for the backward pass (none: the backward pass
-recomputes them from the saved log-sum-exp, so the estimate equals the peak up to the temporaries of one block).
+Attention is model_zoo's XLA path: logits a block of queries at a time, none kept for the backward pass (it
+recomputes them from the saved log-sum-exp), so no [T, S] array outlives a block and no separate no-T x T
+estimate is made.
 Writes benchmarks/results/scale_probe.{json,md}. Not a test.
 """
 import os

@@ -8,13 +8,12 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 import pytest
 
 from helpers import family_config, family_data
 from model_zoo.evaluation import evaluate
 from model_zoo.experiment import build_experiment
-from model_zoo.models import protocol, registry
+from model_zoo.models import protocol
 from model_zoo.models.gpt import GPT
 from model_zoo.inference import sampling
 from model_zoo.tasks import registry as task_registry

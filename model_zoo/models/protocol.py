@@ -10,8 +10,8 @@ Names, on the path of every parameter:
                      anywhere on the path (`encoder/block_0`, `rnn/block_1`, `block_3`): depth i + 1.
   blocks             the same blocks scanned (model.scan_layers): one module whose variables carry a
                      leading axis, entry i for block_<i> ('layers' for sharding; a cache's axis 1, after
-                     the batch). `unstack_blocks` and `stack_blocks` convert between the two layouts,
-                     `to_layout` any tree of variables into the layout of another.
+                     the batch). `to_layout` converts any tree of variables (an optimizer state too) between
+                     the two layouts; `layout` tells which one a tree's paths have.
   <name>_head        a task head, the layers that map features to the task's outputs (cls_head,
                      lm_head, mlm_head, token_head, pixel_head, ...). `init_from` starts a head afresh
                      when the checkpoint has none of its shape; `freeze='backbone'` trains heads only.

@@ -140,12 +140,13 @@ class Checkpoints:
       raise UserError(f'the checkpoint at step {step} in {self.directory} cannot be used: {problem}; '
                       f'choose another --step (there are: {self.all_steps()})')
     target = abstract_state
-    saved = protocol.layout(tuple(k.split('/')) for k in _shapes(self.saved_tree(step)))
+    saved_shapes = _shapes(self.saved_tree(step))
+    saved = protocol.layout(tuple(k.split('/')) for k in saved_shapes)
     wanted = protocol.layout(tuple(k.split('/')) for k in _shapes(abstract_state))
     convert = saved is not None and wanted is not None and saved != wanted
     if convert:   # read in the checkpoint's own layout of the blocks
       abstract_state = protocol.to_layout(abstract_state, saved, take=_abstract_block, join=_abstract_stack)
-    self._check_fits(step, abstract_state)
+    self._check_fits(step, saved_shapes, abstract_state)
     if data_iterator is not None:
       self._check_process_count(step)
     args = {'state': ocp.args.StandardRestore(abstract_state)}
@@ -186,8 +187,7 @@ class Checkpoints:
     finally:
       checkpointer.close()
 
-  def _check_fits(self, step, abstract_state):
-    saved = _shapes(self.manager.item_metadata(step)['state'].tree)
+  def _check_fits(self, step, saved: dict, abstract_state):
     wanted = _shapes(abstract_state)
     if saved == wanted:
       return

@@ -81,12 +81,15 @@ def finetuning(layer_decay: float = 1.0, frozen: Callable[[tuple[str, ...]], boo
 
   def update(updates, state, params=None):
     del params
-    leaves = [(protocol.path_names(p), u) for p, u in jax.tree_util.tree_flatten_with_path(updates)[0]]
-    # The depth of each block: block_<i> is i + 1; scanned blocks (model.scan_layers) carry theirs on axis 0.
-    depths = [d for path, u in leaves for d in (protocol.stacked_depths(path, u.shape) if protocol.STACK in path
-                                                else [-1 if protocol.block_index(path) is None else
-                                                      protocol.block_index(path) + 1])]
-    if layer_decay != 1.0 and max(depths, default=-1) < 1:
+    def block_depths(path, u) -> list:
+      """block_<i> is at depth i + 1; scanned blocks (model.scan_layers) carry theirs along axis 0."""
+      if protocol.STACK in path:
+        return list(protocol.stacked_depths(path, u.shape))
+      i = protocol.block_index(path)
+      return [] if i is None else [i + 1]
+    depths = [d for p, u in jax.tree_util.tree_flatten_with_path(updates)[0]
+              for d in block_depths(protocol.path_names(p), u)]
+    if layer_decay != 1.0 and not depths:
       raise UserError('config.optimizer.layer_decay needs a model with layers named block_<i> '
                       '(model_zoo/models/protocol.py); set it to 1.0 for this one')
     num_blocks = int(max(depths, default=0))

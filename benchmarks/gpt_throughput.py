@@ -2,7 +2,7 @@
 
   python benchmarks/gpt_throughput.py                                  # CPU: tiny and small, XLA attention
   python benchmarks/gpt_throughput.py --sizes=124m --dtype=bfloat16 --impls=xla,cudnn --batch_per_device=16 \
-      --out=/tmp/gpt_gpu                                               # a GPU: ~5 minutes, everything in --out
+      --gpu_flags --out=/tmp/gpt_gpu                                   # a GPU: ~5 minutes, everything in --out
 
 Each row is one preset, attention implementation and attention path, run through the task's real jitted train
 step (forward, backward, AdamW) on random tokens, data parallel over every device:
@@ -66,17 +66,16 @@ def measure(config, size: str, path: str, steps: int) -> dict:
   example.setdefault('segment_ids', np.ones_like(example['inputs']))   # the task's init needs a full example
   exp = build_experiment(config, DataInfo(example, tokenizer=_Vocab(config.dataset.vocab_size)))
   state = exp.init_state()
-  step = jax.jit(sharding.constrained(exp.task.train_step, exp.mesh), in_shardings=(exp.state_shardings, sharding.batch_sharding(exp.mesh), None),
-                 out_shardings=(exp.state_shardings, None), donate_argnums=0)
+  step = exp.train_step(log=False)   # as training runs between two logs
   batch = sharding.to_global(batch, exp.mesh)
   start = time.perf_counter()
-  state, metrics = step(state, batch, jax.random.key(0))
+  state, metrics = step(state, batch, np.int32(0), None)
   jax.block_until_ready(metrics)
   first = time.perf_counter() - start
   times = []
   for i in range(steps):
     start = time.perf_counter()
-    state, metrics = step(state, batch, jax.random.key(i + 1))
+    state, metrics = step(state, batch, np.int32(i + 1), None)
     jax.block_until_ready(metrics)
     times.append(time.perf_counter() - start)
   sec = float(np.median(times))
@@ -107,7 +106,11 @@ def main():
   parser.add_argument('--set', action='append', default=[], help='a config override key=value, typed as the field '
                                                                  '(e.g. model.remat_policy=dots); repeatable')
   parser.add_argument('--out', default=os.path.join(ROOT, 'benchmarks', 'results'), help='output directory')
+  parser.add_argument('--gpu_flags', action='store_true', help="XLA's GPU performance options, as train.py "
+                                                               "--gpu_flags (model_zoo.training.perf.GPU_XLA_FLAGS)")
   args = parser.parse_args()
+  if args.gpu_flags:
+    perf.use_gpu_xla_flags()
   device = jax.devices()[0]
   impls = args.impls.split(',') if args.impls else ['xla'] + (['cudnn'] if device.platform == 'gpu' else [])
   probe = (1024, 2048, 4096) if device.platform == 'cpu' else (4096, 8192)

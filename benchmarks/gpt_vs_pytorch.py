@@ -7,9 +7,10 @@ The peer (below) is a nanoGPT-style model written to be the same function as con
 `model.positional=learned`, no dropout: pre-LN blocks (LayerNorm with bias, eps 1e-5), attention without biases,
 tanh GELU MLP with biases, tied input/output embedding, mean cross-entropy; AdamW (b2 0.95, weight decay 0.1)
 after clipping the global norm to 1. It runs eager and under torch.compile, with as many threads as cores, its
-attention F.scaled_dot_product_attention(is_causal=True). model_zoo runs its real task train step (the loss, the
-accuracy and gradient-norm metrics, the masked weight decay, the layer-decay and freezing hooks) on rows of one
-document (no segment ids, as the peer), and on packed rows for comparison.
+attention F.scaled_dot_product_attention(is_causal=True). model_zoo runs its real train step as training runs it
+between two logs (the loss and gradient-norm metrics, the masked weight decay, the layer-decay and freezing hooks;
+accuracy is taken on logged steps only) on rows of one document (no segment ids, as the peer), and on packed rows
+for comparison.
 
 To keep the machine's drift out of the ratios, the systems take turns: each round times `--steps` steps of each,
 and the table gives every system's median step over all rounds (and its best). The float32 matmul peak
@@ -29,7 +30,7 @@ from common import ROOT, load, write
 from model_zoo.data.base import DataInfo
 from model_zoo.data.tokenizers import ByteTokenizer
 from model_zoo.experiment import build_experiment
-from model_zoo.training import perf
+from model_zoo.training import perf, sharding
 
 # (layers, d_model, heads, d_ff, seq_len, batch, vocab)
 SHAPES = {'a': (6, 256, 4, 1024, 128, 16, 512), 'small': (6, 512, 8, 2048, 256, 32, 4096)}
@@ -114,11 +115,11 @@ def jax_step(shape, packed: bool):
   example.setdefault('segment_ids', np.ones_like(example['inputs']))
   exp = build_experiment(config, DataInfo(example, tokenizer=_Vocab(v)))
   state = [exp.init_state()]
-  train = jax.jit(exp.task.train_step, donate_argnums=0)
-  batch = jax.device_put(batch, jax.devices()[0])
+  train = exp.train_step(log=False)   # as training runs between two logs
+  batch = sharding.to_global(batch, exp.mesh)
 
   def step():
-    state[0], metrics = train(state[0], batch, jax.random.key(0))
+    state[0], metrics = train(state[0], batch, np.int32(0), None)
     return float(metrics['loss'])
   return step
 

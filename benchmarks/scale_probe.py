@@ -4,6 +4,8 @@ bytes, and compile time against depth, scanned and unrolled.
 
   python benchmarks/scale_probe.py                                    # 124m on every mesh, the depth probe
   python benchmarks/scale_probe.py --sizes=124m,350m,1b --meshes=fsdp --depth=''
+  python benchmarks/scale_probe.py --sizes=124m,350m,1b --meshes=data --depth='' --per_device
+      # what one GPU needs: the state whole, one micro-batch (the preset's per_device_batch_size) at a time
 
 Rows, for each preset and mesh (data, fsdp, tensor):
   state_gb       the train state (parameters, AdamW moments) a device holds;
@@ -47,8 +49,11 @@ class _Vocab(ByteTokenizer):
     self.vocab_size = vocab_size
 
 
-def probe(size: str, mesh_name: str, overrides: dict) -> dict:
-  config = load(f'gpt.py:size={size}', {**dict(zip(('mesh.data', 'mesh.fsdp', 'mesh.tensor'), MESHES[mesh_name])),
+def probe(size: str, mesh_name: str, overrides: dict, per_device: bool = False) -> dict:
+  # The whole batch in one pass, or (per_device) the preset's micro-batches: XLA's cost analysis then counts one
+  # micro-batch of the accumulation loop.
+  config = load(f'gpt.py:size={size}', {**({} if per_device else {'per_device_batch_size': 0}),
+                                        **dict(zip(('mesh.data', 'mesh.fsdp', 'mesh.tensor'), MESHES[mesh_name])),
                                         **overrides})
   v, t, b = config.dataset.vocab_size, config.dataset.seq_len, config.batch_size
   example = {'inputs': np.zeros(t, np.int32), 'targets': np.zeros(t, np.int32), 'positions': np.arange(t, dtype=np.int32),
@@ -56,10 +61,9 @@ def probe(size: str, mesh_name: str, overrides: dict) -> dict:
   exp = build_experiment(config, DataInfo(example, tokenizer=_Vocab(v)))
   batch = {k: jax.ShapeDtypeStruct((b, *x.shape), x.dtype, sharding=sharding.batch_sharding(exp.mesh))
            for k, x in example.items()}
-  step = jax.jit(sharding.constrained(exp.task.train_step, exp.mesh), in_shardings=(exp.state_shardings, sharding.batch_sharding(exp.mesh), None),
-                 out_shardings=(exp.state_shardings, None), donate_argnums=0)
+  step = exp.train_step(log=False)   # as training runs between two logs
   start = time.perf_counter()
-  compiled = step.lower(exp.abstract_state, batch, jax.ShapeDtypeStruct((), jax.random.key(0).dtype)).compile()
+  compiled = step.lower(exp.abstract_state, batch, np.int32(0), None).compile()
   compile_s = time.perf_counter() - start
   memory = compiled.memory_analysis()
   cost = compiled.cost_analysis()
@@ -76,7 +80,8 @@ def probe(size: str, mesh_name: str, overrides: dict) -> dict:
   m = config.model
   return {'size': size, 'mesh': mesh_name, 'mesh_shape': MESHES[mesh_name], 'layers': m.num_layers,
           'scan_layers': m.scan_layers, 'remat_policy': m.remat_policy, 'dtype': m.dtype,
-          'batch': b, 'seq_len': t, 'compile_s': compile_s, 'state_gb': state_bytes / 1e9,
+          'batch': b, 'per_device_batch_size': config.per_device_batch_size,
+          'grad_accum_steps': config.grad_accum_steps, 'seq_len': t, 'compile_s': compile_s, 'state_gb': state_bytes / 1e9,
           'peak_gb': peak / 1e9, 'temp_gb': memory.temp_size_in_bytes / 1e9, 'param_gb': param_bytes / 1e9,
           'hlo_flops_per_device': float(cost.get('flops', 0.0)), 'model_flops_per_device': model_flops / 8,
           'flops_ratio': float(cost.get('flops', 0.0)) / (model_flops / 8),
@@ -90,6 +95,8 @@ def main():
   parser.add_argument('--meshes', default='data,fsdp,tensor,mixed')
   parser.add_argument('--set', action='append', default=[], help='config override key=value (a Python literal)')
   parser.add_argument('--depth', default='4,32', help="layer counts of the compile-time probe ('' for none)")
+  parser.add_argument('--per_device', action='store_true', help="the presets' per_device_batch_size micro-batches "
+                                                                "(gradient accumulation), not the whole batch at once")
   parser.add_argument('--out', default=os.path.join(ROOT, 'benchmarks', 'results', 'scale_probe'))
   args = parser.parse_args()
   import ast  # pylint: disable=g-import-not-at-top
@@ -99,7 +106,7 @@ def main():
   for size in args.sizes.split(','):
     for mesh in args.meshes.split(','):
       try:
-        row = probe(size, mesh, overrides)
+        row = probe(size, mesh, overrides, args.per_device)
       except UserError as e:
         print(f'{size} {mesh}: {e}', flush=True)
         rows.append({'size': size, 'mesh': mesh, 'error': str(e)})

@@ -14,6 +14,11 @@ PRESETS = {
     '350m': (24, 1024, 16, 4096, 1024, 256, 32768),   # GPT-2 medium shapes
     '1b': (24, 2048, 16, 8192, 1024, 256, 32768),     # GPT-3 XL shapes (1.3B)
 }
+# Rows one device computes at once, so that a step fits one 80 GB GPU: batch_size is then reached by more devices
+# or by gradient accumulation (124m: 16 micro-batches of 16 rows on one GPU, 2 on eight). Compiled for 8 fake CPU
+# devices, data parallel (each device holding the whole state, as one GPU does): 34 GB, 20 GB and 40 GB a device
+# (python benchmarks/scale_probe.py --sizes=124m,350m,1b --meshes=data --depth='' --per_device).
+PER_DEVICE_BATCH = {'124m': 16, '350m': 32, '1b': 32}
 
 
 def get_config(arg: str = ''):
@@ -52,6 +57,10 @@ def get_config(arg: str = ''):
   config.model.lora_alpha = 16.0
 
   config.batch_size = batch_size
+  config.per_device_batch_size = PER_DEVICE_BATCH.get(size, 0)   # 0: batch_size split over the devices
+  # > 0: the cross-entropy over the vocabulary in this many pieces of the sequence, each piece's logits recomputed
+  # in the backward pass: [B, T / loss_chunks, V] of them alive at a time instead of [B, T, V].
+  config.loss_chunks = 0
   if size == '1b':   # parameters, gradients and AdamW's moments split over every device (FSDP)
     config.mesh.data, config.mesh.fsdp = 1, -1
   config.num_train_steps = 400 if size == 'tiny' else 100_000

@@ -17,6 +17,9 @@ COORDINATOR = flags.DEFINE_string('coordinator_address', None,
                                   'Multi-host: host:port of process 0, for jax.distributed.')
 NUM_PROCESSES = flags.DEFINE_integer('num_processes', None, 'Multi-host: number of processes.')
 PROCESS_ID = flags.DEFINE_integer('process_id', None, 'Multi-host: this process\'s index.')
+GPU_FLAGS = flags.DEFINE_bool('gpu_flags', False, 'Add XLA\'s GPU performance options to XLA_FLAGS (the latency-hiding '
+                               'scheduler, pipelined FSDP collectives, ...: model_zoo.training.perf.GPU_XLA_FLAGS, '
+                               'MaxText\'s set); flags already in XLA_FLAGS keep their values.')
 
 
 def _fail(message: str, code: int):
@@ -109,6 +112,9 @@ def run(main, config_required: bool = True):
       logging.set_verbosity(logging.ERROR)  # Orbax logs every save; TFDS warns on absent data
     if len(argv) > 1:
       _fail(f'unexpected arguments: {" ".join(argv[1:])}', 2)
+    if GPU_FLAGS.value:
+      from model_zoo.training import perf  # pylint: disable=g-import-not-at-top
+      perf.use_gpu_xla_flags()
     if COORDINATOR.value:
       import jax  # pylint: disable=g-import-not-at-top
       jax.distributed.initialize(COORDINATOR.value, NUM_PROCESSES.value, PROCESS_ID.value)

@@ -24,6 +24,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.seed = 0
   c.batch_size = 128                # global: split over all data-parallel devices
   c.grad_accum_steps = 1            # micro-batches per optimizer step (batch_size / this each)
+  c.per_device_batch_size = 0       # > 0: rows each device computes at once; grad_accum_steps then follows from the
+  #                                   devices: batch_size / (this x data-parallel devices) micro-batches a step
   c.num_train_steps = 1000
   c.log_every_steps = 100
   c.eval_every_steps = 500
@@ -123,6 +125,9 @@ def validate(config: ml_collections.ConfigDict):
     value = config[key]
     _check(isinstance(value, int) and value > 0,
            f'config.{key} must be a positive integer, got {value!r}')
+  _check(isinstance(config.per_device_batch_size, int) and config.per_device_batch_size >= 0,
+         f'config.per_device_batch_size must be an integer >= 0 (0: batch_size split over the devices), got '
+         f'{config.per_device_batch_size!r}')
   _check(isinstance(config.seed, int) and 0 <= config.seed < 2 ** 32,
          f'config.seed must be an integer in [0, 2**32), got {config.seed!r}')
   _check(config.batch_size % config.grad_accum_steps == 0,

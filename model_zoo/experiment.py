@@ -56,6 +56,24 @@ class Experiment:
       state = jax.jit(self.task.with_variables, out_shardings=self.state_shardings)(state, variables)
     return state
 
+  def train_step(self, log: bool = True):
+    """The jitted training step, (state, global batch, step index, teacher or None) -> (state, metrics), traced with
+    the activation constraints. With `log=False` the task's logged-only metrics (Task.logged_only) are left out of
+    the outputs, so XLA never computes them."""
+    train_rng = jax.random.fold_in(jax.random.key(self.config.seed), 1)
+    dropped = () if log else self.task.logged_only
+
+    def step_fn(state, batch, step, teacher):
+      rng = jax.random.fold_in(train_rng, step)
+      if teacher is None:
+        state, metrics = self.task.train_step(state, batch, rng)
+      else:
+        state, metrics = self.task.train_step(state, batch, rng, teacher=teacher)
+      return state, {k: v for k, v in metrics.items() if k not in dropped}
+    return jax.jit(sharding.constrained(step_fn, self.mesh),
+                   in_shardings=(self.state_shardings, sharding.batch_sharding(self.mesh), None, None),
+                   out_shardings=(self.state_shardings, None), donate_argnums=0)
+
   def checkpoints(self, workdir: str) -> Checkpoints:
     return Checkpoints(Workdir(workdir).checkpoints, max_to_keep=self.config.max_checkpoints_to_keep)
 
@@ -71,6 +89,9 @@ def check(config: ml_collections.ConfigDict) -> jax.sharding.Mesh:
   model_registry.check_platform(config.model, jax.default_backend())
   data_registry.check_name(config.dataset)
   mesh = sharding.make_mesh(config.mesh)
+  # config.per_device_batch_size: accumulate as many micro-batches as the devices need (config.json records it).
+  config.grad_accum_steps = sharding.accumulation_steps(config.batch_size, config.per_device_batch_size,
+                                                        config.grad_accum_steps, mesh)
   sharding.check_batch(config.batch_size, config.grad_accum_steps, mesh)
   sharding.check_divisible(config.model, config.dataset.get('vocab_size'), mesh)
   return mesh
@@ -93,10 +114,12 @@ def build_experiment(config: ml_collections.ConfigDict, info: DataInfo, mesh=Non
 
 # Keys that may change when a run resumes: how long it runs, how it reports and on which devices, not
 # what it computes (the kernels attention_impl picks and remat compute the same function; a checkpoint's blocks
-# are converted between scanned and unrolled layouts as it is restored; model.remat is a key of older runs).
+# are converted between scanned and unrolled layouts as it is restored; the global batch stays batch_size however
+# many micro-batches make it; model.remat is a key of older runs).
 RESUMABLE_CHANGES = ('num_train_steps', 'log_every_steps', 'eval_every_steps', 'checkpoint_every_steps',
                      'max_checkpoints_to_keep', 'dataset.prefetch', 'dataset.data_dir', 'dataset.download',
-                     'mesh.*', 'model.attention_impl', 'model.remat', 'model.remat_policy', 'model.scan_layers')
+                     'mesh.*', 'per_device_batch_size', 'grad_accum_steps', 'model.attention_impl', 'model.remat',
+                     'model.remat_policy', 'model.scan_layers')
 # ... and when a trained run is evaluated, sampled, translated or exported: how it was trained, not its
 # model, data or tokenizer. (An optimizer whose state has another structure still fails the checkpoint's
 # own check.) `decode.*` is how eval.py decodes, the eval split what it measures, `quantization.*` how it

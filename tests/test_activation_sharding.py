@@ -25,9 +25,7 @@ def _collective_bytes(monkeypatch, constrained: bool) -> tuple[int, int]:
   exp = build_experiment(config, data.info)
   batch = {k: jax.ShapeDtypeStruct((64, *np.shape(x)), np.asarray(x).dtype, sharding=sharding.batch_sharding(exp.mesh))
            for k, x in data.info.example.items()}
-  step = jax.jit(sharding.constrained(exp.task.train_step, exp.mesh),
-                 in_shardings=(exp.state_shardings, sharding.batch_sharding(exp.mesh), None))
-  hlo = step.lower(exp.abstract_state, batch, jax.ShapeDtypeStruct((), jax.random.key(0).dtype)).compile().as_text()
+  hlo = exp.train_step().lower(exp.abstract_state, batch, np.int32(0), None).compile().as_text()
   params = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(exp.abstract_state.params))
   return sum(n for _, n in perf.collectives(hlo).values()), params
 

@@ -77,6 +77,7 @@ RANGES = [
     ('dataset.mlm_probability', 1.5, ['config.dataset.mlm_probability']),
     ('decode.beam_size', 0, ['config.decode', 'beam_size']),
     ('label_smoothing', 1.0, ['config.label_smoothing']),
+    ('loss_chunks', 3, ['config.loss_chunks=3', 'divides config.dataset.seq_len']),
     ('decoder_std', 0.0, ['config.decoder_std']),
 ]
 # Options that exist but do not apply to the family.
@@ -87,6 +88,7 @@ DOES_NOT_APPLY = [
     ('freeze', 'backbone', ['config.freeze', 'config.init_from']),
     ('init_from', '/nonexistent/run', ['config.init_from', '/nonexistent/run']),
     ('grad_accum_steps', 2, ['config.grad_accum_steps=2', 'does not apply to the GAN']),
+    ('per_device_batch_size', 4, ['config.per_device_batch_size=4', 'does not apply to the GAN']),
 ]
 
 
@@ -119,7 +121,7 @@ def _cases():
       applies = _has(config, key) and not (key == 'dataset.classes' and config.dataset.name in IMAGE_CLASSIFICATION)
       if key.startswith('model.'):
         applies = not _has(config, key)   # an option of another family
-      if key == 'grad_accum_steps':
+      if key in ('grad_accum_steps', 'per_device_batch_size'):
         applies = config.task == 'gan'
       if applies:
         cases.append(pytest.param(name, key, value, words, id=f'{name}-{key}={value}-does-not-apply'))

@@ -216,3 +216,24 @@ def test_signal_saves_the_current_step_and_resumes_exactly(tmp_path, uninterrupt
   assert f'resumed from the checkpoint at step {stopped}' in proc.stdout
   _assert_same_run(workdir, uninterrupted)
 
+
+
+def test_gpu_flags_are_known_to_the_installed_xla():
+  """--gpu_flags: XLA refuses to start on a flag it does not know (an invented one shows it), so starting a backend
+  with every flag of perf.GPU_XLA_FLAGS checks them against the installed XLA (a CPU ignores them). A flag the
+  user already set keeps its value."""
+  from model_zoo.training import perf
+  code = ('import os; from model_zoo.training import perf; perf.use_gpu_xla_flags(); import jax; jax.devices(); '
+          'print(os.environ["XLA_FLAGS"])')
+  run = lambda flags, code: subprocess.run([sys.executable, '-c', code], env={**os.environ, 'XLA_FLAGS': flags},
+                                           capture_output=True, text=True, timeout=120, cwd=ROOT)
+  ok = run('--xla_gpu_enable_triton_gemm=true', code)
+  assert ok.returncode == 0, ok.stderr[-3000:]
+  flags = ok.stdout.split()
+  assert '--xla_gpu_enable_triton_gemm=true' in flags and '--xla_gpu_enable_triton_gemm=false' not in flags
+  assert set(perf.GPU_XLA_FLAGS) - set(flags) == {'--xla_gpu_enable_triton_gemm=false'}
+  bad = run('--xla_gpu_no_such_flag=true', 'import jax; jax.devices()')
+  assert bad.returncode != 0 and 'xla_gpu_no_such_flag' in bad.stderr
+  jax.devices()
+  with pytest.raises(RuntimeError, match='before anything that starts JAX'):
+    perf.use_gpu_xla_flags()   # too late: this process's backends are running

@@ -207,3 +207,67 @@ def test_lora_adapters_start_at_the_base_model_and_are_what_freeze_trains():
   # B starts at zero: the adapted model is the base model, and merging keeps it
   np.testing.assert_allclose(lora.apply({'params': params}, tokens, train=False),
                              base.apply({'params': export.merge_lora(params, 16.0)}, tokens, train=False), atol=1e-5)
+
+
+@pytest.mark.parametrize('tie', [True, False])
+def test_chunked_cross_entropy_equals_the_whole_logits_and_holds_a_chunk(tie):
+  """config.loss_chunks: the same loss, accuracy and gradients as the logits taken whole, with a fraction of the
+  memory: the compiled gradient's temporaries shrink by more than the [B, T, V] float32 logits' share."""
+  from model_zoo.tasks import losses
+  model = GPT(vocab_size=4096, num_layers=1, d_model=32, num_heads=2, d_ff=64, max_len=256, tie_embeddings=tie)
+  tokens = jax.random.randint(jax.random.key(0), (4, 256), 0, 4096)
+  targets = jnp.roll(tokens, -1, axis=1)
+  weights = (jax.random.uniform(jax.random.key(1), (4, 256)) < 0.9).astype(jnp.float32)
+  params = model.init(jax.random.key(2), tokens[:, :8], train=False)['params']
+
+  def sums(params, chunks):
+    if not chunks:
+      return losses.token_sums(model.apply({'params': params}, tokens, train=False), targets, weights)
+    features = model.apply({'params': params}, tokens, train=False, features=True)
+    return losses.chunked_token_sums(features, lambda x: model.logits(params, x), targets, weights, chunks)
+
+  whole, chunked = sums(params, 0), sums(params, 8)
+  for k in whole:
+    np.testing.assert_allclose(chunked[k], whole[k], rtol=1e-5)
+  grad = lambda chunks: jax.jit(jax.grad(lambda p: sums(p, chunks)['loss_sum']))
+  for a, b in zip(jax.tree.leaves(grad(0)(params)), jax.tree.leaves(grad(8)(params))):
+    np.testing.assert_allclose(b, a, rtol=1e-3, atol=1e-5)
+  temp = {c: grad(c).lower(params).compile().memory_analysis().temp_size_in_bytes for c in (0, 8)}
+  logits_bytes = 4 * 256 * 4096 * 4
+  assert temp[0] - temp[8] > 0.5 * logits_bytes, temp
+
+
+def test_loss_chunks_train_through_the_loop_and_accuracy_only_on_logged_steps(tmp_path):
+  """A chunked run's losses equal the whole-logits run's; the unlogged steps' program holds no argmax over the
+  vocabulary (a variadic reduce in the HLO), the logged one does, and every logged row has its accuracy."""
+  import re
+  rows = {}
+  for chunks in (0, 4):
+    config = tiny_config('gpt', num_train_steps=6, log_every_steps=3, loss_chunks=chunks, **GPT_TINY)
+    loop.train_and_evaluate(config, str(tmp_path / str(chunks)))
+    rows[chunks] = [json.loads(line) for line in open(tmp_path / str(chunks) / 'metrics.jsonl')]
+  train = {c: [r for r in rows[c] if r['split'] == 'train'] for c in rows}
+  assert [r['step'] for r in train[4]] == [3, 6] and all('accuracy' in r for r in train[4])
+  np.testing.assert_allclose([r['loss'] for r in train[4]], [r['loss'] for r in train[0]], rtol=1e-4)
+  np.testing.assert_allclose([r['accuracy'] for r in train[4]], [r['accuracy'] for r in train[0]], atol=1e-3)
+
+  data = registry.load(config.dataset, 'train', None)
+  exp = build_experiment(config, data.info)
+  state = exp.init_state()
+  batch = sharding.to_global(next(pipeline.train_iterator(data, batch_size=16, seed=0)), exp.mesh)
+  argmaxes = {log: len(re.findall(r'= \([^)]*\) reduce\(', exp.train_step(log).lower(
+      state, batch, np.int32(0), None).compile().as_text())) for log in (False, True)}
+  assert argmaxes == {False: 0, True: 1}
+
+
+@pytest.mark.parametrize('family', ['gpt_distilled', 'lstm'])
+def test_loss_chunks_refuse_what_needs_the_whole_logits(family):
+  """A teacher compares whole logits; the LSTM has no output layer to call apart."""
+  from model_zoo.errors import UserError
+  config = tiny_config('gpt', **GPT_TINY) if family == 'gpt_distilled' else tiny_config('lstm', batch_size=16)
+  with config.unlocked():
+    config.loss_chunks = 4
+    config.distill.teacher = '/a/teacher' if family == 'gpt_distilled' else ''
+  data = registry.load(config.dataset, 'train', None)
+  with pytest.raises(UserError, match='config.loss_chunks=4'):
+    build_experiment(config, data.info)

@@ -61,15 +61,18 @@ def test_eval_counts_each_example_once(tmp_path):
       float(optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()), rel=1e-5)
 
 
-def test_gradient_accumulation_matches_one_big_batch():
+@pytest.mark.parametrize('per_device', [False, True])
+def test_gradient_accumulation_matches_one_big_batch(per_device):
+  """4 micro-batches of 8 rows (over 8 devices) or one of 32; with per_device_batch_size=1, the 4 follow from the
+  devices."""
   results = []
   for steps in (1, 4):
-    config = tiny_config('mlp', grad_accum_steps=steps, **{'model.dropout_rate': 0.0,
-                                                           'optimizer.name': 'sgd',
-                                                           'optimizer.learning_rate': 0.5,
-                                                           'optimizer.schedule': 'constant'})
+    accumulate = {'per_device_batch_size': 1} if per_device and steps > 1 else {'grad_accum_steps': steps}
+    config = tiny_config('mlp', **accumulate, **{'model.dropout_rate': 0.0, 'optimizer.name': 'sgd',
+                                                 'optimizer.learning_rate': 0.5, 'optimizer.schedule': 'constant'})
     data = registry.load(config.dataset, 'train')
     exp = build_experiment(config, data.info)
+    assert config.grad_accum_steps == steps
     state = exp.init_state()
     batch = {'image': data.source.arrays['image'][:32], 'label': data.source.arrays['label'][:32]}
     step = jax.jit(exp.task.train_step, in_shardings=(exp.state_shardings, sharding.batch_sharding(exp.mesh), None))
@@ -79,6 +82,31 @@ def test_gradient_accumulation_matches_one_big_batch():
   assert loss1 == pytest.approx(loss4, rel=1e-5)
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), p1, p4)
   assert not np.allclose(p1['block_0']['kernel'], jax.device_get(state.params)['block_0']['kernel'])
+
+
+@pytest.mark.parametrize('overrides, words', [
+    ({'per_device_batch_size': 3}, ['config.batch_size=32', 'per_device_batch_size=3', 'multiple of 24']),
+    ({'per_device_batch_size': 1, 'grad_accum_steps': 2}, ['grad_accum_steps=2', 'disagree', '4 micro-batches']),
+    ({'per_device_batch_size': -1}, ['config.per_device_batch_size must be an integer >= 0']),
+])
+def test_per_device_batch_size_that_does_not_make_the_batch_is_one_error(overrides, words):
+  from model_zoo.errors import UserError
+  from model_zoo.experiment import check
+  with pytest.raises(UserError) as e:
+    check(tiny_config('mlp', **overrides))   # batch_size 32 over 8 devices
+  assert all(w in str(e.value) for w in words), str(e.value)
+
+
+@pytest.mark.parametrize('size, steps', [('124m', 2), ('350m', 1), ('1b', 1)])
+def test_big_gpt_presets_reach_their_batch_from_a_micro_batch_per_device(size, steps):
+  """256 rows a step from 16 or 32 a device (what fits one 80 GB GPU: configs/gpt.py): accumulated over 8 devices."""
+  from helpers import preset
+  from model_zoo.experiment import check
+  config = preset('gpt', f'size={size}')
+  with config.unlocked():
+    config.mesh.data, config.mesh.fsdp = 8, 1
+  check(config)
+  assert config.grad_accum_steps == steps and config.batch_size == 256
 
 
 def test_tfds_dataset_through_the_loop(tmp_path):

@@ -40,9 +40,10 @@ class GPT(nn.Module):
 
   @nn.compact
   def __call__(self, tokens_BxT, *, train: bool, positions_BxT=None, segment_ids_BxT=None,
-               token_embeddings_BxTxD=None):
+               token_embeddings_BxTxD=None, features: bool = False):
     """-> logits [B, T, V] of each next token. `token_embeddings_BxTxD`, if given, stands for the table's rows of
-    tokens_BxT (what attributions move along: model_zoo.interpret)."""
+    tokens_BxT (what attributions move along: model_zoo.interpret). `features=True`: the output layer's input
+    [B, T, D] instead, which `logits` turns into the same logits (a loss over chunks of the sequence)."""
     dtype = jnp.dtype(self.dtype)
     if positions_BxT is None:
       positions_BxT = jnp.broadcast_to(jnp.arange(tokens_BxT.shape[1]), tokens_BxT.shape)
@@ -68,6 +69,8 @@ class GPT(nn.Module):
                             scan=self.scan_layers, remat_policy=self.remat_policy, decode=self.decode)
     if self.pre_ln:
       x_BxTxD = layers.layer_norm(dtype, 'final_norm', self.ln_epsilon)(x_BxTxD)
+    if features:
+      return x_BxTxD
     if self.tie_embeddings:
       logits_BxTxV = embed.attend(x_BxTxD)
     else:
@@ -76,3 +79,15 @@ class GPT(nn.Module):
     return layers.constrain(logits_BxTxV, 'activation_batch', 'activation_length', 'activation_vocab').astype(
         jnp.float32)
 
+
+  def logits(self, params, x_BxTxD):
+    """The output layer alone: `__call__`'s logits from its `features=True` output and the parameters (no bound
+    module needed, so a loss can call it once per chunk: model_zoo.tasks.losses.chunked_token_sums)."""
+    dtype = jnp.dtype(self.dtype)
+    params = nn.meta.unbox(params)
+    if self.tie_embeddings:
+      logits_BxTxV = jnp.einsum('btd,vd->btv', x_BxTxD, params['embed']['embedding'].astype(dtype))
+    else:
+      logits_BxTxV = jnp.einsum('btd,dv->btv', x_BxTxD, params['lm_head']['kernel'].astype(dtype))
+    return layers.constrain(logits_BxTxV, 'activation_batch', 'activation_length', 'activation_vocab').astype(
+        jnp.float32)

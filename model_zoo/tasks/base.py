@@ -135,6 +135,10 @@ def example_spec(x) -> Input:
 
 
 class Task(abc.ABC):
+  # Metrics of `train_step` that training takes on logged steps only, the rest averaged over the steps between two
+  # logs: on the others they are left out of the step's outputs, and XLA drops their computation (an argmax over
+  # the vocabulary at every position is not free).
+  logged_only: tuple[str, ...] = ()
 
   def __init__(self, config: ml_collections.ConfigDict, info: DataInfo):
     self.config = config

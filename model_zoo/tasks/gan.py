@@ -41,6 +41,10 @@ class GANTask(Task):
     if config.grad_accum_steps != 1:
       raise UserError(f'config.grad_accum_steps={config.grad_accum_steps} does not apply to the GAN, whose '
                       f'discriminator and generator updates alternate on whole batches; set it to 1')
+    if config.per_device_batch_size:
+      raise UserError(f'config.per_device_batch_size={config.per_device_batch_size} (gradient accumulation) does not '
+                      f'apply to the GAN, whose discriminator and generator updates alternate on whole batches; set '
+                      f'it to 0 and choose config.batch_size')
 
   def __init__(self, config, info):
     super().__init__(config, info)

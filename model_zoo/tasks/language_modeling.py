@@ -27,6 +27,7 @@ class LanguageModelingTask(SupervisedTask):
   """Batches hold `inputs`, `targets`, `positions`, `segment_ids` and `weights`, each [B, T]."""
   interpretations = ('attention', 'integrated_gradients', 'smoothgrad', 'gradient_x_input', 'occlusion')
   attribution_baselines = ('pad', 'zeros')   # the padding token's embedding, or a zero vector
+  logged_only = ('accuracy',)   # over the vocabulary: on logged steps only
 
   def attribution(self, variables, batch, baseline):
     """The next token after the first document of each row, as a class among the vocabulary, attributed to that
@@ -56,6 +57,23 @@ class LanguageModelingTask(SupervisedTask):
   def __init__(self, config, info):
     super().__init__(config, info)
     self._flops_per_token = None
+    self.loss_chunks = config.get('loss_chunks', 0)
+    if self.loss_chunks:
+      self._check_loss_chunks()
+
+  def _check_loss_chunks(self):
+    chunks, seq_len = self.loss_chunks, self.config.dataset.seq_len
+    if not isinstance(chunks, int) or isinstance(chunks, bool) or chunks < 0 or seq_len % max(chunks, 1):
+      raise UserError(f'config.loss_chunks={chunks!r} must be 0 (off) or a whole number that divides '
+                      f'config.dataset.seq_len={seq_len}')
+    if not callable(getattr(self.model, 'logits', None)):
+      raise UserError(f'config.loss_chunks={chunks} takes the output layer apart from the model, which '
+                      f'config.model.name={self.config.model.name!r} has no `logits` method for (GPT has); set 0')
+    for key in ('quantization.mode', 'distill.teacher'):
+      value = self.config[key.split('.')[0]][key.split('.')[1]]
+      if value not in ('', 'none'):
+        raise UserError(f'config.loss_chunks={chunks} and config.{key}={value!r} do not go together (they need the '
+                        f'whole logits); set config.loss_chunks=0')
 
   def build_model(self):
     if self.info.tokenizer.vocab_size != self.config.dataset.vocab_size:
@@ -69,6 +87,17 @@ class LanguageModelingTask(SupervisedTask):
   def model_kwargs(self, batch):
     # Rows without segment ids hold one document each: causal attention needs no mask then.
     return {'positions_BxT': batch['positions'], 'segment_ids_BxT': batch.get('segment_ids')}
+
+  def loss_fn(self, params, model_state, batch, rng, teacher=None):
+    if not self.loss_chunks:
+      return super().loss_fn(params, model_state, batch, rng, teacher)
+    # The cross-entropy a chunk of the sequence at a time (config.loss_chunks): no [B, T, V] logits held.
+    features_BxTxD, model_state = self.apply(params, model_state, self.model_inputs(batch), train=True, rng=rng,
+                                             features=True, **self.model_kwargs(batch))
+    sums = losses.chunked_token_sums(features_BxTxD, lambda x: self.model.logits(params, x), batch['targets'],
+                                     batch['weights'], self.loss_chunks)
+    metrics = losses.means(sums)
+    return metrics['loss'], (metrics, model_state)
 
   def loss_from_outputs(self, logits_BxTxV, batch):
     metrics = losses.means(losses.token_sums(logits_BxTxV, batch['targets'], batch['weights']))

@@ -31,6 +31,24 @@ def token_sums(logits, labels, weights=None, label_smoothing: float = 0.0) -> di
           'correct': jnp.sum((jnp.argmax(logits, -1) == labels) * weights), 'count': jnp.sum(weights)}
 
 
+def chunked_token_sums(features_BxTxD, logits_fn, labels_BxT, weights_BxT, chunks: int) -> dict:
+  """`token_sums(logits_fn(features_BxTxD), labels_BxT, weights_BxT)` without the [B, T, V] logits: the sequence is
+  cut into `chunks` pieces taken one after another, and each piece's logits are recomputed in the backward pass
+  (jax.checkpoint), so at most [B, T / chunks, V] of them are alive. Chunks along T keep the batch's and the
+  vocabulary's sharding as they are."""
+  b, t = labels_BxT.shape
+  split = lambda x: x.reshape(b, chunks, t // chunks, *x.shape[2:]).swapaxes(0, 1)
+
+  @jax.checkpoint
+  def piece(x_BxCxD, labels_BxC, w_BxC):
+    return token_sums(logits_fn(x_BxCxD).astype(jnp.float32), labels_BxC, w_BxC)
+
+  def add(total, xs):
+    return jax.tree.map(jnp.add, total, piece(*xs)), None
+  zeros = {k: jnp.zeros((), jnp.float32) for k in ('loss_sum', 'nll_sum', 'correct', 'count')}
+  return jax.lax.scan(add, zeros, (split(features_BxTxD), split(labels_BxT), split(weights_BxT.astype(jnp.float32))))[0]
+
+
 def means(sums: dict, nll: bool = False) -> dict:
   """Per-position means of `token_sums` (a batch with no weight counts as one position): `loss`,
   what is minimised, `accuracy`, and with `nll` the plain cross-entropy beside a smoothed loss."""

@@ -16,6 +16,7 @@ from model_zoo.tasks.classification import TextModel
 class MaskedLMTask(TextModel, SupervisedTask):
   head = 'mlm'
   interpretations = ('attention',)
+  logged_only = ('accuracy',)   # over the vocabulary: on logged steps only
 
   @classmethod
   def check_config(cls, config):

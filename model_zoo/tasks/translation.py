@@ -63,6 +63,7 @@ def corpus_scores(hypotheses: list[str], references: list[str], bleu_tokenize: s
 class TranslationTask(SupervisedTask):
   """Batches hold the packed rows of model_zoo.data.translation."""
   interpretations = ('attention',)   # the cross-attention as an alignment
+  logged_only = ('accuracy',)   # over the vocabulary: on logged steps only
 
   @classmethod
   def check_config(cls, config):

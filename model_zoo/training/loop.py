@@ -46,7 +46,9 @@ def make_eval_fn(exp: Experiment):
 
   def evaluate(state, data: Dataset, step: int | None = None):
     totals = None
-    for i, local in enumerate(pipeline.eval_batches(data, batch_size=exp.config.batch_size,
+    # Batches of one micro-batch's rows: what a device holds at once in training fits in evaluation too.
+    micro = exp.config.batch_size // exp.config.grad_accum_steps
+    for i, local in enumerate(pipeline.eval_batches(data, batch_size=micro,
                                                     prefetch=exp.config.dataset.prefetch)):
       # Summed on the host, in the stats' own dtype (the same float32 adds): a device-side add between the
       # eval steps' all-reduces deadlocked two CPU processes (gloo) in about a third of runs.
@@ -141,21 +143,16 @@ def _train(run):
     write_atomically(workdir.config, config.to_json_best_effort(indent=2, sort_keys=True).encode())
   writer = MetricWriter(workdir, start)
   evaluate = make_eval_fn(exp)
-  train_rng = jax.random.fold_in(jax.random.key(config.seed), 1)
-  def step_fn(state, batch, step, teacher):
-    rng = jax.random.fold_in(train_rng, step)
-    if teacher is None:
-      return exp.task.train_step(state, batch, rng)
-    return exp.task.train_step(state, batch, rng, teacher=teacher)
-  train_step = jax.jit(sharding.constrained(step_fn, exp.mesh),
-                       in_shardings=(exp.state_shardings, sharding.batch_sharding(exp.mesh), None, None),
-                       out_shardings=(exp.state_shardings, None), donate_argnums=0)
+  # Two programs where the task has metrics for logged steps only (Task.logged_only): the other one lacks them.
+  train_steps = {log: exp.train_step(log) for log in (False, True)}
 
   total = config.num_train_steps
   progress = Progress(start, total)
   stop = _StopRequest(sync_every=config.log_every_steps)
   try:
     for step in range(start + 1, total + 1):
+      log = step % config.log_every_steps == 0 or step == total
+      train_step = train_steps[log or not exp.task.logged_only]
       state, metrics = train_step(state, sharding.to_global(next(train_iter), exp.mesh), np.int32(step - 1),
                                   exp.teacher)
       pending.append(metrics)
@@ -163,11 +160,12 @@ def _train(run):
         jax.block_until_ready(pending[-2])
       stopping = stop(step)
       fault_point('step', step)
-      if step % config.log_every_steps == 0 or step == total:
+      if log:
         host = _finite(jax.device_get(pending), step)
         rate = progress.rate(step)
-        # float64 means: a resumed run (its pending metrics come back from JSON) agrees exactly
-        means = {k: float(np.mean([np.float64(m[k]) for m in host])) for k in host[0]}
+        # float64 means, over the steps that have each metric (Task.logged_only: this one): a resumed run (its
+        # pending metrics come back from JSON) agrees exactly
+        means = {k: float(np.mean([np.float64(m[k]) for m in host if k in m])) for k in host[-1]}
         pending = []
         speed = {'steps_per_sec': rate, **exp.task.throughput(state, rate)}
         writer.write(step, 'train', {**means, **speed})

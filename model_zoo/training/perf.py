@@ -24,6 +24,39 @@ GPU_PEAKS = {
 }
 
 
+# XLA's GPU options for training speed, as MaxText's GPU recipes set them, checked against the installed XLA
+# (tests/test_cli.py: XLA refuses to start on a flag it does not know). Two of MaxText's are gone from XLA 0.10:
+# --xla_gpu_graph_level=0, now --xla_gpu_enable_command_buffer=, and --xla_gpu_enable_triton_softmax_fusion.
+# Applied by train.py's and eval.py's --gpu_flags, and by benchmarks/gpt_throughput.py --gpu_flags.
+GPU_XLA_FLAGS = (
+    '--xla_gpu_enable_latency_hiding_scheduler=true',    # schedule collectives to overlap with compute
+    '--xla_gpu_enable_highest_priority_async_stream=true',
+    '--xla_gpu_enable_pipelined_all_gather=true',        # FSDP: the next layer's weights gathered during this one
+    '--xla_gpu_enable_pipelined_reduce_scatter=true',    #   and the gradients reduced while the next is computed
+    '--xla_gpu_enable_pipelined_all_reduce=true',
+    '--xla_gpu_enable_while_loop_double_buffering=true',  # scanned layers: overlap across iterations
+    '--xla_gpu_all_reduce_combine_threshold_bytes=134217728',   # fewer, larger collectives
+    '--xla_gpu_all_gather_combine_threshold_bytes=134217728',
+    '--xla_gpu_reduce_scatter_combine_threshold_bytes=67108864',
+    '--xla_gpu_enable_all_gather_combine_by_dim=false',
+    '--xla_gpu_enable_reduce_scatter_combine_by_dim=false',
+    '--xla_gpu_enable_triton_gemm=false',                # cuBLAS for the matmuls
+    '--xla_gpu_enable_command_buffer=',                  # no CUDA graphs
+    '--xla_disable_hlo_passes=rematerialization',        # what is recomputed is model.remat_policy's choice
+)
+
+
+def use_gpu_xla_flags():
+  """Adds GPU_XLA_FLAGS to the environment's XLA_FLAGS (a flag already there keeps its value). XLA reads them
+  when JAX starts its backends, so this must come first; a CPU run ignores them."""
+  from jax._src import xla_bridge  # pylint: disable=g-import-not-at-top
+  if xla_bridge.backends_are_initialized():
+    raise RuntimeError('use_gpu_xla_flags() comes before anything that starts JAX (jax.devices(), a computation)')
+  own = os.environ.get('XLA_FLAGS', '').split()
+  names = {flag.split('=')[0] for flag in own}
+  os.environ['XLA_FLAGS'] = ' '.join(own + [f for f in GPU_XLA_FLAGS if f.split('=')[0] not in names])
+
+
 def _probe_sizes() -> tuple[int, ...]:
   return tuple(int(n) for n in os.environ.get('MODEL_ZOO_PEAK_PROBE_SIZES', '2048,4096').split(','))
 

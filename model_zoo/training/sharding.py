@@ -82,6 +82,24 @@ def make_mesh(mesh_config: ml_collections.ConfigDict, devices=None) -> Mesh:
   return Mesh(np.asarray(devices).reshape(shape), AXES)
 
 
+def accumulation_steps(batch_size: int, per_device_batch_size: int, grad_accum_steps: int, mesh: Mesh) -> int:
+  """The micro-batches a step that make the global `batch_size` out of `per_device_batch_size` rows on each
+  data-parallel device (config.per_device_batch_size); `grad_accum_steps` as it is where that is 0."""
+  if not per_device_batch_size:
+    return grad_accum_steps
+  n = mesh.shape['data'] * mesh.shape['fsdp']
+  micro = per_device_batch_size * n
+  if batch_size % micro:
+    raise UserError(f'config.batch_size={batch_size} is not a whole number of micro-batches of '
+                    f'config.per_device_batch_size={per_device_batch_size} rows on each of {n} data-parallel '
+                    f'devices ({micro} rows); use a batch_size that is a multiple of {micro}')
+  if grad_accum_steps not in (1, batch_size // micro):
+    raise UserError(f'config.grad_accum_steps={grad_accum_steps} and config.per_device_batch_size='
+                    f'{per_device_batch_size} disagree ({n} data-parallel devices make that '
+                    f'{batch_size // micro} micro-batches a step); set only one of them')
+  return batch_size // micro
+
+
 def check_batch(batch_size: int, grad_accum_steps: int, mesh: Mesh):
   """The global batch (and each micro-batch) must split evenly over data-parallel devices."""
   n = mesh.shape['data'] * mesh.shape['fsdp']

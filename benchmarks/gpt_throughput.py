@@ -66,7 +66,7 @@ def measure(config, size: str, path: str, steps: int) -> dict:
   example.setdefault('segment_ids', np.ones_like(example['inputs']))   # the task's init needs a full example
   exp = build_experiment(config, DataInfo(example, tokenizer=_Vocab(config.dataset.vocab_size)))
   state = exp.init_state()
-  step = exp.train_step(log=False)   # as training runs between two logs
+  step = exp.train_step()   # as training runs it (no accuracy: Task.logged_only)
   batch = sharding.to_global(batch, exp.mesh)
   start = time.perf_counter()
   state, metrics = step(state, batch, np.int32(0), None)
@@ -86,7 +86,8 @@ def measure(config, size: str, path: str, steps: int) -> dict:
   n = jax.device_count()
   return {'size': size, 'dtype': m.dtype, 'attention_impl': m.attention_impl or 'xla', 'path': path,
           'scan_layers': m.scan_layers, 'remat_policy': m.remat_policy, 'devices': n,
-          'batch_size': config.batch_size, 'seq_len': config.dataset.seq_len,
+          'batch_size': config.batch_size, 'grad_accum_steps': config.grad_accum_steps,
+          'seq_len': config.dataset.seq_len,
           'params': protocol.param_count(state.params), 'first_step_s': first, 'step_s': sec,
           'tokens_per_s': tokens / sec, 'tokens_per_s_per_device': tokens / sec / n,
           'flops_per_token_full': full, 'flops_per_token_causal': causal,
@@ -101,7 +102,8 @@ def main():
   parser.add_argument('--impls', default='', help="attention implementations: xla,cudnn (default: xla, and cudnn "
                                                   "too on a GPU)")
   parser.add_argument('--paths', default='packed,single', help='attention paths: packed,single')
-  parser.add_argument('--batch_per_device', type=int, default=0, help="rows per device (the preset's batch if 0)")
+  parser.add_argument('--batch_per_device', type=int, default=0, help="rows per device, all at once (the preset's "
+                                                                     "batch and per_device_batch_size if 0)")
   parser.add_argument('--steps', type=int, default=10)
   parser.add_argument('--set', action='append', default=[], help='a config override key=value, typed as the field '
                                                                  '(e.g. model.remat_policy=dots); repeatable')
@@ -125,7 +127,8 @@ def main():
         config = load(f'gpt.py:size={size}', {})
         for key, text in [kv.split('=', 1) for kv in args.set] + (
             [('model.dtype', args.dtype)] if args.dtype else []) + [('model.attention_impl', impl)] + (
-            [('batch_size', str(args.batch_per_device * jax.device_count()))] if args.batch_per_device else []):
+            [('batch_size', str(args.batch_per_device * jax.device_count())),
+             ('per_device_batch_size', str(args.batch_per_device))] if args.batch_per_device else []):
           *parents, leaf = key.split('.')
           node = config
           for p in parents:

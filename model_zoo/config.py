@@ -26,6 +26,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.grad_accum_steps = 1            # micro-batches per optimizer step (batch_size / this each)
   c.per_device_batch_size = 0       # > 0: rows each device computes at once; grad_accum_steps then follows from the
   #                                   devices: batch_size / (this x data-parallel devices) micro-batches a step
+  c.loss_chunks = 0                 # language modelling: > 0, the cross-entropy over the vocabulary in this many
+  #                                   pieces of the sequence, each piece's logits recomputed in the backward pass
   c.num_train_steps = 1000
   c.log_every_steps = 100
   c.eval_every_steps = 500
@@ -128,6 +130,9 @@ def validate(config: ml_collections.ConfigDict):
   _check(isinstance(config.per_device_batch_size, int) and config.per_device_batch_size >= 0,
          f'config.per_device_batch_size must be an integer >= 0 (0: batch_size split over the devices), got '
          f'{config.per_device_batch_size!r}')
+  _check(config.loss_chunks == 0 or config.task == 'language_modeling',
+         f'config.loss_chunks={config.loss_chunks!r} applies to language models (config.task=\'language_modeling\'), '
+         f'not to config.task={config.task!r}; set it to 0')
   _check(isinstance(config.seed, int) and 0 <= config.seed < 2 ** 32,
          f'config.seed must be an integer in [0, 2**32), got {config.seed!r}')
   _check(config.batch_size % config.grad_accum_steps == 0,

@@ -15,6 +15,7 @@ import os
 
 import flax.linen as nn
 import jax
+import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from jax.experimental import multihost_utils
@@ -27,7 +28,7 @@ from model_zoo.data.base import DataInfo, Dataset
 from model_zoo.errors import UserError
 from model_zoo.models import registry as model_registry
 from model_zoo.tasks import registry as task_registry
-from model_zoo.tasks.base import Task
+from model_zoo.tasks.base import Task, micro_batches
 from model_zoo.training import optimizers, sharding
 from model_zoo.training.checkpoints import Checkpoints
 from model_zoo.transfer import finetune
@@ -56,23 +57,40 @@ class Experiment:
       state = jax.jit(self.task.with_variables, out_shardings=self.state_shardings)(state, variables)
     return state
 
-  def train_step(self, log: bool = True):
-    """The jitted training step, (state, global batch, step index, teacher or None) -> (state, metrics), traced with
-    the activation constraints. With `log=False` the task's logged-only metrics (Task.logged_only) are left out of
-    the outputs, so XLA never computes them."""
-    train_rng = jax.random.fold_in(jax.random.key(self.config.seed), 1)
-    dropped = () if log else self.task.logged_only
+  def step_rng(self, step):
+    """The randomness (dropout) of training step `step` (counted from 0)."""
+    return jax.random.fold_in(jax.random.fold_in(jax.random.key(self.config.seed), 1), step)
 
+  def train_step(self):
+    """The jitted training step, (state, global batch, step index, teacher or None) -> (state, metrics), traced with
+    the activation constraints. The task's logged-only metrics (Task.logged_only) are left out of its outputs, so
+    XLA never computes them: the update is the same program whatever is logged."""
     def step_fn(state, batch, step, teacher):
-      rng = jax.random.fold_in(train_rng, step)
-      if teacher is None:
-        state, metrics = self.task.train_step(state, batch, rng)
-      else:
-        state, metrics = self.task.train_step(state, batch, rng, teacher=teacher)
-      return state, {k: v for k, v in metrics.items() if k not in dropped}
+      kwargs = {} if teacher is None else {'teacher': teacher}
+      state, metrics = self.task.train_step(state, batch, self.step_rng(step), **kwargs)
+      return state, {k: v for k, v in metrics.items() if k not in self.task.logged_only}
     return jax.jit(sharding.constrained(step_fn, self.mesh),
                    in_shardings=(self.state_shardings, sharding.batch_sharding(self.mesh), None, None),
                    out_shardings=(self.state_shardings, None), donate_argnums=0)
+
+  def logged_metrics(self):
+    """The jitted logged-only metrics of a training step, (state, global batch, step index, teacher or None) ->
+    {name: scalar}: the step's loss function, forward only, on the state before its update with its randomness and
+    micro-batches, each micro-batch weighted as train_step weighs it."""
+    def metrics_fn(state, batch, step, teacher):
+      kwargs = {} if teacher is None else {'teacher': teacher}
+      steps = self.config.grad_accum_steps
+
+      def one(mb, rng):
+        _, (metrics, _) = self.task.loss_fn(state.params, state.model_state, mb, rng, **kwargs)
+        return {k: metrics[k] for k in self.task.logged_only}, self.task.loss_weight(mb)
+      if steps == 1:
+        return one(batch, self.step_rng(step))[0]
+      metrics, w_A = jax.lax.map(lambda x: one(x[1], jax.random.fold_in(self.step_rng(step), x[0])),
+                                 (jnp.arange(steps), micro_batches(batch, steps)))
+      return {k: jnp.sum(m * w_A) / jnp.maximum(jnp.sum(w_A), 1.0) for k, m in metrics.items()}
+    return jax.jit(sharding.constrained(metrics_fn, self.mesh),
+                   in_shardings=(self.state_shardings, sharding.batch_sharding(self.mesh), None, None))
 
   def checkpoints(self, workdir: str) -> Checkpoints:
     return Checkpoints(Workdir(workdir).checkpoints, max_to_keep=self.config.max_checkpoints_to_keep)
@@ -114,12 +132,12 @@ def build_experiment(config: ml_collections.ConfigDict, info: DataInfo, mesh=Non
 
 # Keys that may change when a run resumes: how long it runs, how it reports and on which devices, not
 # what it computes (the kernels attention_impl picks and remat compute the same function; a checkpoint's blocks
-# are converted between scanned and unrolled layouts as it is restored; the global batch stays batch_size however
-# many micro-batches make it; model.remat is a key of older runs).
+# are converted between scanned and unrolled layouts as it is restored; loss_chunks computes the same loss; with
+# per_device_batch_size, grad_accum_steps follows the devices (check_same_run); model.remat is a key of older runs).
 RESUMABLE_CHANGES = ('num_train_steps', 'log_every_steps', 'eval_every_steps', 'checkpoint_every_steps',
                      'max_checkpoints_to_keep', 'dataset.prefetch', 'dataset.data_dir', 'dataset.download',
-                     'mesh.*', 'per_device_batch_size', 'grad_accum_steps', 'model.attention_impl', 'model.remat',
-                     'model.remat_policy', 'model.scan_layers')
+                     'mesh.*', 'loss_chunks', 'model.attention_impl', 'model.remat', 'model.remat_policy',
+                     'model.scan_layers')
 # ... and when a trained run is evaluated, sampled, translated or exported: how it was trained, not its
 # model, data or tokenizer. (An optimizer whose state has another structure still fails the checkpoint's
 # own check.) `decode.*` is how eval.py decodes, the eval split what it measures, `quantization.*` how it
@@ -144,6 +162,8 @@ def check_same_run(config: ml_collections.ConfigDict, workdir: Workdir, may_chan
   current = _flat(json.loads(config.to_json_best_effort()))
   # A shared key the saved config lacks was added to model_zoo after the run started: it ran with its default.
   defaults = _flat(json.loads(config_lib.base_config().to_json_best_effort()))
+  if current.get('per_device_batch_size') and saved.get('per_device_batch_size') == current['per_device_batch_size']:
+    may_change = (*may_change, 'grad_accum_steps')   # it follows the devices, the global batch stays batch_size
   changed = [k for k in sorted(set(saved) | set(current))
              if saved.get(k, defaults.get(k)) != current.get(k)
              and not any(fnmatch.fnmatchcase(k, p) for p in may_change)]

@@ -89,6 +89,7 @@ DOES_NOT_APPLY = [
     ('init_from', '/nonexistent/run', ['config.init_from', '/nonexistent/run']),
     ('grad_accum_steps', 2, ['config.grad_accum_steps=2', 'does not apply to the GAN']),
     ('per_device_batch_size', 4, ['config.per_device_batch_size=4', 'does not apply to the GAN']),
+    ('loss_chunks', 4, ['config.loss_chunks=4', 'applies to language models']),
 ]
 
 
@@ -115,7 +116,7 @@ def _cases():
   cases = []
   for name, config in configs.items():
     for key, value, words in CHOICES + RANGES:
-      if _has(config, key):
+      if _has(config, key) and (key != 'loss_chunks' or name == 'gpt'):   # GPT: the LM with an output layer apart
         cases.append(pytest.param(name, key, value, words, id=f'{name}-{key}={value}'))
     for key, value, words in DOES_NOT_APPLY:
       applies = _has(config, key) and not (key == 'dataset.classes' and config.dataset.name in IMAGE_CLASSIFICATION)
@@ -123,6 +124,8 @@ def _cases():
         applies = not _has(config, key)   # an option of another family
       if key in ('grad_accum_steps', 'per_device_batch_size'):
         applies = config.task == 'gan'
+      if key == 'loss_chunks':
+        applies = config.task != 'language_modeling'
       if applies:
         cases.append(pytest.param(name, key, value, words, id=f'{name}-{key}={value}-does-not-apply'))
   return cases

@@ -238,8 +238,10 @@ def test_chunked_cross_entropy_equals_the_whole_logits_and_holds_a_chunk(tie):
 
 
 def test_loss_chunks_train_through_the_loop_and_accuracy_only_on_logged_steps(tmp_path):
-  """A chunked run's losses equal the whole-logits run's; the unlogged steps' program holds no argmax over the
-  vocabulary (a variadic reduce in the HLO), the logged one does, and every logged row has its accuracy."""
+  """A chunked run's losses equal the whole-logits run's. The training step's program holds no argmax over the
+  vocabulary (a variadic reduce in the HLO); the logged steps' own forward pass does, and gives the accuracy the
+  step would have (grad accumulation's micro-batches, dropout and all), before the update; every logged row has
+  its accuracy."""
   import re
   rows = {}
   for chunks in (0, 4):
@@ -255,9 +257,17 @@ def test_loss_chunks_train_through_the_loop_and_accuracy_only_on_logged_steps(tm
   exp = build_experiment(config, data.info)
   state = exp.init_state()
   batch = sharding.to_global(next(pipeline.train_iterator(data, batch_size=16, seed=0)), exp.mesh)
-  argmaxes = {log: len(re.findall(r'= \([^)]*\) reduce\(', exp.train_step(log).lower(
-      state, batch, np.int32(0), None).compile().as_text())) for log in (False, True)}
-  assert argmaxes == {False: 0, True: 1}
+  argmaxes = {name: len(re.findall(r'= \([^)]*\) reduce\(', fn.lower(state, batch, np.int32(0), None).compile(
+  ).as_text())) for name, fn in (('train', exp.train_step()), ('logged', exp.logged_metrics()))}
+  assert argmaxes == {'train': 0, 'logged': 1}
+  for steps in (1, 2):   # the accuracy train_step itself computes (dropout on), before the update
+    with config.unlocked():
+      config.grad_accum_steps, config.model.dropout_rate = steps, 0.3
+    exp = build_experiment(config, data.info)
+    state = exp.init_state()
+    want = exp.task.train_step(state, batch, exp.step_rng(np.int32(4)))[1]['accuracy']
+    got = exp.logged_metrics()(state, batch, np.int32(4), None)['accuracy']
+    assert float(got) == pytest.approx(float(want), abs=1e-6)
 
 
 @pytest.mark.parametrize('family', ['gpt_distilled', 'lstm'])

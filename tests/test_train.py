@@ -109,6 +109,24 @@ def test_big_gpt_presets_reach_their_batch_from_a_micro_batch_per_device(size, s
   assert config.grad_accum_steps == steps and config.batch_size == 256
 
 
+def test_grad_accum_steps_may_change_on_resume_only_where_the_devices_set_it(tmp_path):
+  """With per_device_batch_size the micro-batches follow the devices (the global batch stays); set by hand, they
+  are part of what the run computes (BatchNorm's statistics are a micro-batch's)."""
+  from model_zoo.errors import UserError
+  from model_zoo.experiment import check_same_run
+  from model_zoo.workdir import Workdir
+  workdir = Workdir(str(tmp_path))
+  for per_device in (1, 0):
+    saved = tiny_config('mlp', per_device_batch_size=per_device, grad_accum_steps=4)   # as on 1 device
+    workdir.config.write_text(saved.to_json_best_effort())
+    resumed = tiny_config('mlp', per_device_batch_size=per_device, grad_accum_steps=2)   # as on 2
+    if per_device:
+      check_same_run(resumed, workdir)
+    else:
+      with pytest.raises(UserError, match='grad_accum_steps=4'):
+        check_same_run(resumed, workdir)
+
+
 def test_tfds_dataset_through_the_loop(tmp_path):
   config = tiny_config('cnn', num_train_steps=10, eval_every_steps=10, checkpoint_every_steps=10,
                        **{'dataset.name': 'mnist'})

@@ -38,6 +38,7 @@ def inference_config(config: ml_collections.ConfigDict) -> ml_collections.Config
     if config.model.get('scan_layers', False):   # qwix's rules match the blocks by their paths: block_<i>
       config.model.scan_layers = False
     config.init_from, config.freeze = '', 'none'
+    config.loss_chunks = 0           # evaluation takes whole logits; qwix's model has no output layer of its own
     config.pruning.method = 'none'   # the pruned weights are zeros already; no masks to carry
     for key in ('optimizer', 'discriminator_optimizer'):
       if key in config:

@@ -134,10 +134,16 @@ def example_spec(x) -> Input:
   return Input(x.shape, x.dtype)
 
 
+def micro_batches(batch: dict, steps: int) -> dict:
+  """`batch` as `steps` micro-batches on a new leading axis: micro-batch i takes rows i, i + steps, ..., so that
+  each one stays spread over all devices."""
+  return jax.tree.map(lambda x: x.reshape(x.shape[0] // steps, steps, *x.shape[1:]).swapaxes(0, 1), batch)
+
+
 class Task(abc.ABC):
   # Metrics of `train_step` that training takes on logged steps only, the rest averaged over the steps between two
-  # logs: on the others they are left out of the step's outputs, and XLA drops their computation (an argmax over
-  # the vocabulary at every position is not free).
+  # logs: the training step leaves them out, so XLA drops their computation (an argmax over the vocabulary at every
+  # position is not free), and a logged step computes them in a forward pass of its own (Experiment.logged_metrics).
   logged_only: tuple[str, ...] = ()
 
   def __init__(self, config: ml_collections.ConfigDict, info: DataInfo):
@@ -347,9 +353,7 @@ class SupervisedTask(Task):
     if steps == 1:
       (_, (metrics, model_state)), grads = grad_fn(state.params, state.model_state, batch, rng)
     else:
-      # Micro-batch i takes rows i, i+steps, ...: each one stays spread over all devices.
-      micro = jax.tree.map(
-          lambda x: x.reshape(x.shape[0] // steps, steps, *x.shape[1:]).swapaxes(0, 1), batch)
+      micro = micro_batches(batch, steps)
 
       def accumulate(carry, inputs):
         grads_sum, model_state = carry

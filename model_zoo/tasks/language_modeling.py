@@ -69,9 +69,9 @@ class LanguageModelingTask(SupervisedTask):
     if not callable(getattr(self.model, 'logits', None)):
       raise UserError(f'config.loss_chunks={chunks} takes the output layer apart from the model, which '
                       f'config.model.name={self.config.model.name!r} has no `logits` method for (GPT has); set 0')
-    for key in ('quantization.mode', 'distill.teacher'):
-      value = self.config[key.split('.')[0]][key.split('.')[1]]
-      if value not in ('', 'none'):
+    for key, value in (('quantization.mode', self.config.quantization.mode), ('distill.teacher',
+                                                                               self.config.distill.teacher)):
+      if value not in ('', 'none', 'ptq'):   # ptq: eval.py quantizes (ptq.inference_config sets loss_chunks 0)
         raise UserError(f'config.loss_chunks={chunks} and config.{key}={value!r} do not go together (they need the '
                         f'whole logits); set config.loss_chunks=0')
 

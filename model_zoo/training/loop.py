@@ -143,8 +143,8 @@ def _train(run):
     write_atomically(workdir.config, config.to_json_best_effort(indent=2, sort_keys=True).encode())
   writer = MetricWriter(workdir, start)
   evaluate = make_eval_fn(exp)
-  # Two programs where the task has metrics for logged steps only (Task.logged_only): the other one lacks them.
-  train_steps = {log: exp.train_step(log) for log in (False, True)}
+  train_step = exp.train_step()
+  logged_metrics = exp.logged_metrics() if exp.task.logged_only else None   # Task.logged_only: on logged steps
 
   total = config.num_train_steps
   progress = Progress(start, total)
@@ -152,10 +152,10 @@ def _train(run):
   try:
     for step in range(start + 1, total + 1):
       log = step % config.log_every_steps == 0 or step == total
-      train_step = train_steps[log or not exp.task.logged_only]
-      state, metrics = train_step(state, sharding.to_global(next(train_iter), exp.mesh), np.int32(step - 1),
-                                  exp.teacher)
-      pending.append(metrics)
+      batch = sharding.to_global(next(train_iter), exp.mesh)
+      extra = logged_metrics(state, batch, np.int32(step - 1), exp.teacher) if log and logged_metrics else {}
+      state, metrics = train_step(state, batch, np.int32(step - 1), exp.teacher)
+      pending.append({**metrics, **extra})
       if len(pending) > 1:  # at most one step in flight: a stop signal is served within a step or two
         jax.block_until_ready(pending[-2])
       stopping = stop(step)

@@ -224,7 +224,8 @@ def test_chunked_cross_entropy_equals_the_whole_logits_and_holds_a_chunk(tie):
     if not chunks:
       return losses.token_sums(model.apply({'params': params}, tokens, train=False), targets, weights)
     features = model.apply({'params': params}, tokens, train=False, features=True)
-    return losses.chunked_token_sums(features, lambda x: model.logits(params, x), targets, weights, chunks)
+    w = model.output_weight(params)
+    return losses.chunked_token_sums(features, lambda x: model.logits(w, x), targets, weights, chunks)
 
   whole, chunked = sums(params, 0), sums(params, 8)
   for k in whole:

@@ -80,14 +80,17 @@ class GPT(nn.Module):
         jnp.float32)
 
 
-  def logits(self, params, x_BxTxD):
-    """The output layer alone: `__call__`'s logits from its `features=True` output and the parameters (no bound
-    module needed, so a loss can call it once per chunk: model_zoo.tasks.losses.chunked_token_sums)."""
-    dtype = jnp.dtype(self.dtype)
+  def output_weight(self, params):
+    """The output layer's weight [V, D] (the embedding table, or lm_head's kernel transposed) in the compute dtype,
+    laid out as an activation: gathered over FSDP once, where a loop over chunks of the sequence would otherwise
+    gather it (and reduce its gradient) once a chunk."""
     params = nn.meta.unbox(params)
-    if self.tie_embeddings:
-      logits_BxTxV = jnp.einsum('btd,vd->btv', x_BxTxD, params['embed']['embedding'].astype(dtype))
-    else:
-      logits_BxTxV = jnp.einsum('btd,dv->btv', x_BxTxD, params['lm_head']['kernel'].astype(dtype))
+    w_VxD = params['embed']['embedding'] if self.tie_embeddings else params['lm_head']['kernel'].T
+    return layers.constrain(w_VxD.astype(jnp.dtype(self.dtype)), 'activation_vocab', 'activation_embed')
+
+  def logits(self, w_VxD, x_BxTxD):
+    """`__call__`'s logits from its `features=True` output and `output_weight` (no bound module needed, so a loss
+    can call it once a chunk: model_zoo.tasks.losses.chunked_token_sums)."""
+    logits_BxTxV = jnp.einsum('btd,vd->btv', x_BxTxD, w_VxD)
     return layers.constrain(logits_BxTxV, 'activation_batch', 'activation_length', 'activation_vocab').astype(
         jnp.float32)

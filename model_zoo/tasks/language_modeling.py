@@ -66,9 +66,10 @@ class LanguageModelingTask(SupervisedTask):
     if not isinstance(chunks, int) or isinstance(chunks, bool) or chunks < 0 or seq_len % max(chunks, 1):
       raise UserError(f'config.loss_chunks={chunks!r} must be 0 (off) or a whole number that divides '
                       f'config.dataset.seq_len={seq_len}')
-    if not callable(getattr(self.model, 'logits', None)):
+    if not callable(getattr(self.model, 'output_weight', None)):
       raise UserError(f'config.loss_chunks={chunks} takes the output layer apart from the model, which '
-                      f'config.model.name={self.config.model.name!r} has no `logits` method for (GPT has); set 0')
+                      f'config.model.name={self.config.model.name!r} has no `output_weight` and `logits` methods '
+                      f'for (GPT has); set 0')
     for key, value in (('quantization.mode', self.config.quantization.mode), ('distill.teacher',
                                                                                self.config.distill.teacher)):
       if value not in ('', 'none', 'ptq'):   # ptq: eval.py quantizes (ptq.inference_config sets loss_chunks 0)
@@ -94,7 +95,8 @@ class LanguageModelingTask(SupervisedTask):
     # The cross-entropy a chunk of the sequence at a time (config.loss_chunks): no [B, T, V] logits held.
     features_BxTxD, model_state = self.apply(params, model_state, self.model_inputs(batch), train=True, rng=rng,
                                              features=True, **self.model_kwargs(batch))
-    sums = losses.chunked_token_sums(features_BxTxD, lambda x: self.model.logits(params, x), batch['targets'],
+    w_VxD = self.model.output_weight(params)   # gathered once, not once a chunk
+    sums = losses.chunked_token_sums(features_BxTxD, lambda x: self.model.logits(w_VxD, x), batch['targets'],
                                      batch['weights'], self.loss_chunks)
     metrics = losses.means(sums)
     return metrics['loss'], (metrics, model_state)

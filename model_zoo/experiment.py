@@ -15,7 +15,6 @@ import os
 
 import flax.linen as nn
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from jax.experimental import multihost_utils
@@ -28,7 +27,7 @@ from model_zoo.data.base import DataInfo, Dataset
 from model_zoo.errors import UserError
 from model_zoo.models import registry as model_registry
 from model_zoo.tasks import registry as task_registry
-from model_zoo.tasks.base import Task, micro_batches
+from model_zoo.tasks.base import Task
 from model_zoo.training import optimizers, sharding
 from model_zoo.training.checkpoints import Checkpoints
 from model_zoo.transfer import finetune
@@ -74,21 +73,10 @@ class Experiment:
                    out_shardings=(self.state_shardings, None), donate_argnums=0)
 
   def logged_metrics(self):
-    """The jitted logged-only metrics of a training step, (state, global batch, step index, teacher or None) ->
-    {name: scalar}: the step's loss function, forward only, on the state before its update with its randomness and
-    micro-batches, each micro-batch weighted as train_step weighs it."""
+    """The jitted logged-only metrics of a training step (SupervisedTask.logged_metrics), (state, global batch,
+    step index, teacher or None) -> {name: scalar}, run before the step's update."""
     def metrics_fn(state, batch, step, teacher):
-      kwargs = {} if teacher is None else {'teacher': teacher}
-      steps = self.config.grad_accum_steps
-
-      def one(mb, rng):
-        _, (metrics, _) = self.task.loss_fn(state.params, state.model_state, mb, rng, **kwargs)
-        return {k: metrics[k] for k in self.task.logged_only}, self.task.loss_weight(mb)
-      if steps == 1:
-        return one(batch, self.step_rng(step))[0]
-      metrics, w_A = jax.lax.map(lambda x: one(x[1], jax.random.fold_in(self.step_rng(step), x[0])),
-                                 (jnp.arange(steps), micro_batches(batch, steps)))
-      return {k: jnp.sum(m * w_A) / jnp.maximum(jnp.sum(w_A), 1.0) for k, m in metrics.items()}
+      return self.task.logged_metrics(state, batch, self.step_rng(step), teacher)
     return jax.jit(sharding.constrained(metrics_fn, self.mesh),
                    in_shardings=(self.state_shardings, sharding.batch_sharding(self.mesh), None, None))
 

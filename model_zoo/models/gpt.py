@@ -79,7 +79,6 @@ class GPT(nn.Module):
     return layers.constrain(logits_BxTxV, 'activation_batch', 'activation_length', 'activation_vocab').astype(
         jnp.float32)
 
-
   def output_weight(self, params):
     """The output layer's weight [V, D] (the embedding table, or lm_head's kernel transposed) in the compute dtype,
     laid out as an activation: gathered over FSDP once, where a loop over chunks of the sequence would otherwise

@@ -140,6 +140,12 @@ def micro_batches(batch: dict, steps: int) -> dict:
   return jax.tree.map(lambda x: x.reshape(x.shape[0] // steps, steps, *x.shape[1:]).swapaxes(0, 1), batch)
 
 
+def weighted_mean(metrics_A: dict, w_A) -> dict:
+  """Each metric's mean over micro-batches weighted by `w_A` (an empty batch counts as one, as losses.means)."""
+  total = jnp.maximum(jnp.sum(w_A), 1.0)
+  return jax.tree.map(lambda m: jnp.sum(m * w_A) / total, metrics_A)
+
+
 class Task(abc.ABC):
   # Metrics of `train_step` that training takes on logged steps only, the rest averaged over the steps between two
   # logs: the training step leaves them out, so XLA drops their computation (an argmax over the vocabulary at every
@@ -367,9 +373,24 @@ class SupervisedTask(Task):
           accumulate, (zeros, state.model_state), (jnp.arange(steps), micro))
       total = jnp.maximum(jnp.sum(w_A), 1.0)   # as losses.means counts an empty batch as one
       grads = jax.tree.map(lambda g: g / total, grads)
-      metrics = jax.tree.map(lambda m: jnp.sum(m * w_A) / total, metrics)
+      metrics = weighted_mean(metrics, w_A)
     metrics = {**metrics, 'grad_norm': optax.tree.norm(grads)}
     state = state.apply_gradients(grads, model_state)
     if pruning.enabled(self.config):
       metrics['sparsity'] = pruning.mask_sparsity(state.opt_state)
     return state, metrics
+
+  def logged_metrics(self, state: TrainState, batch, rng, teacher: 'Teacher | None' = None) -> dict:
+    """The metrics `train_step` leaves to logged steps (Task.logged_only), from forward passes alone on the state
+    before its update: the same micro-batches and randomness, each micro-batch weighted as train_step weighs it."""
+    kwargs = {} if teacher is None else {'teacher': teacher}
+
+    def one(mb, rng):
+      _, (metrics, _) = self.loss_fn(state.params, state.model_state, mb, rng, **kwargs)
+      return {k: metrics[k] for k in self.logged_only}, self.loss_weight(mb)
+    steps = self.config.grad_accum_steps
+    if steps == 1:
+      return one(batch, rng)[0]
+    metrics, w_A = jax.lax.map(lambda x: one(x[1], jax.random.fold_in(rng, x[0])),
+                               (jnp.arange(steps), micro_batches(batch, steps)))
+    return weighted_mean(metrics, w_A)

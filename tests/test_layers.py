@@ -117,6 +117,30 @@ def test_attention_gradients_match_the_softmax_formula(t, mask_kind):
     np.testing.assert_allclose(g, w, rtol=1e-9, atol=1e-9)
 
 
+@pytest.mark.parametrize('x_shape, w_shape', [((2, 5, 8), (8, 16)),       # in < out (the MLP's first layer)
+                                               ((2, 5, 16), (16, 8)),      # in > out (its second: dW transposed)
+                                               ((2, 5, 4, 6), (4, 6, 10)),  # two input axes (attention's output)
+                                               ((7, 8), (8, 2, 3))])        # two output axes (q, k, v)
+def test_dense_matmul_gradients_are_the_dot_products(x_shape, w_shape):
+  """layers.matmul's written-out backward pass (the dense layers' on the CPU) against JAX's derivative of
+  lax.dot_general, in float64: alone and as integrated gradients take it, mapped in chunks (scan of vmap);
+  in bfloat16 its gradients keep the inputs' dtypes."""
+  n = 2 if len(x_shape) == 4 else 1
+  numbers = ((tuple(range(len(x_shape) - n, len(x_shape))), tuple(range(n))), ((), ()))
+  with jax.enable_x64():
+    x, w = (jax.random.normal(k, s, jnp.float64) for k, s in zip(jax.random.split(jax.random.key(0)), (x_shape, w_shape)))
+    loss = lambda dot: lambda x, w: jnp.sum(jnp.sin(dot(x, w, numbers)))
+    got, want = (jax.grad(loss(dot), (0, 1))(x, w) for dot in (layers.matmul, jax.lax.dot_general))
+    for g, r in zip(got, want):
+      np.testing.assert_allclose(g, r, rtol=1e-12, atol=1e-12)
+    mapped = lambda dot: jax.lax.map(lambda a: jax.grad(loss(dot), (0, 1))(a * x, w), jnp.linspace(0.1, 1, 6),
+                                     batch_size=3)
+    for g, r in zip(jax.jit(lambda: mapped(layers.matmul))(), mapped(jax.lax.dot_general)):
+      np.testing.assert_allclose(g, r, rtol=1e-12, atol=1e-12)
+  x16, w16 = x.astype(jnp.bfloat16), w.astype(jnp.bfloat16)
+  assert [g.dtype for g in jax.grad(loss(layers.matmul), (0, 1))(x16, w16)] == [jnp.bfloat16] * 2
+
+
 def test_cross_attention_matches_naive_softmax():
   x, enc = jax.random.normal(jax.random.key(0), (2, 5, 16)), jax.random.normal(jax.random.key(1), (2, 7, 16))
   enc_segments = np.array([[1] * 7, [1] * 4 + [0] * 3])

@@ -21,6 +21,7 @@ import contextlib
 import contextvars
 import dataclasses
 import functools
+import math
 from typing import Any, Callable, Literal
 
 import flax.linen as nn
@@ -74,11 +75,67 @@ BxTxD = ('activation_batch', 'activation_length', 'activation_embed')   # the na
 # convolution kernels [kh, kw, in, out] named (None, None, None, 'embed'), so that FSDP shards
 # their input features or output channels (see model_zoo.training.sharding).
 
+_DOT_GENERAL_CODE = jax.lax.dot_general.__code__   # qwix intercepts dot_general by replacing its code
+
+
+def matmul(lhs, rhs, dimension_numbers, precision=None, preferred_element_type=None):
+  """jax.lax.dot_general as the dense layers call it (inputs [..., in] times a kernel [in..., out...]), with the
+  backward pass laid out for XLA's CPU compiler.
+
+  The gradients are the usual ones, dx = dy W^T and dW = x^T dy, written out (`_matmul_bwd`) in the forms
+  XLA:CPU runs fastest. From autodiff it computes the MLP kernels' dW as plain (Eigen) dots that contract the
+  leading axis of both operands, one of them first copied to a transposed layout, and its thread pool runs
+  them outside the profiled operations; [2048, 1024]^T [2048, 256] takes 9.1 ms that way against 5.8 for
+  [2048, 256]^T [2048, 1024] on this repository's 2-core test machine. Here dW is always the product whose
+  output has the smaller dimension first: for a kernel wider in than out (the MLP's [d_ff, d] output
+  projection) it is computed as dW^T and transposed, an optimization barrier keeping XLA from folding the
+  transpose back into the dot. GPT's train step at benchmarks/gpt_vs_pytorch.py's shape a: 478 against 523 ms,
+  interleaved in one process (benchmarks/README.md).
+  Elsewhere it is jax.lax.dot_general itself: off the CPU (GPU and TPU compilers pick the layouts of a
+  dot's operands themselves), for other dimension numbers, and while qwix intercepts dot_general
+  (quantization: its integer or fake-quantized dots and their gradients are qwix's)."""
+  (lhs_contract, rhs_contract), batch = dimension_numbers
+  n = len(lhs_contract)
+  if (jax.lax.dot_general.__code__ is not _DOT_GENERAL_CODE or jax.default_backend() != 'cpu' or batch != ((), ())
+      or preferred_element_type is not None or not isinstance(lhs, jax.Array) or not isinstance(rhs, jax.Array)
+      or tuple(lhs_contract) != tuple(range(lhs.ndim - n, lhs.ndim)) or tuple(rhs_contract) != tuple(range(n))):
+    return jax.lax.dot_general(lhs, rhs, dimension_numbers, precision=precision,
+                               preferred_element_type=preferred_element_type)
+  return _matmul(lhs, rhs, n, precision)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def _matmul(x, w, n: int, precision):
+  """x [..., in...] . w [in..., out...] over the n axes of `in`."""
+  return jax.lax.dot_general(x, w, ((tuple(range(x.ndim - n, x.ndim)), tuple(range(n))), ((), ())),
+                             precision=precision)
+
+
+def _matmul_fwd(x, w, n, precision):
+  return _matmul(x, w, n, precision), (x, w)
+
+
+def _matmul_bwd(n, precision, residuals, dy):
+  x, w = residuals
+  k, m = math.prod(w.shape[:n]), math.prod(w.shape[n:])
+  x_RxK, w_KxM, dy_RxM = x.reshape(-1, k), w.reshape(k, m), dy.reshape(-1, m)
+  contract = lambda a, b, i, j: jax.lax.dot_general(a, b, (((i,), (j,)), ((), ())), precision=precision)
+  dx = contract(dy_RxM, w_KxM, 1, 1)
+  if k <= m:
+    dw_KxM = contract(x_RxK, dy_RxM, 0, 0)
+  else:
+    dw_KxM = jax.lax.optimization_barrier(contract(dy_RxM, x_RxK, 0, 0)).T
+  return dx.reshape(x.shape).astype(x.dtype), dw_KxM.reshape(w.shape).astype(w.dtype)
+
+
+_matmul.defvjp(_matmul_fwd, _matmul_bwd)
+
+
 def linear(features: int, name: str | None = None, *, use_bias: bool = True, axes: tuple = ('embed', 'mlp'),
            kernel_init=nn.initializers.lecun_normal(), bias_init=nn.initializers.zeros_init(), dtype=None):
   """nn.Dense with logically named kernel [in, out] and bias [out]."""
   return nn.Dense(features, use_bias=use_bias, dtype=dtype, name=name, kernel_init=logical(kernel_init, axes),
-                  bias_init=logical(bias_init, axes[-1:]))
+                  bias_init=logical(bias_init, axes[-1:]), dot_general=matmul)
 
 
 def conv(features: int, kernel_size, strides=1, padding='SAME', *, name: str | None = None, use_bias: bool = True,
@@ -108,7 +165,7 @@ def dense(features, axes: tuple, *, in_axes: int | tuple = -1, use_bias: bool, d
   return nn.DenseGeneral(
       features, axis=in_axes, use_bias=use_bias, dtype=dtype, name=name,
       kernel_init=logical(nn.initializers.xavier_uniform(), kernel_axes),
-      bias_init=logical(nn.initializers.zeros_init(), axes))
+      bias_init=logical(nn.initializers.zeros_init(), axes), dot_general=matmul)
 
 
 def layer_norm(dtype: Dtype, name: str | None = None, epsilon: float = 1e-5):
@@ -481,9 +538,18 @@ class TransformerBlock(nn.Module):
 # What each remat policy keeps from the forward pass for the backward pass (the rest is recomputed). The names are
 # the checkpoint_name tags above: q, k, v after their projections, the attention's output (and the log-sum-exp
 # its backward pass reads) before the output projection, the MLP's hidden layer before its activation.
+def _dots_saveable(prim, *avals, **params):
+  """jax.checkpoint_policies.dots_with_no_batch_dims_saveable, which also sees the dot inside `matmul`'s
+  custom_vjp call (the dense layers' on the CPU) as a dot."""
+  eqns = params['call_jaxpr'].jaxpr.eqns if prim.name == 'custom_vjp_call' else ()
+  if len(eqns) == 1 and eqns[0].primitive is jax.lax.dot_general_p:
+    prim, params = eqns[0].primitive, eqns[0].params
+  return jax.checkpoint_policies.dots_with_no_batch_dims_saveable(prim, *avals, **params)
+
+
 REMAT_POLICIES = {
     'full': jax.checkpoint_policies.nothing_saveable,
-    'dots': jax.checkpoint_policies.dots_with_no_batch_dims_saveable,   # every projection; not attention's logits
+    'dots': _dots_saveable,   # every projection; not attention's logits
     'qkv': jax.checkpoint_policies.save_only_these_names('query', 'key', 'value'),
     'attention': jax.checkpoint_policies.save_only_these_names('query', 'key', 'value', 'attention'),
     'attention_mlp': jax.checkpoint_policies.save_only_these_names('query', 'key', 'value', 'attention',

@@ -181,6 +181,8 @@ def flops_per_example(model: nn.Module, variables, *inputs, **kwargs) -> float:
 def _forward_flops(jaxpr) -> float:
   total = 0.0
   for eqn in jaxpr.eqns:
+    if not eqn.outvars:   # its results unused (dropped from a scan's body): nothing computed
+      continue
     name = eqn.primitive.name
     out = eqn.outvars[0].aval.shape
     if name == 'dot_general':

@@ -9,7 +9,8 @@ fusion handed to YNNPACK, ...), several at once on the thread pool. The matmuls 
 `xnn_fusion`, `onednn` and `dot` operations; the table gives the wall time they cover (their union, overlaps
 counted once), the wall time only other operations cover, and the rest of the step (dispatch, waiting), and
 the other operations by kind with their summed time (the step's time is measured unprofiled: the rest of the step
-is what the operations' records do not cover, dispatch and waiting, less the profiler's own cost). PyTorch: eager, one operation after another on the main
+is what the operations' records do not cover, less the profiler's own cost). A plain `dot` (Eigen) is recorded as
+its dispatch only: its work runs on the thread pool untraced and lands in the rest, with dispatch and waiting. PyTorch: eager, one operation after another on the main
 thread, so self times add up to the step (its profiler's own cost makes them add up to more than the unprofiled
 step: a negative rest); matmuls are aten::mm/addmm/bmm and the attention kernel. The matmul
 GFLOP/s is the step's matmul FLOPs (6 N a token, N the matmul parameters, plus the causal attention's

@@ -78,7 +78,7 @@ BxTxD = ('activation_batch', 'activation_length', 'activation_embed')   # the na
 _DOT_GENERAL_CODE = jax.lax.dot_general.__code__   # qwix intercepts dot_general by replacing its code
 
 
-def matmul(lhs, rhs, dimension_numbers, precision=None, preferred_element_type=None):
+def matmul(lhs, rhs, dimension_numbers, precision=None, preferred_element_type=None, **kwargs):
   """jax.lax.dot_general as the dense layers call it (inputs [..., in] times a kernel [in..., out...]), with the
   backward pass laid out for XLA's CPU compiler.
 
@@ -97,10 +97,11 @@ def matmul(lhs, rhs, dimension_numbers, precision=None, preferred_element_type=N
   (lhs_contract, rhs_contract), batch = dimension_numbers
   n = len(lhs_contract)
   if (jax.lax.dot_general.__code__ is not _DOT_GENERAL_CODE or jax.default_backend() != 'cpu' or batch != ((), ())
-      or preferred_element_type is not None or not isinstance(lhs, jax.Array) or not isinstance(rhs, jax.Array)
-      or tuple(lhs_contract) != tuple(range(lhs.ndim - n, lhs.ndim)) or tuple(rhs_contract) != tuple(range(n))):
+      or preferred_element_type is not None or kwargs or not isinstance(lhs, jax.Array)
+      or not isinstance(rhs, jax.Array) or tuple(lhs_contract) != tuple(range(lhs.ndim - n, lhs.ndim))
+      or tuple(rhs_contract) != tuple(range(n))):
     return jax.lax.dot_general(lhs, rhs, dimension_numbers, precision=precision,
-                               preferred_element_type=preferred_element_type)
+                               preferred_element_type=preferred_element_type, **kwargs)
   return _matmul(lhs, rhs, n, precision)
 
 

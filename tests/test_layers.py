@@ -128,8 +128,10 @@ def test_dense_matmul_gradients_are_the_dot_products(x_shape, w_shape):
   n = 2 if len(x_shape) == 4 else 1
   numbers = ((tuple(range(len(x_shape) - n, len(x_shape))), tuple(range(n))), ((), ()))
   with jax.enable_x64():
-    x, w = (jax.random.normal(k, s, jnp.float64) for k, s in zip(jax.random.split(jax.random.key(0)), (x_shape, w_shape)))
+    x, w = (jax.random.normal(k, s, jnp.float64)
+            for k, s in zip(jax.random.split(jax.random.key(0)), (x_shape, w_shape)))
     loss = lambda dot: lambda x, w: jnp.sum(jnp.sin(dot(x, w, numbers)))
+    assert 'custom_vjp_call' in str(jax.make_jaxpr(loss(layers.matmul))(x, w))   # the written-out pass, on the CPU
     got, want = (jax.grad(loss(dot), (0, 1))(x, w) for dot in (layers.matmul, jax.lax.dot_general))
     for g, r in zip(got, want):
       np.testing.assert_allclose(g, r, rtol=1e-12, atol=1e-12)

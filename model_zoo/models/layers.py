@@ -536,9 +536,6 @@ class TransformerBlock(nn.Module):
     return (x, None) if self.scanned else x
 
 
-# What each remat policy keeps from the forward pass for the backward pass (the rest is recomputed). The names are
-# the checkpoint_name tags above: q, k, v after their projections, the attention's output (and the log-sum-exp
-# its backward pass reads) before the output projection, the MLP's hidden layer before its activation.
 def _dots_saveable(prim, *avals, **params):
   """jax.checkpoint_policies.dots_with_no_batch_dims_saveable, which also sees the dot inside `matmul`'s
   custom_vjp call (the dense layers' on the CPU) as a dot."""
@@ -548,6 +545,9 @@ def _dots_saveable(prim, *avals, **params):
   return jax.checkpoint_policies.dots_with_no_batch_dims_saveable(prim, *avals, **params)
 
 
+# What each remat policy keeps from the forward pass for the backward pass (the rest is recomputed). The names are
+# the checkpoint_name tags above: q, k, v after their projections, the attention's output (and the log-sum-exp
+# its backward pass reads) before the output projection, the MLP's hidden layer before its activation.
 REMAT_POLICIES = {
     'full': jax.checkpoint_policies.nothing_saveable,
     'dots': _dots_saveable,   # every projection; not attention's logits

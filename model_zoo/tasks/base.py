@@ -140,9 +140,14 @@ def micro_batches(batch: dict, steps: int) -> dict:
   return jax.tree.map(lambda x: x.reshape(x.shape[0] // steps, steps, *x.shape[1:]).swapaxes(0, 1), batch)
 
 
+def total_weight(w_A):
+  """The micro-batches' weights `w_A` summed; an empty batch counts as one, as losses.means counts it."""
+  return jnp.maximum(jnp.sum(w_A), 1.0)
+
+
 def weighted_mean(metrics_A: dict, w_A) -> dict:
-  """Each metric's mean over micro-batches weighted by `w_A` (an empty batch counts as one, as losses.means)."""
-  total = jnp.maximum(jnp.sum(w_A), 1.0)
+  """Each metric's mean over micro-batches weighted by `w_A`."""
+  total = total_weight(w_A)
   return jax.tree.map(lambda m: jnp.sum(m * w_A) / total, metrics_A)
 
 
@@ -371,7 +376,7 @@ class SupervisedTask(Task):
       zeros = jax.tree.map(jnp.zeros_like, state.params)
       (grads, model_state), (metrics, w_A) = jax.lax.scan(
           accumulate, (zeros, state.model_state), (jnp.arange(steps), micro))
-      total = jnp.maximum(jnp.sum(w_A), 1.0)   # as losses.means counts an empty batch as one
+      total = total_weight(w_A)
       grads = jax.tree.map(lambda g: g / total, grads)
       metrics = weighted_mean(metrics, w_A)
     metrics = {**metrics, 'grad_norm': optax.tree.norm(grads)}

@@ -143,6 +143,51 @@ def test_dense_matmul_gradients_are_the_dot_products(x_shape, w_shape):
   assert [g.dtype for g in jax.grad(loss(layers.matmul), (0, 1))(x16, w16)] == [jnp.bfloat16] * 2
 
 
+@pytest.mark.parametrize('shape', [(2, 5, 16), (7, 32)])
+def test_layer_norm_and_its_gradients_follow_the_formula(shape):
+  """layers.LayerNorm (its backward pass written out on the CPU) against the formula in float64 and JAX's
+  derivative of it: outputs and the gradients of x, scale and bias, alone and mapped in chunks (a scan of a vmap,
+  as integrated gradients take it) with the cotangent shared by every mapped point, which is how
+  XLA:CPU's YNNPACK reductions once gave wrong gradients (benchmarks/README.md); flax's nn.LayerNorm's parameters
+  and, to float32 rounding, its outputs; bfloat16 inputs give bfloat16 outputs and gradients."""
+  d = shape[-1]
+  module = layers.layer_norm(jnp.float32, epsilon=1e-5)
+  x0 = jax.random.normal(jax.random.key(0), shape) * 3 + 1
+  params = module.init(jax.random.key(1), x0)['params']
+  flax_params = nn.LayerNorm(epsilon=1e-5).init(jax.random.key(1), x0)['params']
+  assert jax.tree.map(jnp.shape, nn.unbox(params)) == jax.tree.map(jnp.shape, flax_params)
+  np.testing.assert_allclose(module.apply({'params': params}, x0), nn.LayerNorm(epsilon=1e-5).apply(
+      {'params': flax_params}, x0), rtol=1e-5, atol=1e-5)
+  with jax.enable_x64():
+    keys = jax.random.split(jax.random.key(2), 4)
+    x, dy = (jax.random.normal(k, shape, jnp.float64) * 3 + 1 for k in keys[:2])
+    scale, bias = (jax.random.normal(k, (d,), jnp.float64) for k in keys[2:])
+
+    def formula(x, scale, bias):
+      mean = jnp.mean(x, -1, keepdims=True)
+      var = jnp.mean((x - mean) ** 2, -1, keepdims=True)
+      return (x - mean) / jnp.sqrt(var + 1e-5) * jnp.broadcast_to(scale, x.shape) + jnp.broadcast_to(bias, x.shape)
+
+    def ours(x, scale, bias):
+      return layers.layer_norm(jnp.float64).apply({'params': {'scale': scale, 'bias': bias}}, x)
+    assert 'custom_vjp_call' in str(jax.make_jaxpr(ours)(x, scale, bias))   # the written-out backward pass
+    loss = lambda f: lambda *a: jnp.sum(f(*a) * dy)
+    np.testing.assert_allclose(ours(x, scale, bias), formula(x, scale, bias), rtol=1e-12, atol=1e-12)
+    for got, want in zip(jax.grad(loss(ours), (0, 1, 2))(x, scale, bias),
+                         jax.grad(loss(formula), (0, 1, 2))(x, scale, bias)):
+      np.testing.assert_allclose(got, want, rtol=1e-10, atol=1e-10)
+    points = (jnp.arange(32.) + 0.5) / 32
+    mapped = lambda f: jax.jit(lambda x: jax.lax.map(lambda a: jax.grad(loss(f))(a * x, scale, bias), points,
+                                                     batch_size=16))
+    np.testing.assert_allclose(mapped(ours)(x), mapped(formula)(x), rtol=1e-10, atol=1e-10)
+  x16 = x0.astype(jnp.bfloat16)
+  bf16 = layers.layer_norm(jnp.bfloat16)
+  y, grads = jax.value_and_grad(lambda x, p: jnp.sum(bf16.apply({'params': p}, x).astype(jnp.float32)),
+                                (0, 1))(x16, params)
+  assert bf16.apply({'params': params}, x16).dtype == jnp.bfloat16 and grads[0].dtype == jnp.bfloat16
+  assert jax.tree.map(lambda g: g.dtype, nn.unbox(grads[1])) == {'scale': jnp.float32, 'bias': jnp.float32}
+
+
 def test_cross_attention_matches_naive_softmax():
   x, enc = jax.random.normal(jax.random.key(0), (2, 5, 16)), jax.random.normal(jax.random.key(1), (2, 7, 16))
   enc_segments = np.array([[1] * 7, [1] * 4 + [0] * 3])

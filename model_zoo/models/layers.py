@@ -171,10 +171,65 @@ def dense(features, axes: tuple, *, in_axes: int | tuple = -1, use_bias: bool, d
 
 def layer_norm(dtype: Dtype, name: str | None = None, epsilon: float = 1e-5):
   """LayerNorm computed in float32 whatever the compute dtype, output cast to `dtype`."""
-  return nn.LayerNorm(
-      dtype=dtype, name=name, epsilon=epsilon,
-      scale_init=logical(nn.initializers.ones_init(), ('embed',)),
-      bias_init=logical(nn.initializers.zeros_init(), ('embed',)))
+  return LayerNorm(dtype=dtype, epsilon=epsilon, name=name)
+
+
+class LayerNorm(nn.Module):
+  """Layer normalization (Ba et al., 2016) over the last axis, in float32 whatever the compute dtype:
+    y = (x - mean) / sqrt(var + epsilon) * scale + bias,
+  parameters `scale` and `bias` [D] as flax's nn.LayerNorm names them. On the CPU its backward pass is written
+  out (`_layer_norm`), elsewhere it is JAX's derivative of the formula."""
+  dtype: Dtype = jnp.float32
+  epsilon: float = 1e-5
+
+  @nn.compact
+  def __call__(self, x):
+    d = x.shape[-1]
+    scale = self.param('scale', logical(nn.initializers.ones_init(), ('embed',)), (d,), jnp.float32)
+    bias = self.param('bias', logical(nn.initializers.zeros_init(), ('embed',)), (d,), jnp.float32)
+    x = x.astype(_at_least_f32(x.dtype))
+    written_out = jax.default_backend() == 'cpu' and jax.lax.dot_general.__code__ is _DOT_GENERAL_CODE
+    y = (_layer_norm if written_out else _layer_norm_formula)(x, scale, bias, self.epsilon)
+    return y.astype(self.dtype)
+
+
+def _layer_norm_formula(x, scale, bias, epsilon):
+  return _layer_norm_forward(x, scale, bias, epsilon)[0]
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def _layer_norm(x, scale, bias, epsilon):
+  """LayerNorm with the backward pass of its equations, x^ = (x - mean) r, r = 1 / sqrt(var + epsilon),
+  g = dy * scale:  dx = r (g - mean(g) - x^ mean(g x^)),  dscale = sum(dy x^),  dbias = sum(dy),
+  every sum a matrix-vector product (what XLA:CPU's autodiff form runs as broadcasts written to memory
+  and reductions over them; GPT's `small` shape on the 2-core test machine: benchmarks/README.md)."""
+  return _layer_norm_forward(x, scale, bias, epsilon)[0]
+
+
+def _layer_norm_forward(x, scale, bias, epsilon):
+  centered = x - jnp.mean(x, axis=-1, keepdims=True)
+  r = jax.lax.rsqrt(jnp.mean(centered * centered, axis=-1, keepdims=True) + epsilon)
+  x_hat = centered * r
+  row = lambda v: v.astype(x.dtype).reshape((1,) * (x.ndim - 1) + v.shape)
+  return x_hat * row(scale) + row(bias), (x_hat, r, scale)
+
+
+def _layer_norm_backward(epsilon, residuals, dy):
+  x_hat, r, scale = residuals
+  d = x_hat.shape[-1]
+  x_hat_RxD, dy_RxD = x_hat.reshape(-1, d), dy.reshape(-1, d).astype(x_hat.dtype)
+  scale_D = scale.astype(x_hat.dtype)
+  dot = lambda a, b, i, j: jax.lax.dot_general(a, b, (((i,), (j,)), ((), ())))
+  dy_x_hat_RxD = dy_RxD * x_hat_RxD
+  mean_g_Rx1 = dot(dy_RxD, scale_D / d, 1, 0)[:, None]
+  mean_g_x_hat_Rx1 = dot(dy_x_hat_RxD, scale_D / d, 1, 0)[:, None]
+  ones_R = jnp.ones(dy_RxD.shape[:1], x_hat.dtype)
+  d_scale, d_bias = dot(ones_R, dy_x_hat_RxD, 0, 0), dot(ones_R, dy_RxD, 0, 0)
+  dx_RxD = r.reshape(-1, 1) * (dy_RxD * scale_D[None] - mean_g_Rx1 - x_hat_RxD * mean_g_x_hat_Rx1)
+  return dx_RxD.reshape(x_hat.shape), d_scale.astype(scale.dtype), d_bias.astype(scale.dtype)
+
+
+_layer_norm.defvjp(lambda *a: _layer_norm_forward(*a), _layer_norm_backward)
 
 
 def sinusoidal_positions(positions_BxT: jax.Array, d_model: int) -> jax.Array:

@@ -78,6 +78,12 @@ BxTxD = ('activation_batch', 'activation_length', 'activation_embed')   # the na
 _DOT_GENERAL_CODE = jax.lax.dot_general.__code__   # qwix intercepts dot_general by replacing its code
 
 
+def _cpu_forms() -> bool:
+  """Whether `matmul` and `LayerNorm` take their written-out backward passes: on the CPU, and not while qwix
+  intercepts dot_general (quantization: its integer or fake-quantized dots and their gradients are qwix's)."""
+  return jax.default_backend() == 'cpu' and jax.lax.dot_general.__code__ is _DOT_GENERAL_CODE
+
+
 def matmul(lhs, rhs, dimension_numbers, precision=None, preferred_element_type=None, **kwargs):
   """jax.lax.dot_general as the dense layers call it (inputs [..., in] times a kernel [in..., out...]), with the
   backward pass laid out for XLA's CPU compiler.
@@ -96,7 +102,7 @@ def matmul(lhs, rhs, dimension_numbers, precision=None, preferred_element_type=N
   (quantization: its integer or fake-quantized dots and their gradients are qwix's)."""
   (lhs_contract, rhs_contract), batch = dimension_numbers
   n = len(lhs_contract)
-  if (jax.lax.dot_general.__code__ is not _DOT_GENERAL_CODE or jax.default_backend() != 'cpu' or batch != ((), ())
+  if (not _cpu_forms() or batch != ((), ())
       or preferred_element_type is not None or kwargs or not isinstance(lhs, jax.Array)
       or not isinstance(rhs, jax.Array) or tuple(lhs_contract) != tuple(range(lhs.ndim - n, lhs.ndim))
       or tuple(rhs_contract) != tuple(range(n))):
@@ -178,7 +184,7 @@ class LayerNorm(nn.Module):
   """Layer normalization (Ba et al., 2016) over the last axis, in float32 whatever the compute dtype:
     y = (x - mean) / sqrt(var + epsilon) * scale + bias,
   parameters `scale` and `bias` [D] as flax's nn.LayerNorm names them. On the CPU its backward pass is written
-  out (`_layer_norm`), elsewhere it is JAX's derivative of the formula."""
+  out (`_layer_norm`); elsewhere, and under qwix (`_cpu_forms`), it is JAX's derivative of the formula."""
   dtype: Dtype = jnp.float32
   epsilon: float = 1e-5
 
@@ -188,8 +194,7 @@ class LayerNorm(nn.Module):
     scale = self.param('scale', logical(nn.initializers.ones_init(), ('embed',)), (d,), jnp.float32)
     bias = self.param('bias', logical(nn.initializers.zeros_init(), ('embed',)), (d,), jnp.float32)
     x = x.astype(_at_least_f32(x.dtype))
-    written_out = jax.default_backend() == 'cpu' and jax.lax.dot_general.__code__ is _DOT_GENERAL_CODE
-    y = (_layer_norm if written_out else _layer_norm_formula)(x, scale, bias, self.epsilon)
+    y = (_layer_norm if _cpu_forms() else _layer_norm_formula)(x, scale, bias, self.epsilon)
     return y.astype(self.dtype)
 
 

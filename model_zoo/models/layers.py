@@ -234,7 +234,7 @@ def _layer_norm_backward(epsilon, residuals, dy):
   return dx_RxD.reshape(x_hat.shape), d_scale.astype(scale.dtype), d_bias.astype(scale.dtype)
 
 
-_layer_norm.defvjp(lambda *a: _layer_norm_forward(*a), _layer_norm_backward)
+_layer_norm.defvjp(_layer_norm_forward, _layer_norm_backward)
 
 
 def sinusoidal_positions(positions_BxT: jax.Array, d_model: int) -> jax.Array:

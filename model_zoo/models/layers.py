@@ -111,6 +111,11 @@ def matmul(lhs, rhs, dimension_numbers, precision=None, preferred_element_type=N
   return _matmul(lhs, rhs, n, precision)
 
 
+def _contract(a, b, i: int, j: int, precision=None):
+  """The product of two matrices over a's axis i and b's axis j (the written-out backward passes' one form)."""
+  return jax.lax.dot_general(a, b, (((i,), (j,)), ((), ())), precision=precision)
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
 def _matmul(x, w, n: int, precision):
   """x [..., in...] . w [in..., out...] over the n axes of `in`."""
@@ -126,12 +131,11 @@ def _matmul_bwd(n, precision, residuals, dy):
   x, w = residuals
   k, m = math.prod(w.shape[:n]), math.prod(w.shape[n:])
   x_RxK, w_KxM, dy_RxM = x.reshape(-1, k), w.reshape(k, m), dy.reshape(-1, m)
-  contract = lambda a, b, i, j: jax.lax.dot_general(a, b, (((i,), (j,)), ((), ())), precision=precision)
-  dx = contract(dy_RxM, w_KxM, 1, 1)
+  dx = _contract(dy_RxM, w_KxM, 1, 1, precision)
   if k <= m:
-    dw_KxM = contract(x_RxK, dy_RxM, 0, 0)
+    dw_KxM = _contract(x_RxK, dy_RxM, 0, 0, precision)
   else:
-    dw_KxM = jax.lax.optimization_barrier(contract(dy_RxM, x_RxK, 0, 0)).T
+    dw_KxM = jax.lax.optimization_barrier(_contract(dy_RxM, x_RxK, 0, 0, precision)).T
   return dx.reshape(x.shape).astype(x.dtype), dw_KxM.reshape(w.shape).astype(w.dtype)
 
 
@@ -207,7 +211,8 @@ def _layer_norm(x, scale, bias, epsilon):
   """LayerNorm with the backward pass of its equations, x^ = (x - mean) r, r = 1 / sqrt(var + epsilon),
   g = dy * scale:  dx = r (g - mean(g) - x^ mean(g x^)),  dscale = sum(dy x^),  dbias = sum(dy),
   every sum a matrix-vector product (what XLA:CPU's autodiff form runs as broadcasts written to memory
-  and reductions over them; GPT's `small` shape on the 2-core test machine: benchmarks/README.md)."""
+  and reductions over them; GPT's `small` shape on the 2-core test machine: benchmarks/README.md). Dots, not
+  reductions: written as reductions, XLA:CPU's YNNPACK fusions computed them wrongly under vmap (same file)."""
   return _layer_norm_forward(x, scale, bias, epsilon)[0]
 
 
@@ -224,12 +229,11 @@ def _layer_norm_backward(epsilon, residuals, dy):
   d = x_hat.shape[-1]
   x_hat_RxD, dy_RxD = x_hat.reshape(-1, d), dy.reshape(-1, d).astype(x_hat.dtype)
   scale_D = scale.astype(x_hat.dtype)
-  dot = lambda a, b, i, j: jax.lax.dot_general(a, b, (((i,), (j,)), ((), ())))
   dy_x_hat_RxD = dy_RxD * x_hat_RxD
-  mean_g_Rx1 = dot(dy_RxD, scale_D / d, 1, 0)[:, None]
-  mean_g_x_hat_Rx1 = dot(dy_x_hat_RxD, scale_D / d, 1, 0)[:, None]
+  mean_g_Rx1 = _contract(dy_RxD, scale_D / d, 1, 0)[:, None]
+  mean_g_x_hat_Rx1 = _contract(dy_x_hat_RxD, scale_D / d, 1, 0)[:, None]
   ones_R = jnp.ones(dy_RxD.shape[:1], x_hat.dtype)
-  d_scale, d_bias = dot(ones_R, dy_x_hat_RxD, 0, 0), dot(ones_R, dy_RxD, 0, 0)
+  d_scale, d_bias = _contract(ones_R, dy_x_hat_RxD, 0, 0), _contract(ones_R, dy_RxD, 0, 0)
   dx_RxD = r.reshape(-1, 1) * (dy_RxD * scale_D[None] - mean_g_Rx1 - x_hat_RxD * mean_g_x_hat_Rx1)
   return dx_RxD.reshape(x_hat.shape), d_scale.astype(scale.dtype), d_bias.astype(scale.dtype)
 

@@ -315,6 +315,28 @@ def test_malformed_json_predict_on_a_generator_and_a_client_that_leaves_mid_stre
   assert _client(gpt_served).completions.create(model='gpt', prompt='x', max_tokens=2).choices[0].text is not None
 
 
+def test_the_decode_step_updates_its_cache_in_place(gpt_run, tmp_path):
+  """What the generator calls each step, from a work directory and from a StableHLO export: `call_donating`
+  gives `call`'s outputs, and its cache lands in the buffers of the cache it was given (donated: no copy of the
+  whole cache a step), which are unusable afterwards."""
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  from model_zoo.serving import restore, servable as servable_lib  # pylint: disable=g-import-not-at-top
+  config, workdir = gpt_run
+  out = str(tmp_path / 'hlo')
+  evaluate.export(config, workdir, out, format='stablehlo')
+  for servable in (restore.from_workdir(config, workdir, 'gpt'), servable_lib.from_export(out, 'gpt')):
+    prefill, step = servable.functions['prefill'], servable.functions['decode_step']
+    first = prefill.call({'tokens': jnp.asarray([[1, 2, 3], [4, 5, 0]], jnp.int32),
+                          'lengths': jnp.asarray([3, 2], jnp.int32)})
+    rest = {'tokens': jnp.asarray([7, 8], jnp.int32), 'positions': first['positions']}
+    want = step.run({'cache': first['cache'], **rest})
+    buffers = [x.unsafe_buffer_pointer() for x in jax.tree.leaves(first['cache'])]
+    got = step.call_donating({'cache': first['cache']}, rest)
+    assert all(x.is_deleted() for x in jax.tree.leaves(first['cache']))
+    assert [x.unsafe_buffer_pointer() for x in jax.tree.leaves(got['cache'])] == buffers
+    jax.tree.map(lambda g, w: np.testing.assert_allclose(g, w, rtol=1e-6, atol=1e-6), jax.device_get(got), want)
+
+
 def test_the_generator_translates_as_greedy_decoding_does(tmp_path):
   """Continuous batching over the Transformer's prefill and decode_step (in this process, two slots, five
   sources) gives the translations of eval.py's greedy search (of a freshly initialized model: what is compared

@@ -54,10 +54,16 @@ def prefill(model: nn.Module, params, prompt_BxT, lengths_B, cache_size: int, ca
   positions_BxT = jnp.maximum(jnp.cumsum(valid_BxT, axis=-1) - 1, 0)
   cache = (protocol.init_cache(model, jnp.zeros((b, cache_size), jnp.int32)) if cache_like is None
            else protocol.empty_cache(cache_like, b))
-  logits_BxTxV, variables = model.clone(decode=True).apply(
-      {'params': params, 'cache': cache}, prompt_BxT, train=False, positions_BxT=positions_BxT,
-      segment_ids_BxT=valid_BxT.astype(jnp.int32), mutable=['cache'])
-  return logits_BxTxV[:, -1], variables['cache'], positions_BxT[:, -1] + 1
+  apply = functools.partial(model.clone(decode=True).apply, {'params': params, 'cache': cache}, prompt_BxT,
+                            train=False, positions_BxT=positions_BxT, segment_ids_BxT=valid_BxT.astype(jnp.int32),
+                            mutable=['cache'])
+  if hasattr(model, 'output_weight'):   # GPT: the output layer on the last position alone, not on all T
+    features_BxTxD, variables = apply(features=True)
+    logits_BxV = model.logits(model.output_weight(params), features_BxTxD[:, -1:])[:, 0]
+  else:
+    logits_BxTxV, variables = apply()
+    logits_BxV = logits_BxTxV[:, -1]
+  return logits_BxV, variables['cache'], positions_BxT[:, -1] + 1
 
 
 def decode_step(model: nn.Module, params, cache, token_B, position_B):

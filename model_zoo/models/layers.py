@@ -310,8 +310,11 @@ def causal_blocks(t: int, s: int) -> int:
 
 
 def dot_product_attention(q_BxTxNxE, k_BxSxKxE, v_BxSxKxE, mask: 'Mask | None' = None,
-                          implementation: str | None = None):
+                          implementation: str | None = None, kv_heads_first: bool = False):
   """softmax(q k^T / sqrt(E), masked) v  [B, T, N, E]; query head n reads key head n // (N / K).
+
+  `kv_heads_first`: keys and values come as [B, K, S, E], the layout of a decoder's cache, which is the layout
+  the XLA kernel's batched matmuls read (given [B, S, K, E], the whole cache would be transposed every step).
 
   'cudnn': jax.nn.dot_product_attention's fused kernel (GPU), causality as `is_causal` (it skips the blocks above
   the diagonal), right padding as sequence lengths, segments as a segment-only boolean mask.
@@ -320,6 +323,8 @@ def dot_product_attention(q_BxTxNxE, k_BxSxKxE, v_BxSxKxE, mask: 'Mask | None' =
   protocol.flops_per_example counts (all T x S logits, the convention of PaLM's MFU), never a config's choice.
   """
   mask = Mask() if mask is None else mask
+  if kv_heads_first and implementation in ('dense', 'cudnn'):
+    k_BxSxKxE, v_BxSxKxE = k_BxSxKxE.transpose(0, 2, 1, 3), v_BxSxKxE.transpose(0, 2, 1, 3)
   if implementation == 'dense':
     n, k_heads = q_BxTxNxE.shape[2], k_BxSxKxE.shape[2]
     k_BxSxNxE, v_BxSxNxE = (jnp.repeat(x, n // k_heads, axis=2) for x in (k_BxSxKxE, v_BxSxKxE))
@@ -331,11 +336,14 @@ def dot_product_attention(q_BxTxNxE, k_BxSxKxE, v_BxSxKxE, mask: 'Mask | None' =
     return jax.nn.dot_product_attention(q_BxTxNxE, k_BxSxKxE, v_BxSxKxE, mask=rest, is_causal=mask.causal,
                                         key_value_seq_lengths=lengths, implementation='cudnn')
   b, t, n, e = q_BxTxNxE.shape
-  k_heads = k_BxSxKxE.shape[2]
+  if not kv_heads_first:
+    k_BxSxKxE, v_BxSxKxE = k_BxSxKxE.transpose(0, 2, 1, 3), v_BxSxKxE.transpose(0, 2, 1, 3)
+  k_BxKxSxE, v_BxKxSxE = k_BxSxKxE, v_BxSxKxE
+  k_heads = k_BxKxSxE.shape[1]
   # Heads first, each key head with its group of G = N / K query heads (no copies of the keys).
   q_BxKxGxTxE = (q_BxTxNxE * jnp.asarray(e ** -0.5, q_BxTxNxE.dtype)).reshape(
       b, t, k_heads, n // k_heads, e).transpose(0, 2, 3, 1, 4)
-  out_BxKxGxTxE = _attention(q_BxKxGxTxE, k_BxSxKxE.transpose(0, 2, 1, 3), v_BxSxKxE.transpose(0, 2, 1, 3), mask)
+  out_BxKxGxTxE = _attention(q_BxKxGxTxE, k_BxKxSxE, v_BxKxSxE, mask)
   return out_BxKxGxTxE.transpose(0, 3, 1, 2, 4).reshape(b, t, n, e)
 
 
@@ -463,41 +471,46 @@ class MultiHeadAttention(nn.Module):
       q_BxTxNxE = apply_rotary(q_BxTxNxE, positions_BxT)
       k_BxSxKxE = apply_rotary(k_BxSxKxE, positions_BxT if self_attention else kv_positions_BxS)
 
-    if self.decode and self_attention:
-      k_BxSxKxE, v_BxSxKxE, cache_mask = self._update_cache(k_BxSxKxE, v_BxSxKxE, positions_BxT, segment_ids_BxT)
+    cached = self.decode and self_attention
+    if cached:   # keys and values of the whole cache, heads first: [B, K, S, E]
+      k, v, cache_mask = self._update_cache(k_BxSxKxE, v_BxSxKxE, positions_BxT, segment_ids_BxT)
       mask = Mask(explicit_Bx1xTxS=cache_mask)   # the cache's mask holds causality and padding
-    out_BxTxNxE = checkpoint_name(dot_product_attention(q_BxTxNxE, k_BxSxKxE, v_BxSxKxE, mask, self.implementation),
-                                  'attention')
+    else:
+      k, v = k_BxSxKxE, v_BxSxKxE
+    out_BxTxNxE = checkpoint_name(dot_product_attention(q_BxTxNxE, k, v, mask, self.implementation,
+                                                        kv_heads_first=cached), 'attention')
     if self.is_mutable_collection('intermediates'):
       # Asked for (model.apply(..., mutable=['intermediates']): model_zoo.interpret), never in training or
       # init: the probabilities the fused kernel keeps inside, recomputed here.
+      k_BxSxKxE = k.transpose(0, 2, 1, 3) if cached else k
       self.sow('intermediates', 'attention_probabilities', attention_probabilities(
           q_BxTxNxE, k_BxSxKxE, None if mask is None else mask.dense(q_BxTxNxE.shape[1], k_BxSxKxE.shape[1])))
     return project(out_BxTxNxE, d, ('embed',), 'out', in_axes=(-2, -1), kernel_axes=('heads', 'kv', 'embed'))
 
   def _update_cache(self, k_BxTxKxE, v_BxTxKxE, positions_BxT, segment_ids_BxT):
-    """Writes this call's T keys/values at each row's cache index; returns the whole cache and its mask.
+    """Writes this call's T keys/values at each row's cache index; returns the whole cache [B, K, S, E] (heads
+    first, as the attention kernel reads it) and its mask.
 
     Each row has its own index (the slots it has filled), so rows of one cache may be at different points of
     their sequences, as the slots of continuous batching are. Attention reads the positions kept with the keys,
     not the slots: a padded slot (segment id 0) holds position 0 and is never attended to."""
-    b = k_BxTxKxE.shape[0]
-    cached_k = self.variable('cache', 'cached_key', jnp.zeros, k_BxTxKxE.shape, k_BxTxKxE.dtype)
-    cached_v = self.variable('cache', 'cached_value', jnp.zeros, v_BxTxKxE.shape, v_BxTxKxE.dtype)
+    b, t, k_heads, e = k_BxTxKxE.shape
+    cached_k = self.variable('cache', 'cached_key', jnp.zeros, (b, k_heads, t, e), k_BxTxKxE.dtype)
+    cached_v = self.variable('cache', 'cached_value', jnp.zeros, (b, k_heads, t, e), v_BxTxKxE.dtype)
     # Positions + 1 of the cached keys; 0 marks an empty slot or padding, so a zero cache is empty.
     cached_pos = self.variable('cache', 'positions_plus_1', jnp.zeros, k_BxTxKxE.shape[:2], jnp.int32)
     index = self.variable('cache', 'index', lambda: jnp.zeros((b,), jnp.int32))
     if self.is_initializing():  # init only creates the cache, at full length
-      return k_BxTxKxE, v_BxTxKxE, None
-    t = k_BxTxKxE.shape[1]
+      return cached_k.value, cached_v.value, None
     valid_BxT = jnp.ones(positions_BxT.shape, bool) if segment_ids_BxT is None else segment_ids_BxT != 0
     i_B = index.value
     rows_Bx1 = jax.lax.broadcasted_iota(jnp.int32, (b, 1), 0)
     slots_BxT = i_B[:, None] + jax.lax.broadcasted_iota(jnp.int32, (1, t), 1)
-    write = lambda cache, new: cache.at[rows_Bx1, slots_BxT].set(new, mode='promise_in_bounds')
-    cached_k.value = write(cached_k.value, k_BxTxKxE)
-    cached_v.value = write(cached_v.value, v_BxTxKxE)
-    cached_pos.value = write(cached_pos.value, jnp.where(valid_BxT, positions_BxT + 1, 0).astype(jnp.int32))
+    # [rows, :, slots] of the [B, K, S, E] cache is the [B, T, K, E] the projections give (NumPy's indexing).
+    cached_k.value = cached_k.value.at[rows_Bx1, :, slots_BxT].set(k_BxTxKxE, mode='promise_in_bounds')
+    cached_v.value = cached_v.value.at[rows_Bx1, :, slots_BxT].set(v_BxTxKxE, mode='promise_in_bounds')
+    cached_pos.value = cached_pos.value.at[rows_Bx1, slots_BxT].set(
+        jnp.where(valid_BxT, positions_BxT + 1, 0).astype(jnp.int32), mode='promise_in_bounds')
     index.value = i_B + t
     kp_Bx1xS = cached_pos.value[:, None, :]
     mask_BxTxS = (kp_Bx1xS > 0) & (kp_Bx1xS <= positions_BxT[:, :, None] + 1)

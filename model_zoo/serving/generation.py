@@ -28,7 +28,8 @@ CONTROL = ('tokens', 'positions', 'lengths', 'source')   # inputs that are not c
 @dataclasses.dataclass
 class Request:
   """One completion. `emit(event, payload)` is called from the engine's thread: ('text', delta) as text is
-  decided, then ('done', {'finish_reason', 'prompt_tokens', 'completion_tokens'}); or ('error', message)."""
+  decided, then ('done', {'finish_reason', 'prompt_tokens', 'completion_tokens', 'text': all of it}); or
+  ('error', message)."""
   ids: list[int]
   max_tokens: int
   temperature: float
@@ -93,8 +94,12 @@ class Generator:
       step = max(8, -(-self.max_tokens // 16))
       self.lengths = sorted({min(self.max_tokens, n) for n in range(step, self.max_tokens + step, step)})
     self.state_keys = sorted({n.split('/')[0] for n in self.step.inputs} - set(CONTROL))
+    # The state a decode step replaces (the cache; not the Transformer's encoded sources): updated in place, the
+    # old buffers donated to the step and to the insert of a new row, as the state is never read again.
+    self.carried = [k for k in self.state_keys if k in self.step.outputs]
     self._insert = jax.jit(lambda state, row, slot: jax.tree.map(
-        lambda s, r: jax.lax.dynamic_update_slice_in_dim(s, r.astype(s.dtype), slot, 0), state, row))
+        lambda s, r: jax.lax.dynamic_update_slice_in_dim(s, r.astype(s.dtype), slot, 0), state, row),
+                           donate_argnums=0)
     self._incoming: queue.Queue = queue.Queue()
     self._active: list[Request | None] = [None] * slots
     self._rngs = [None] * slots
@@ -142,7 +147,7 @@ class Generator:
     """Compiles every prompt length's prefill, the slot insert and the decode step."""
     for n in self.lengths:
       out = self.prefill.call(self._prefill_inputs([[self.tok.bos_id] * n]))
-      self._insert({k: self.state[k] for k in self.state_keys}, {k: out[k] for k in self.state_keys}, 0)
+      self.state = self._insert(self.state, {k: out[k] for k in self.state_keys}, 0)
     self._decode()
 
   # -- the engine
@@ -164,8 +169,10 @@ class Generator:
     return sum(r is not None for r in self._active)
 
   def _decode(self):
-    out = self.step.call({**self.state, 'tokens': jnp.asarray(self._tokens), 'positions': jnp.asarray(self._positions)})
-    self.state.update({k: out[k] for k in self.state_keys if k in out})
+    rest = {k: v for k, v in self.state.items() if k not in self.carried}
+    rest.update(tokens=jnp.asarray(self._tokens), positions=jnp.asarray(self._positions))
+    out = self.step.call_donating({k: self.state[k] for k in self.carried}, rest)
+    self.state.update({k: out[k] for k in self.carried})
     return np.asarray(out['logits'])
 
   def _admit(self):
@@ -207,7 +214,7 @@ class Generator:
       request.sent = end
     if reason:
       request.emit('done', {'finish_reason': reason, 'prompt_tokens': len(request.ids),
-                            'completion_tokens': len(request.generated)})
+                            'completion_tokens': len(request.generated), 'text': text})
       self._free(slot)
     else:
       self._tokens[slot] = token
@@ -238,3 +245,5 @@ class Generator:
           if request is not None:
             request.emit('error', f'{type(e).__name__}: {e}')
             self._free(slot)
+        if any(x.is_deleted() for x in jax.tree.leaves(self.state)):   # donated to the call that failed
+          self.state = self._empty_state()

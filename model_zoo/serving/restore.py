@@ -21,10 +21,12 @@ def servable_of(task, variables: dict, name: str, version: int) -> Servable:
   for fn_name, serving in task.serving().items():
     weights = jax.device_put(serving.weights_of(variables))
     jitted = jax.jit(serving.fn)
+    donating = jax.jit(lambda w, donated, rest, fn=serving.fn: fn(w, {**donated, **rest}), donate_argnums=1)
     example = jax.tree.map(lambda i: np.zeros((1, *[1 if isinstance(d, str) else d for d in i.shape]), i.dtype),
                            serving.inputs, is_leaf=lambda x: isinstance(x, Input))
     outputs = jax.eval_shape(jitted, weights, example)
     functions[fn_name] = Function(fn_name, flat_inputs(serving.inputs), sorted(outputs),
                                   lambda inputs, jitted=jitted, weights=weights: jitted(weights, inputs),
-                                  dict(serving.notes))
+                                  dict(serving.notes),
+                                  lambda donated, rest, d=donating, weights=weights: d(weights, donated, rest))
   return Servable(name, version, functions, list(task.info.class_names), task.info.tokenizer)

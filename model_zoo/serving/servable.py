@@ -3,7 +3,9 @@
 
 A `Function` runs a batch: `run({input: array [B, ...]}) -> {output: array [B, ...]}`. Each is jitted on the
 restored weights (from a work directory) or is the deserialized program (from an export), so the server never
-needs the task or the model class.
+needs the task or the model class. `call_donating` is the same program for a caller that replaces some inputs
+with the outputs of the call (a generator's cache): their buffers are donated, so XLA writes the outputs in
+place instead of copying the whole cache every step.
 """
 import dataclasses
 import json
@@ -24,6 +26,8 @@ class Function:
   outputs: list[str]
   call: Callable[[dict], dict]      # inputs -> outputs, on the device (a generator keeps its cache there)
   notes: dict = dataclasses.field(default_factory=dict)
+  # (donated inputs, the other inputs) -> outputs: `call`, the first dict's arrays unusable afterwards.
+  call_donating: Callable[[dict, dict], dict] | None = None
 
   def run(self, inputs: dict) -> dict:
     """`call` with the outputs as numpy arrays."""
@@ -72,8 +76,8 @@ def from_export(outdir: str, name: str) -> Servable:
   for fn_name, spec in signature['functions'].items():
     inputs = {k: Input(tuple(s['shape'][1:]), np.dtype(s['dtype'])) for k, s in spec['inputs'].items()}
     notes = {k: v for k, v in spec.items() if k not in ('file', 'arguments', 'inputs', 'outputs', 'tolerance')}
-    functions[fn_name] = Function(fn_name, inputs, sorted(spec['outputs']),
-                                  stablehlo.program(outdir, fn_name, weights), notes)
+    call, call_donating = stablehlo.program(outdir, fn_name, weights)
+    functions[fn_name] = Function(fn_name, inputs, sorted(spec['outputs']), call, notes, call_donating)
   return Servable(name, int(signature.get('step', 1)), functions, signature.get('labels', []), _tokenizer(outdir))
 
 

@@ -325,7 +325,9 @@ def build_app(servable: Servable, *, api_key: str = '', max_batch_size: int = 32
         raise CompletionError(400, f'max_tokens={params["max_tokens"]} is more than the {most_new} tokens the '
                                    f'model\'s context ({generator.max_tokens}) leaves after prompt {index}',
                               'max_tokens')
-      emit = lambda event, payload, index=index: loop.call_soon_threadsafe(events.put_nowait, (index, event, payload))
+      def emit(event, payload, index=index):   # from the generator's thread; unstreamed, only the end wakes the loop
+        if params['stream'] or event != 'text':
+          loop.call_soon_threadsafe(events.put_nowait, (index, event, payload))
       seed = None if params['seed'] is None else params['seed'] + index
       subs.append(generation.Request(ids, params['max_tokens'], params['temperature'], params['top_p'],
                                      params['stop'], emit, seed=seed))
@@ -362,12 +364,9 @@ def build_app(servable: Servable, *, api_key: str = '', max_batch_size: int = 32
     async for index, event, payload in results():
       if event == 'error':
         raise RequestError(500, payload)
-      if event == 'text':
-        texts[index] += payload
-      else:
-        reasons[index] = payload['finish_reason']
-        usage[0] += payload['prompt_tokens']
-        usage[1] += payload['completion_tokens']
+      texts[index], reasons[index] = payload['text'], payload['finish_reason']   # 'done': only ends come
+      usage[0] += payload['prompt_tokens']
+      usage[1] += payload['completion_tokens']
     return {**head, 'choices': [{'text': t, 'index': i, 'logprobs': None, 'finish_reason': r}
                                 for i, (t, r) in enumerate(zip(texts, reasons))],
             'usage': {'prompt_tokens': usage[0], 'completion_tokens': usage[1], 'total_tokens': sum(usage)}}

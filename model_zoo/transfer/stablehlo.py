@@ -211,23 +211,26 @@ def export(config: ml_collections.ConfigDict, task, variables: dict, data, workd
 def run(outdir: str, name: str, weights: dict[str, np.ndarray], inputs: dict) -> dict:
   """Runs function `name` of a StableHLO export on `inputs` (a dict, nested as the function's inputs are), as any
   runtime would: the deserialized program with the weights in the order signature.json gives. -> numpy arrays."""
-  return jax.device_get(program(outdir, name, weights)(jax.tree.map(jnp.asarray, inputs)))
+  return jax.device_get(program(outdir, name, weights)[0](jax.tree.map(jnp.asarray, inputs)))
 
 
 def program(outdir: str, name: str, weights: dict[str, np.ndarray]):
-  """Function `name` of a StableHLO export as `call(inputs) -> outputs` on the device, its weights bound."""
+  """Function `name` of a StableHLO export on the device, its weights bound: (`call(inputs) -> outputs`,
+  `call_donating(donated, rest) -> outputs`, the same with the buffers of `donated`'s inputs given up)."""
   with open(os.path.join(outdir, 'signature.json')) as f:
     spec = json.load(f)['functions'][name]
   path = os.path.join(outdir, spec['file'])
-  call = _program(path, os.stat(path).st_mtime_ns)
+  call, donating = _program(path, os.stat(path).st_mtime_ns)
   arguments = spec['arguments']
-  given = [weights[a] for a in arguments[:len(arguments) - len(spec['inputs'])]]
-  return lambda inputs: call(given, inputs)
+  given = jax.device_put([weights[a] for a in arguments[:len(arguments) - len(spec['inputs'])]])   # once
+  return lambda inputs: call(given, inputs), lambda donated, rest: donating(given, donated, rest)
 
 
 @functools.lru_cache(maxsize=16)
 def _program(path: str, mtime_ns: int):
-  """The deserialized program of `path`, compiled once per input shape."""
+  """The deserialized program of `path` (plain and donating its second argument), compiled once per shape."""
   del mtime_ns  # part of the key: a rewritten file is read again
   with open(path, 'rb') as f:
-    return jax.jit(jax.export.deserialize(bytearray(f.read())).call)
+    exported = jax.export.deserialize(bytearray(f.read()))
+  donating = jax.jit(lambda given, donated, rest: exported.call(given, {**donated, **rest}), donate_argnums=1)
+  return jax.jit(exported.call), donating

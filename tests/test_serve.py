@@ -231,6 +231,7 @@ PROMPTS = ['The ', 'def f', 'import o', 'class A', 'x = ', 'It is']
 def test_completions_with_the_openai_client_equal_eval_sample(gpt_run, gpt_served):
   config, workdir = gpt_run
   client = _client(gpt_served)
+  before = httpx.get(f'{gpt_served}/v1/models/gpt/generation', headers=AUTH).json()
   for prompt in PROMPTS[:2]:
     want = evaluate.sample(config, workdir, [prompt], max_new_tokens=10, temperature=0.0)[0]
     r = client.completions.create(model='gpt', prompt=prompt, max_tokens=10, temperature=0)
@@ -240,6 +241,9 @@ def test_completions_with_the_openai_client_equal_eval_sample(gpt_run, gpt_serve
     assert ''.join(c.choices[0].text for c in chunks) == want
     assert chunks[-1].choices[0].finish_reason in ('stop', 'length')
     assert all(c.choices[0].finish_reason is None for c in chunks[:-1])
+  after = httpx.get(f'{gpt_served}/v1/models/gpt/generation', headers=AUTH).json()
+  # One request at a time takes the first slot, and the decode steps run on it alone, not on all three slots.
+  assert after['steps'] > before['steps'] and after['rows'] - before['rows'] == after['steps'] - before['steps']
   import openai  # pylint: disable=g-import-not-at-top
   with pytest.raises(openai.AuthenticationError):
     _client(gpt_served, 'wrong').completions.create(model='gpt', prompt='x', max_tokens=2)

@@ -4,8 +4,10 @@ translation Transformer's), for the OpenAI completions API.
 A fixed number of slots share one cache on the device, a row each. Every iteration of the engine's thread:
   1. admits waiting requests into free slots: each prompt is prefilled alone (padded to the next of a few
      lengths, all compiled at start) and its cache row written into its slot; its first token is sampled;
-  2. runs one `decode_step` over all slots (a free slot computes a row nobody reads), feeding each slot its
-     last token, and samples each active slot's next token with its own temperature and top-p;
+  2. runs one `decode_step` over the slots up to the last busy one, rounded up to a power of two (a free slot
+     among them computes a row nobody reads; a request takes the first free slot, so under a light load the
+     step is as small as the load), feeding each slot its last token, and samples each busy slot's next token
+     with its own temperature and top-p;
   3. finishes a request at its end-of-sequence token, a stop string, `max_tokens`, the cache's end, or when its
      client went away, and frees its slot for the next iteration.
 So a new request joins the running batch at the next step and never waits for the others to finish; with
@@ -20,6 +22,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from model_zoo.serving.batching import bucket_sizes
 from model_zoo.serving.servable import Servable
 
 CONTROL = ('tokens', 'positions', 'lengths', 'source')   # inputs that are not carried state
@@ -97,6 +100,8 @@ class Generator:
     # The state a decode step replaces (the cache; not the Transformer's encoded sources): updated in place, the
     # old buffers donated to the step and to the insert of a new row, as the state is never read again.
     self.carried = [k for k in self.state_keys if k in self.step.outputs]
+    self.sizes = bucket_sizes(slots)     # the row counts a decode step runs on: 1, 2, 4, ..., slots
+    self._first = jax.jit(lambda tree, rows: jax.tree.map(lambda x: x[:rows], tree), static_argnums=1)
     self._insert = jax.jit(lambda state, row, slot: jax.tree.map(
         lambda s, r: jax.lax.dynamic_update_slice_in_dim(s, r.astype(s.dtype), slot, 0), state, row),
                            donate_argnums=0)
@@ -108,7 +113,7 @@ class Generator:
     self._filled = np.zeros(slots, np.int32)        # cache slots each row has written
     self._stop = threading.Event()
     self._thread = None
-    self.steps = self.tokens = self.admitted = 0
+    self.steps = self.rows = self.tokens = self.admitted = 0   # rows: decoded, busy or not
     self.state = self._empty_state()
 
   # -- the prompts as prefill inputs
@@ -148,7 +153,9 @@ class Generator:
     for n in self.lengths:
       out = self.prefill.call(self._prefill_inputs([[self.tok.bos_id] * n]))
       self.state = self._insert(self.state, {k: out[k] for k in self.state_keys}, 0)
-    self._decode()
+    for rows in self.sizes:
+      self._decode(rows)
+    self.rows = 0
 
   # -- the engine
 
@@ -168,11 +175,20 @@ class Generator:
   def active(self) -> int:
     return sum(r is not None for r in self._active)
 
-  def _decode(self):
+  def _decode(self, rows: int):
+    """One decode step of the first `rows` slots: -> their next tokens' logits [rows, V]. Fewer than all: the
+    step runs on a copy of those rows of the state and writes them back in place."""
+    carried = {k: self.state[k] for k in self.carried}
     rest = {k: v for k, v in self.state.items() if k not in self.carried}
-    rest.update(tokens=jnp.asarray(self._tokens), positions=jnp.asarray(self._positions))
-    out = self.step.call_donating({k: self.state[k] for k in self.carried}, rest)
-    self.state.update({k: out[k] for k in self.carried})
+    if rows < self.slots:
+      carried, rest = self._first(carried, rows), self._first(rest, rows)
+    rest.update(tokens=jnp.asarray(self._tokens[:rows]), positions=jnp.asarray(self._positions[:rows]))
+    out = self.step.call_donating(carried, rest)
+    new = {k: out[k] for k in self.carried}
+    if rows < self.slots:
+      new = self._insert({k: self.state[k] for k in self.carried}, new, 0)
+    self.state.update(new)
+    self.rows += rows
     return np.asarray(out['logits'])
 
   def _admit(self):
@@ -232,7 +248,8 @@ class Generator:
             self._free(slot)
         if not self.active:
           continue
-        logits_SxV = self._decode()
+        last = max(slot for slot, r in enumerate(self._active) if r is not None)
+        logits_SxV = self._decode(next(n for n in self.sizes if n > last))
         self.steps += 1
         live = np.array([r is not None for r in self._active], np.int32)
         self._positions += live

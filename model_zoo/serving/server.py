@@ -304,7 +304,7 @@ def build_app(servable: Servable, *, api_key: str = '', max_batch_size: int = 32
     if generator is None:
       raise RequestError(404, f'{servable.name} does not generate text')
     return {'slots': generator.slots, 'active': generator.active, 'admitted': generator.admitted,
-            'steps': generator.steps, 'tokens': generator.tokens}
+            'steps': generator.steps, 'rows': generator.rows, 'tokens': generator.tokens}
 
   @app.post('/v1/completions')
   async def completions(request: Request):

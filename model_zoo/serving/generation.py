@@ -102,9 +102,9 @@ class Generator:
     self.carried = [k for k in self.state_keys if k in self.step.outputs]
     self.sizes = bucket_sizes(slots)     # the row counts a decode step runs on: 1, 2, 4, ..., slots
     self._first = jax.jit(lambda tree, rows: jax.tree.map(lambda x: x[:rows], tree), static_argnums=1)
-    self._insert = jax.jit(lambda state, row, slot: jax.tree.map(
-        lambda s, r: jax.lax.dynamic_update_slice_in_dim(s, r.astype(s.dtype), slot, 0), state, row),
-                           donate_argnums=0)
+    insert = lambda state, rows, slot: jax.tree.map(
+        lambda s, r: jax.lax.dynamic_update_slice_in_dim(s, r.astype(s.dtype), slot, 0), state, rows)
+    self._insert = jax.jit(insert, donate_argnums=0)   # `rows` written into the state from `slot` on, in place
     self._incoming: queue.Queue = queue.Queue()
     self._active: list[Request | None] = [None] * slots
     self._rngs = [None] * slots
@@ -149,7 +149,7 @@ class Generator:
     return {k: out[k] for k in self.state_keys}
 
   def warm_up(self):
-    """Compiles every prompt length's prefill, the slot insert and the decode step."""
+    """Compiles every prompt length's prefill, the slot insert and the decode step at each of its row counts."""
     for n in self.lengths:
       out = self.prefill.call(self._prefill_inputs([[self.tok.bos_id] * n]))
       self.state = self._insert(self.state, {k: out[k] for k in self.state_keys}, 0)

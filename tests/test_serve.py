@@ -324,7 +324,7 @@ def test_the_decode_step_updates_its_cache_in_place(gpt_run, tmp_path):
   gives `call`'s outputs, and its cache lands in the buffers of the cache it was given (donated: no copy of the
   whole cache a step), which are unusable afterwards."""
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
-  from model_zoo.serving import restore, servable as servable_lib  # pylint: disable=g-import-not-at-top
+  from model_zoo.serving import generation, restore, servable as servable_lib  # pylint: disable=g-import-not-at-top
   config, workdir = gpt_run
   out = str(tmp_path / 'hlo')
   evaluate.export(config, workdir, out, format='stablehlo')
@@ -339,6 +339,32 @@ def test_the_decode_step_updates_its_cache_in_place(gpt_run, tmp_path):
     assert all(x.is_deleted() for x in jax.tree.leaves(first['cache']))
     assert [x.unsafe_buffer_pointer() for x in jax.tree.leaves(got['cache'])] == buffers
     jax.tree.map(lambda g, w: np.testing.assert_allclose(g, w, rtol=1e-6, atol=1e-6), jax.device_get(got), want)
+  # The export's programs generate what eval.py samples, on 1 to 3 busy rows of 3 slots.
+  want = evaluate.sample(config, workdir, PROMPTS[:4], max_new_tokens=8, temperature=0.0)
+  assert _generate(generation.Generator(servable, slots=3), PROMPTS[:4], 8) == want
+
+
+def _generate(gen, prompts, max_tokens):
+  """Greedy completions of `prompts`, all submitted at once to the generator `gen` running in this process."""
+  from model_zoo.serving import generation  # pylint: disable=g-import-not-at-top
+  gen.start()
+  try:
+    texts, done = {i: '' for i in range(len(prompts))}, threading.Semaphore(0)
+
+    def emit(i):
+      def on(event, payload):
+        if event == 'text':
+          texts[i] += payload
+        else:
+          done.release()
+      return on
+    for i, prompt in enumerate(prompts):
+      gen.submit(generation.Request(gen.encode(prompt), max_tokens, 0.0, 1.0, (), emit(i)))
+    for _ in prompts:
+      assert done.acquire(timeout=60)
+  finally:
+    gen.stop()
+  return [texts[i] for i in range(len(prompts))]
 
 
 def test_the_generator_translates_as_greedy_decoding_does(tmp_path):
@@ -354,21 +380,5 @@ def test_the_generator_translates_as_greedy_decoding_does(tmp_path):
   sources = ['one', 'twenty two', 'three hundred', 'forty', 'five thousand and six']
   want = exp.task.translate(state.params, sources)
   gen = generation.Generator(restore.servable_of(exp.task, exp.task.variables(state), 'mt', 30), slots=2)
-  gen.start()
-  try:
-    texts, done = {i: '' for i in range(len(sources))}, threading.Semaphore(0)
-
-    def emit(i):
-      def on(event, payload):
-        if event == 'text':
-          texts[i] += payload
-        else:
-          done.release()
-      return on
-    for i, src in enumerate(sources):
-      gen.submit(generation.Request(gen.encode(src), gen.max_tokens, 0.0, 1.0, (), emit(i)))
-    for _ in sources:
-      assert done.acquire(timeout=60)
-  finally:
-    gen.stop()
-  assert [texts[i] for i in range(len(sources))] == want
+  texts = _generate(gen, sources, gen.max_tokens)
+  assert texts == want

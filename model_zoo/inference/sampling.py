@@ -57,7 +57,7 @@ def prefill(model: nn.Module, params, prompt_BxT, lengths_B, cache_size: int, ca
   apply = functools.partial(model.clone(decode=True).apply, {'params': params, 'cache': cache}, prompt_BxT,
                             train=False, positions_BxT=positions_BxT, segment_ids_BxT=valid_BxT.astype(jnp.int32),
                             mutable=['cache'])
-  if hasattr(model, 'output_weight'):   # GPT: the output layer on the last position alone, not on all T
+  if callable(getattr(model, 'output_weight', None)):   # GPT: the output layer on the last position alone
     features_BxTxD, variables = apply(features=True)
     logits_BxV = model.logits(model.output_weight(params), features_BxTxD[:, -1:])[:, 0]
   else:

@@ -336,9 +336,8 @@ def dot_product_attention(q_BxTxNxE, k_BxSxKxE, v_BxSxKxE, mask: 'Mask | None' =
     return jax.nn.dot_product_attention(q_BxTxNxE, k_BxSxKxE, v_BxSxKxE, mask=rest, is_causal=mask.causal,
                                         key_value_seq_lengths=lengths, implementation='cudnn')
   b, t, n, e = q_BxTxNxE.shape
-  if not kv_heads_first:
-    k_BxSxKxE, v_BxSxKxE = k_BxSxKxE.transpose(0, 2, 1, 3), v_BxSxKxE.transpose(0, 2, 1, 3)
-  k_BxKxSxE, v_BxKxSxE = k_BxSxKxE, v_BxSxKxE
+  k_BxKxSxE, v_BxKxSxE = ((k_BxSxKxE, v_BxSxKxE) if kv_heads_first
+                          else (k_BxSxKxE.transpose(0, 2, 1, 3), v_BxSxKxE.transpose(0, 2, 1, 3)))
   k_heads = k_BxKxSxE.shape[1]
   # Heads first, each key head with its group of G = N / K query heads (no copies of the keys).
   q_BxKxGxTxE = (q_BxTxNxE * jnp.asarray(e ** -0.5, q_BxTxNxE.dtype)).reshape(

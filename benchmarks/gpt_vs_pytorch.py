@@ -20,7 +20,6 @@ import argparse
 import os
 import time
 
-import jax
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -121,6 +120,7 @@ def jax_step(shape, packed: bool):
   def step():
     state[0], metrics = train(state[0], batch, np.int32(0), None)
     return float(metrics['loss'])
+  step.hlo_text = lambda: train.lower(state[0], batch, np.int32(0), None).compile().as_text()   # profile_step.py
   return step
 
 

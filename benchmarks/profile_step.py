@@ -14,7 +14,13 @@ its dispatch only: its work runs on the thread pool untraced and lands in the re
 thread, so self times add up to the step (its profiler's own cost makes them add up to more than the unprofiled
 step: a negative rest); matmuls are aten::mm/addmm/bmm and the attention kernel. The matmul
 GFLOP/s is the step's matmul FLOPs (6 N a token, N the matmul parameters, plus the causal attention's
-6 L d T) over the matmul time. Writes benchmarks/results/profile_step_<shape>.{json,md}. Not a test.
+6 L d T) over the matmul time.
+
+A second table splits model_zoo's step by the part of the model each operation comes from (the compiled HLO's
+op_name metadata: the attention kernel's products and its other operations, the q/k/v/out projections, the MLP,
+the LayerNorms, the rest of the model, and the loss, optimizer and metrics), each the wall time its operations
+cover (parts may overlap, running at once), beside PyTorch's fused attention kernel (forward and backward, its
+profiler's self time). Writes benchmarks/results/profile_step_<shape>.{json,md}. Not a test.
 """
 import argparse
 import collections
@@ -57,10 +63,30 @@ def _median_step(step, steps: int) -> float:
   return float(np.median(times))
 
 
+def _part(op_name: str) -> str:
+  """The part of GPT's train step an operation of the compiled step comes from, by its op_name metadata."""
+  if 'attention/' in op_name:
+    if re.search(r'attention/(query|key|value|out)/', op_name):
+      return 'attention projections'
+    return 'attention kernel, products' if '->' in op_name else 'attention kernel, other operations'
+  if '/mlp/' in op_name:
+    return 'MLP (matmuls, GELU)'
+  if 'norm/' in op_name:
+    return 'LayerNorms'
+  if 'GPT)' in op_name:
+    return 'embedding, output layer'
+  return 'loss, optimizer, metrics'
+
+
 def profile_jax(shape, steps: int) -> dict:
   step = jax_step(shape, packed=False)
   step(), step()
   wall = _median_step(step, steps)
+  op_names = {}
+  for line in step.hlo_text().split('\n'):
+    match = re.match(r'\s*(?:ROOT )?%?([\w.\-]+) = .*op_name="([^"]*)"', line)
+    if match:
+      op_names[match.group(1)] = match.group(2)
   directory = tempfile.mkdtemp()
   with jax.profiler.trace(directory):
     for _ in range(steps):
@@ -76,8 +102,13 @@ def profile_jax(shape, steps: int) -> dict:
       kinds[kind] += e['dur'] / steps / 1e3
       counts[kind] += 1 / steps
   matmul_ms = _union_us(matmul) / steps / 1e3
+  parts = collections.defaultdict(list)
+  for e in ops:
+    if e['name'] in op_names:
+      parts[_part(op_names[e['name']])].append((e['ts'], e['ts'] + e['dur']))
   return {'step_ms': wall * 1e3, 'matmul_ms': matmul_ms, 'other_ms': _union_us(everything) / steps / 1e3 - matmul_ms,
-          'others': {k: {'ms': v, 'count': round(counts[k])} for k, v in kinds.most_common(8)}}
+          'others': {k: {'ms': v, 'count': round(counts[k])} for k, v in kinds.most_common(8)},
+          'parts_ms': {k: _union_us(v) / steps / 1e3 for k, v in sorted(parts.items())}}
 
 
 def profile_torch(shape, steps: int) -> dict:
@@ -93,7 +124,8 @@ def profile_torch(shape, steps: int) -> dict:
   others = collections.Counter({k: v for k, v in own.items() if not is_matmul(k)})
   matmul_ms = sum(v for k, v in own.items() if is_matmul(k))
   return {'step_ms': wall * 1e3, 'matmul_ms': matmul_ms, 'other_ms': sum(others.values()),
-          'others': {k: {'ms': v, 'count': round(counts[k])} for k, v in others.most_common(8)}}
+          'others': {k: {'ms': v, 'count': round(counts[k])} for k, v in others.most_common(8)},
+          'attention_kernel_ms': sum(v for k, v in own.items() if 'scaled_dot_product' in k)}
 
 
 def main():
@@ -115,6 +147,12 @@ def main():
     top = ', '.join(f'{k} {o["ms"]:.1f} (x{o["count"]})' for k, o in list(r['others'].items())[:6])
     lines.append(f'| {name} | {r["step_ms"]:.0f} | {r["matmul_ms"]:.0f} ({r["matmul_gflops"]:.0f}) | '
                  f'{r["other_ms"]:.0f} | {r["step_ms"] - r["matmul_ms"] - r["other_ms"]:.0f} | {top} |')
+  zoo, peer = rows['model_zoo'], rows['pytorch eager']
+  lines += ['', f'model_zoo\'s step by part of the model (ms of wall time its operations cover; the step: '
+            f'{zoo["step_ms"]:.0f} ms); PyTorch\'s fused attention kernel, forward and backward: '
+            f'{peer["attention_kernel_ms"]:.0f} ms of its {peer["step_ms"]:.0f}', '',
+            '| part | ms a step | share of the step |', '|---|---|---|']
+  lines += [f'| {k} | {v:.0f} | {v / zoo["step_ms"]:.2f} |' for k, v in zoo['parts_ms'].items()]
   os.makedirs(args.out, exist_ok=True)
   write(os.path.join(args.out, f'profile_step_{args.shape}'), {'shape': shape, 'matmul_flops': flops, **rows},
         '\n'.join(lines))

@@ -18,9 +18,10 @@ GFLOP/s is the step's matmul FLOPs (6 N a token, N the matmul parameters, plus t
 
 A second table splits model_zoo's step by the part of the model each operation comes from (the compiled HLO's
 op_name metadata: the attention kernel's products and its other operations, the q/k/v/out projections, the MLP,
-the LayerNorms, the rest of the model, and the loss, optimizer and metrics), each the wall time its operations
-cover (parts may overlap, running at once), beside PyTorch's fused attention kernel (forward and backward, its
-profiler's self time). Writes benchmarks/results/profile_step_<shape>.{json,md}. Not a test.
+the LayerNorms, the rest of the model (embedding, output layer, residual adds), and the loss, optimizer and
+metrics), each the wall time its operations cover (parts may overlap, running at once), beside PyTorch's fused
+attention kernel (forward and backward, its profiler's self time).
+Writes benchmarks/results/profile_step_<shape>.{json,md}. Not a test.
 """
 import argparse
 import collections
@@ -74,7 +75,7 @@ def _part(op_name: str) -> str:
   if 'norm/' in op_name:
     return 'LayerNorms'
   if 'GPT)' in op_name:
-    return 'embedding, output layer'
+    return 'embedding, output layer, residual adds'
   return 'loss, optimizer, metrics'
 
 

@@ -141,6 +141,10 @@ def main():
   parser.add_argument('--steps', type=int, default=3, help='steps of each system in a round')
   parser.add_argument('--out', default=os.path.join(ROOT, 'benchmarks', 'results'))
   args = parser.parse_args()
+  unknown = [name for name in args.shapes.split(',') if name not in SHAPES]
+  if unknown or args.rounds < 1 or args.steps < 1:
+    parser.error(f'--shapes takes names from {sorted(SHAPES)} (got {unknown})' if unknown
+                 else '--rounds and --steps must be at least 1')
   torch.set_num_threads(os.cpu_count())
   peaks = {'jax': perf.measured_matmul_peak('float32', sizes=(2048,), repeats=5), 'torch': torch_peak()}
   rows = []
